@@ -1,0 +1,19 @@
+"""NEON-QTG-30B: d=5120, 40 layers, 4096-token windows."""
+
+from configs import neon_qtg_7b
+
+
+def get_config():
+  c = neon_qtg_7b.get_config()
+  c.name = "neon_qtg_30b"
+  c.model.embed_dim = 5120
+  c.model.num_layers = 40
+  c.model.num_heads = 40
+  c.model.max_seq_len = 4096
+  c.training.batch_size = 2
+  c.training.grad_accum_steps = 16
+  c.data.max_length = 4096
+  c.data.stride = 2048
+  c.eval.max_length = 4096
+  c.eval.stride = 2048
+  return c

@@ -1,0 +1,42 @@
+"""Entry point: python launch.py --config=configs/X.py [--config.a.b=value ...] --workdir=DIR --mode=MODE."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from neon_qtg_jax import cli
+from neon_qtg_jax.config import ConfigError, validate
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/neon_qtg_tiny.py", "Config file (ml-collections).",
+                                          lock_config=True)
+_MODE = flags.DEFINE_enum("mode", "train", sorted(cli.MODES), "What to run.")
+_WORKDIR = flags.DEFINE_string("workdir", cli.RunArgs.workdir, "Run directory: checkpoints, logs, samples.")
+_RESUME_FROM = flags.DEFINE_string("resume_from", "", "Train: resume from a step, 'best', 'latest' or a path.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "Eval/generate: a step, 'best', 'latest' or a path.")
+_INFO_FORMAT = flags.DEFINE_enum("info_format", "text", ["text", "json"], "Info mode output format.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Generate: one prompt.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with one prompt per line.")
+_EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the validation split.")
+_OUTPUT = flags.DEFINE_string("output", "", "Result file; empty: a default under the workdir.")
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  try:
+    validate(config)
+  except ConfigError as err:
+    print(f"error: {err} (config file {flags.FLAGS['config'].config_filename})", file=sys.stderr)
+    return 2
+  args = cli.RunArgs(workdir=_WORKDIR.value, resume_from=_RESUME_FROM.value, checkpoint=_CHECKPOINT.value,
+                     info_format=_INFO_FORMAT.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
+                     eval_data=_EVAL_DATA.value, output=_OUTPUT.value)
+  return cli.mode_function(_MODE.value)(config, args) or 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,38 @@
+"""What launch.py hands to each mode: the validated config plus the run's command-line arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+import ml_collections
+
+# mode -> "module:function"; each function is run(config, args) -> exit code (None means 0).
+MODES: dict[str, str] = {
+    "info": "neon_qtg_jax.info:run",
+    "prepare": "neon_qtg_jax.data.prepare:run",
+    "train": "neon_qtg_jax.training.trainer:run",
+    "memory_test": "neon_qtg_jax.training.memory_test:run",
+    "eval": "neon_qtg_jax.evaluation.perplexity:run",
+    "generate": "neon_qtg_jax.inference.generate:run",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunArgs:
+  workdir: str = "runs/default"
+  resume_from: str = ""        # a step number, "best", "latest" or a checkpoint path
+  checkpoint: str = "best"     # what eval/generate restore: a step, "best", "latest" or a path
+  info_format: str = "text"    # "text" or "json"
+  prompt: str = ""
+  prompts_file: str = ""
+  eval_data: str = ""          # JSONL or text file for --mode=eval; empty: the prepared validation split
+  output: str = ""             # result file; empty: a default under the workdir
+
+
+def mode_function(mode: str) -> Callable[[ml_collections.ConfigDict, RunArgs], int | None]:
+  if mode not in MODES:
+    raise ValueError(f"--mode={mode!r}: must be one of {sorted(MODES)}")
+  module_name, function_name = MODES[mode].split(":")
+  return getattr(importlib.import_module(module_name), function_name)

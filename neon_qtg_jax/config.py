@@ -1,0 +1,219 @@
+"""The one config schema shared by every config file, and its validation.
+
+Every file under `configs/` starts from `default_config()` and changes values only;
+`validate()` rejects unknown fields and bad values before any work starts, naming the
+field. Field names follow the seed plan's YAML where it has one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+ATTENTION_KINDS = ("geo", "dot")
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "pallas")
+REMAT_POLICIES = ("none", "block", "dots", "dots_no_batch")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "relu")
+DTYPES = ("float32", "bfloat16")
+DATA_SOURCES = ("stdlib", "openwebtext", "jsonl", "text")
+TEXT_SPLITS = ("file", "blank_line")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot be used; the message names the field."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The full schema with the tiny CPU defaults. Config files override values only."""
+  c = ml_collections.ConfigDict()
+  c.name = "neon_qtg"
+  c.seed = 0
+
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 2048
+  m.embed_dim = 64            # d: complex width; real width is 2d
+  m.num_layers = 4
+  m.num_heads = 4
+  m.max_seq_len = 128
+  m.persistence_threshold = 0.1
+  m.tau = 1.0
+  m.gamma = 8.0               # initial Fisher-Rao scale per head (the seed used 1.0)
+  m.learn_gamma = True        # False freezes gamma at its initial value
+  m.dropout = 0.0
+  m.attention = "geo"         # "geo" (Fisher-Rao) or "dot" (plain GPT)
+  m.topofilter = True         # False: f = psi, no s_t
+  m.topo_k = 1                # mean of the k smallest causal distances
+  m.topo_stop_grad = False    # stop gradients through s_t
+  m.norm = "layernorm"
+  m.activation = "gelu"
+  m.mlp_ratio = 4             # W_1: 2d -> mlp_ratio * d (the spec's 4d)
+  m.use_bias = False
+  m.norm_eps = 1e-5
+  m.eps = 1e-6                # guard for the amplitude / unit-state normalisations
+  m.init_std = 0.02
+  m.dtype = "float32"         # compute dtype; parameters are always float32
+  m.remat = "none"            # activation checkpointing per block
+  m.scan_layers = False       # lax.scan over the stacked blocks (compile time)
+  m.attention_impl = "auto"   # reference | blockwise | pallas | auto (by length)
+  m.blockwise_min_len = 1024  # auto picks the blockwise kernels from this length on
+  m.block_q = 128
+  m.block_k = 128
+
+  t = c.training = ml_collections.ConfigDict()
+  t.lr = 3e-3
+  t.end_lr = 0.0
+  t.warmup_steps = 50
+  t.total_steps = 600
+  t.beta1 = 0.9
+  t.beta2 = 0.999
+  t.adam_eps = 1e-8
+  t.weight_decay = 0.01
+  t.max_grad_norm = 1.0
+  t.batch_size = 16           # per optimizer step, across all devices, per microbatch
+  t.grad_accum_steps = 1      # microbatches per optimizer step
+  t.lambda_topo = 0.1
+  t.lambda_geo = 0.05
+  t.lambda_quantum = 0.01
+  t.log_steps = 10
+  t.eval_steps = 100
+  t.eval_batches = 8
+  t.save_steps = 200
+  t.save_interval_minutes = 10.0
+  t.keep_checkpoints = 3
+  t.sample_steps = 200
+  t.max_consecutive_nonfinite = 5
+  t.max_train_minutes = 0.0   # 0: no wall-clock limit
+
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "stdlib"
+  d.paths = ""                # comma-separated files, dirs or globs (not for stdlib)
+  d.text_field = "text"
+  d.text_split = "file"       # one document per file, or split on blank lines
+  d.data_dir = "data/stdlib"  # prepared shards, tokenizer and manifest
+  d.max_length = 128          # window length in tokens (<= model.max_seq_len)
+  d.stride = 64
+  d.val_fraction = 0.02
+  d.tokenizer_sample_sentences = 200000
+  d.tokenizer_model_type = "unigram"
+  d.max_documents = 0         # 0: all
+  d.num_workers = 0           # grain worker processes
+  d.prefetch = 2
+  d.shuffle_seed = 0
+
+  s = c.sampling = ml_collections.ConfigDict()
+  s.temperature = 0.8
+  s.top_k = 50
+  s.top_p = 0.9
+  s.max_new_tokens = 64
+  s.prompts = ("def ", "import ", "The ")
+  s.seed = 0
+
+  e = c.eval = ml_collections.ConfigDict()
+  e.max_length = 128          # perplexity window (<= model.max_seq_len)
+  e.stride = 64
+
+  i = c.info = ml_collections.ConfigDict()
+  i.mfu = 0.5                 # assumed model FLOPs utilisation for time estimates
+  return c
+
+
+def _field_paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_field_paths(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def _check(ok: bool, field: str, message: str, value: Any) -> None:
+  if not ok:
+    raise ConfigError(f"config field '{field}' = {value!r}: {message}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field against the schema and the value rules; returns cfg.
+
+  Raises ConfigError naming the first offending field.
+  """
+  schema = _field_paths(default_config())
+  fields = _field_paths(cfg)
+  for path in fields:
+    _check(path in schema, path, "unknown field (not in the schema of neon_qtg_jax.config)", fields[path])
+  for path in schema:
+    _check(path in fields, path, "missing field", None)
+  for path, value in fields.items():
+    expected = schema[path]
+    if isinstance(expected, bool):
+      _check(isinstance(value, bool), path, "must be true or false", value)
+    elif isinstance(expected, int):
+      _check(isinstance(value, int) and not isinstance(value, bool), path, "must be an integer", value)
+    elif isinstance(expected, float):
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+      _check(ok, path, "must be a finite number", value)
+    elif isinstance(expected, str):
+      _check(isinstance(value, str), path, "must be a string", value)
+
+  m, t, d, s, e = cfg.model, cfg.training, cfg.data, cfg.sampling, cfg.eval
+
+  def positive(section: str, names: tuple[str, ...], strict: bool = True) -> None:
+    for name in names:
+      value = cfg[section][name]
+      _check(value > 0 if strict else value >= 0, f"{section}.{name}",
+             "must be > 0" if strict else "must be >= 0", value)
+
+  positive("model", ("vocab_size", "embed_dim", "num_layers", "num_heads", "max_seq_len",
+                     "tau", "gamma", "topo_k", "mlp_ratio", "norm_eps", "eps", "init_std",
+                     "blockwise_min_len", "block_q", "block_k"))
+  positive("model", ("persistence_threshold",), strict=False)
+  _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
+  _check(m.embed_dim % m.num_heads == 0, "model.embed_dim",
+         f"must be divisible by model.num_heads={m.num_heads}", m.embed_dim)
+  _check(m.attention in ATTENTION_KINDS, "model.attention", f"must be one of {ATTENTION_KINDS}", m.attention)
+  _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", f"must be one of {ATTENTION_IMPLS}",
+         m.attention_impl)
+  _check(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}", m.remat)
+  _check(m.norm in NORMS, "model.norm", f"must be one of {NORMS}", m.norm)
+  _check(m.activation in ACTIVATIONS, "model.activation", f"must be one of {ACTIVATIONS}", m.activation)
+  _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", m.dtype)
+
+  positive("training", ("lr", "total_steps", "beta1", "beta2", "adam_eps", "max_grad_norm", "batch_size",
+                        "grad_accum_steps", "log_steps", "eval_steps", "eval_batches", "save_steps",
+                        "save_interval_minutes", "keep_checkpoints", "sample_steps",
+                        "max_consecutive_nonfinite"))
+  positive("training", ("end_lr", "warmup_steps", "weight_decay", "lambda_topo", "lambda_geo",
+                        "lambda_quantum", "max_train_minutes"), strict=False)
+  _check(t.beta1 < 1 and t.beta2 < 1, "training.beta1" if t.beta1 >= 1 else "training.beta2",
+         "must be < 1", t.beta1 if t.beta1 >= 1 else t.beta2)
+  _check(t.warmup_steps <= t.total_steps, "training.warmup_steps",
+         f"must be <= training.total_steps={t.total_steps}", t.warmup_steps)
+  _check(t.end_lr <= t.lr, "training.end_lr", f"must be <= training.lr={t.lr}", t.end_lr)
+
+  _check(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}", d.source)
+  _check(d.text_split in TEXT_SPLITS, "data.text_split", f"must be one of {TEXT_SPLITS}", d.text_split)
+  _check(d.source == "stdlib" or bool(d.paths), "data.paths",
+         f"must name files for data.source={d.source!r}", d.paths)
+  positive("data", ("max_length", "stride", "tokenizer_sample_sentences", "prefetch"))
+  positive("data", ("max_documents", "num_workers", "shuffle_seed"), strict=False)
+  _check(d.max_length <= m.max_seq_len, "data.max_length",
+         f"window longer than model.max_seq_len={m.max_seq_len}", d.max_length)
+  _check(d.stride <= d.max_length, "data.stride", f"must be <= data.max_length={d.max_length}", d.stride)
+  _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)", d.val_fraction)
+  _check(d.tokenizer_model_type in ("unigram", "bpe"), "data.tokenizer_model_type",
+         "must be 'unigram' or 'bpe'", d.tokenizer_model_type)
+
+  _check(s.temperature >= 0, "sampling.temperature", "must be >= 0 (0 is greedy)", s.temperature)
+  _check(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 keeps all)", s.top_k)
+  _check(0.0 < s.top_p <= 1.0, "sampling.top_p", "must be in (0, 1]", s.top_p)
+  _check(s.max_new_tokens > 0, "sampling.max_new_tokens", "must be > 0", s.max_new_tokens)
+  _check(e.max_length <= m.max_seq_len, "eval.max_length",
+         f"window longer than model.max_seq_len={m.max_seq_len}", e.max_length)
+  _check(0 < e.stride <= e.max_length, "eval.stride", f"must be in (0, eval.max_length={e.max_length}]",
+         e.stride)
+  _check(0.0 < cfg.info.mfu <= 1.0, "info.mfu", "must be in (0, 1]", cfg.info.mfu)
+  return cfg

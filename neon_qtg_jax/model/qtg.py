@@ -1,0 +1,243 @@
+"""The QTG decoder (../shared/QTG_SPEC.md) in Flax nnx, with the switches that make it a plain GPT.
+
+Complex vectors of width d are real arrays of width 2d laid out [re | im]. Parameters are
+float32; matmuls run in `model.dtype` (bf16 on GPUs); the residual stream, norms' statistics,
+the TopoFilter distances, the Bhattacharyya coefficients and the logits are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from neon_qtg_jax import ops
+from neon_qtg_jax.ops.dispatch import resolve_impl
+
+Aux = dict[str, jax.Array]
+
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "block": None,  # save only the block inputs; recompute everything inside
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def compute_dtype(cfg: ml_collections.ConfigDict) -> jnp.dtype:
+  return jnp.dtype(cfg.dtype)
+
+
+def inverse_softplus(y: float) -> float:
+  return float(y + jnp.log(-jnp.expm1(-y)))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; identity when key is None or rate is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def amplitude_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x / max(||x||_2, eps) over the last axis: the amplitude encoding |psi>."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def _norm(cfg: ml_collections.ConfigDict, width: int, rngs: nnx.Rngs) -> nnx.Module:
+  if cfg.norm == "rmsnorm":
+    return nnx.RMSNorm(width, epsilon=cfg.norm_eps, dtype=jnp.float32, rngs=rngs)
+  return nnx.LayerNorm(width, epsilon=cfg.norm_eps, dtype=jnp.float32, rngs=rngs)
+
+
+def _linear(cfg: ml_collections.ConfigDict, fan_in: int, fan_out: int, std: float, rngs: nnx.Rngs,
+            out_dtype: jnp.dtype | None = None) -> nnx.Linear:
+  return nnx.Linear(fan_in, fan_out, use_bias=cfg.use_bias, dtype=compute_dtype(cfg),
+                    param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std),
+                    preferred_element_type=out_dtype, rngs=rngs)
+
+
+class QEmbed(nnx.Module):
+  """x_t = normalize(E[tok_t] + P[t]): (B, L) int32 -> (B, L, 2d) float32 of unit norm."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    width = 2 * cfg.embed_dim
+    self.eps = cfg.eps
+    self.tokens = nnx.Embed(cfg.vocab_size, width, param_dtype=jnp.float32,
+                            embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+    self.positions = nnx.Param(nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.max_seq_len, width)))
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    x = self.tokens(tokens) + self.positions[...][positions]
+    return amplitude_normalize(x.astype(jnp.float32), self.eps)
+
+
+class TopoFilter(nnx.Module):
+  """f_t = w_t psi_t with w_t = exp(-max(s_t - threshold, 0) / tau); s_t the causal persistence."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    self.threshold = cfg.persistence_threshold
+    self.tau = cfg.tau
+    self.k = cfg.topo_k
+    self.eps = cfg.eps
+    self.stop_grad = cfg.topo_stop_grad
+    self.impl = cfg.attention_impl
+    self.blockwise_min_len = cfg.blockwise_min_len
+    self.block_q, self.block_k = cfg.block_q, cfg.block_k
+
+  def persistence(self, psi: jax.Array) -> jax.Array:
+    """psi (B, L, 2d) -> s (B, L) float32."""
+    impl = resolve_impl(self.impl, psi.shape[1], self.blockwise_min_len)
+    s = ops.topo_persistence(psi, k=self.k, eps=self.eps, impl=impl, block_q=self.block_q, block_k=self.block_k)
+    return jax.lax.stop_gradient(s) if self.stop_grad else s
+
+  def weights(self, s: jax.Array) -> jax.Array:
+    return ops.persistence_weights(s, self.threshold, self.tau)
+
+  def __call__(self, psi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """psi (B, L, 2d) -> (f (B, L, 2d) in psi's dtype, s (B, L) float32)."""
+    s = self.persistence(psi)
+    return (self.weights(s)[..., None] * psi).astype(psi.dtype), s
+
+
+class GeoAttention(nnx.Module):
+  """Q, K, V = W f (2d -> d each, fused), H heads; Fisher-Rao or dot-product scores; (B, L, 2d) -> (B, L, d)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    d = cfg.embed_dim
+    self.kind = cfg.attention
+    self.num_heads = cfg.num_heads
+    self.head_dim = d // cfg.num_heads
+    self.learn_gamma = cfg.learn_gamma
+    self.impl = cfg.attention_impl
+    self.blockwise_min_len = cfg.blockwise_min_len
+    self.block_q, self.block_k = cfg.block_q, cfg.block_k
+    self.w_qkv = _linear(cfg, 2 * d, 3 * d, cfg.init_std, rngs)
+    if self.kind == "geo":
+      self.gamma_raw = nnx.Param(jnp.full((cfg.num_heads,), inverse_softplus(cfg.gamma), jnp.float32))
+
+  def gamma(self) -> jax.Array | None:
+    """Per-head positive scale (H,) float32, or None for dot-product attention."""
+    if self.kind != "geo":
+      return None
+    raw = self.gamma_raw[...]
+    return jax.nn.softplus(raw if self.learn_gamma else jax.lax.stop_gradient(raw))
+
+  def project(self, f: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """f (B, L, 2d) -> q, k, v each (B, L, H, hd)."""
+    b, length, _ = f.shape
+    qkv = self.w_qkv(f).reshape(b, length, 3, self.num_heads, self.head_dim)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+  def __call__(self, f: jax.Array) -> jax.Array:
+    q, k, v = self.project(f)
+    impl = resolve_impl(self.impl, f.shape[1], self.blockwise_min_len)
+    out = ops.attention(q, k, v, self.gamma(), kind=self.kind, impl=impl, block_q=self.block_q,
+                        block_k=self.block_k)
+    return out.reshape(f.shape[0], f.shape[1], -1)
+
+
+class Block(nnx.Module):
+  """Pre-norm QTG block: TopoFilter -> GeoAttention -> W_O residual, then the MLP residual."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    d = cfg.embed_dim
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    self.dropout_rate = cfg.dropout
+    self.use_topofilter = cfg.topofilter
+    self.activation = jax.nn.gelu if cfg.activation == "gelu" else jax.nn.relu
+    self.ln1 = _norm(cfg, 2 * d, rngs)
+    self.w_psi = _linear(cfg, 2 * d, 2 * d, cfg.init_std, rngs)
+    self.topo = TopoFilter(cfg)
+    self.attn = GeoAttention(cfg, rngs=rngs)
+    self.w_o = _linear(cfg, d, 2 * d, out_std, rngs)
+    self.ln2 = _norm(cfg, 2 * d, rngs)
+    self.w_1 = _linear(cfg, 2 * d, cfg.mlp_ratio * d, cfg.init_std, rngs)
+    self.w_2 = _linear(cfg, cfg.mlp_ratio * d, 2 * d, out_std, rngs)
+
+  def filtered_states(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """h (B, L, 2d) -> (f (B, L, 2d) compute dtype, s (B, L) float32; zeros without the filter)."""
+    psi = self.w_psi(self.ln1(h))
+    if not self.use_topofilter:
+      return psi, jnp.zeros(psi.shape[:2], jnp.float32)
+    return self.topo(psi)
+
+  def mlp_residual(self, h: jax.Array, key: jax.Array | None) -> jax.Array:
+    y = self.w_2(self.activation(self.w_1(self.ln2(h))))
+    return h + dropout(y.astype(jnp.float32), self.dropout_rate, key)
+
+  def __call__(self, h: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """h (B, L, 2d) float32 -> (h', s (B, L))."""
+    attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
+    f, s = self.filtered_states(h)
+    h = h + dropout(self.w_o(self.attn(f)).astype(jnp.float32), self.dropout_rate, attn_key)
+    return self.mlp_residual(h, mlp_key), s
+
+
+class QTGModel(nnx.Module):
+  """NEON-QTG decoder. `QTGModel(config.model, rngs=nnx.Rngs(seed))`.
+
+  Calling it on int32 tokens (B, L) returns float32 logits (B, L, V); with return_aux=True it
+  returns (logits, aux) with aux["s"] (num_layers, B, L) and aux["residual"] (B, L, 2d), the
+  final residual stream before LN_f, from the same forward pass.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: part of the static graph
+    d = cfg.embed_dim
+    self.embed = QEmbed(cfg, rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(layer_rngs: nnx.Rngs) -> Block:
+      return Block(cfg, rngs=layer_rngs)
+
+    # One Block whose parameters carry a leading layer axis: the same checkpoint layout
+    # whether the forward pass scans or unrolls the layers.
+    self.blocks = make_blocks(rngs)
+    self.ln_f = _norm(cfg, 2 * d, rngs)
+    self.head = _linear(cfg, 2 * d, cfg.vocab_size, cfg.init_std, rngs, out_dtype=jnp.float32)
+
+  def _layer_fn(self) -> Callable[[nnx.GraphDef, Any, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]:
+    def apply_layer(graphdef, layer_state, h, key):
+      return nnx.merge(graphdef, layer_state)(h, key)
+
+    if self.cfg.remat == "none":
+      return apply_layer
+    return jax.checkpoint(apply_layer, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(0,))
+
+  def run_blocks(self, h: jax.Array, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Applies every block: h (B, L, 2d) -> (h, s (num_layers, B, L))."""
+    graphdef, state = nnx.split(self.blocks)
+    layer_fn = self._layer_fn()
+    n = self.cfg.num_layers
+    keys = jax.random.split(dropout_key, n) if dropout_key is not None else None
+    if self.cfg.scan_layers:
+      def body(carry, xs):
+        layer_state, key = xs
+        return layer_fn(graphdef, layer_state, carry, key)
+      return jax.lax.scan(body, h, (state, keys))
+    all_s = []
+    for i in range(n):
+      layer_state = jax.tree.map(lambda x: x[i], state)
+      h, s = layer_fn(graphdef, layer_state, h, None if keys is None else keys[i])
+      all_s.append(s)
+    return h, jnp.stack(all_s)
+
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               dropout_key: jax.Array | None = None, return_aux: bool = False):
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    embed_key = block_key = None
+    if dropout_key is not None:
+      embed_key, block_key = jax.random.split(dropout_key)
+    h = dropout(self.embed(tokens, positions), self.cfg.dropout, embed_key)
+    h, s = self.run_blocks(h, block_key)
+    logits = self.head(self.ln_f(h)).astype(jnp.float32)
+    if return_aux:
+      return logits, {"s": s, "residual": h}
+    return logits
