@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from neon_qtg_jax import cli
-from neon_qtg_jax.config import ConfigError, validate
+from neon_qtg_jax.config import ConfigError, default_config, validate
 
+
+def reject_unknown_overrides(argv: list[str]) -> None:
+  """Exits naming any --config.<field> that is not in the schema (config_flags would raise a bare KeyError)."""
+  schema = default_config()
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    flag = arg.split("=")[0]
+    node = schema
+    for part in flag[len("--config."):].split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        sys.exit(f"error: {flag}: unknown config field (not in the schema of neon_qtg_jax.config)")
+      node = node[part]
+
+
+# config_flags applies --config.* overrides while the flag is defined, so check them first.
+reject_unknown_overrides(sys.argv)
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/neon_qtg_tiny.py", "Config file (ml-collections).",
                                           lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", sorted(cli.MODES), "What to run.")

@@ -16,4 +16,5 @@ def get_config():
   c.data.stride = 4096
   c.eval.max_length = 8192
   c.eval.stride = 4096
+  c.info.num_devices = 8
   return c

@@ -117,6 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   i = c.info = ml_collections.ConfigDict()
   i.mfu = 0.5                 # assumed model FLOPs utilisation for time estimates
+  i.num_devices = 1           # devices the plan runs on (parameters and AdamW sharded over them)
   return c
 
 
@@ -216,4 +217,5 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(0 < e.stride <= e.max_length, "eval.stride", f"must be in (0, eval.max_length={e.max_length}]",
          e.stride)
   _check(0.0 < cfg.info.mfu <= 1.0, "info.mfu", "must be in (0, 1]", cfg.info.mfu)
+  _check(cfg.info.num_devices > 0, "info.num_devices", "must be > 0", cfg.info.num_devices)
   return cfg

@@ -7,6 +7,7 @@ the TopoFilter distances, the Bhattacharyya coefficients and the logits are floa
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -31,7 +32,7 @@ def compute_dtype(cfg: ml_collections.ConfigDict) -> jnp.dtype:
 
 
 def inverse_softplus(y: float) -> float:
-  return float(y + jnp.log(-jnp.expm1(-y)))
+  return y + math.log(-math.expm1(-y))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

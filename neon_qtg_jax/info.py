@@ -1,0 +1,193 @@
+"""--mode=info: parameter count, training memory, FLOPs and time estimates from abstract shapes.
+
+Nothing is allocated: the model is built under `nnx.eval_shape`, so the 100b config is planned
+on a laptop. Memory and time are estimates (stated as such); the parameter count is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from neon_qtg_jax.model import QTGModel
+
+# Dense bf16 tensor-core peak (FLOP/s) and memory (bytes) per accelerator, from the vendors'
+# data sheets (SXM parts). float32 compute runs as TF32 at half the bf16 rate.
+ACCELERATORS: dict[str, dict[str, float]] = {
+    "H100": {"peak_bf16": 989e12, "memory": 80 * 2**30},
+    "H200": {"peak_bf16": 989e12, "memory": 141 * 2**30},
+}
+_DEVICE_KIND_KEYS = {"h200": "H200", "h100": "H100", "a100": "A100"}
+_PEAK_BY_KIND = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
+  """Peak dense FLOP/s of a jax device_kind string (e.g. "NVIDIA H200"), None if unknown (CPU)."""
+  lowered = device_kind.lower()
+  for key, name in _DEVICE_KIND_KEYS.items():
+    if key in lowered:
+      peak = _PEAK_BY_KIND[name]
+      return peak if dtype == "bfloat16" else peak / 2
+  return None
+
+
+def abstract_model_state(model_cfg: ml_collections.ConfigDict) -> nnx.State:
+  """The model's parameter state as ShapeDtypeStructs (no allocation)."""
+  abstract_model = nnx.eval_shape(lambda: QTGModel(model_cfg, rngs=nnx.Rngs(0)))
+  return nnx.state(abstract_model, nnx.Param)
+
+
+def parameter_breakdown(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Exact parameter counts per component ("blocks.w_qkv" sums over layers), ordered as built."""
+  state = abstract_model_state(model_cfg)
+  counts: dict[str, int] = defaultdict(int)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
+    keys = [str(getattr(p, "key", p)) for p in path]
+    component = ".".join(keys[:3] if keys[:2] == ["blocks", "attn"] else keys[:2])
+    counts[component] += int(np.prod(leaf.shape))
+  return dict(counts)
+
+
+def spec_block_parameters(model_cfg: ml_collections.ConfigDict) -> int:
+  """The spec's count for one block: 28 d^2 for the matrices (mlp_ratio 4) plus norms and gamma."""
+  d = model_cfg.embed_dim
+  matrices = 4 * d * d + 6 * d * d + 2 * d * d + 2 * (2 * d * model_cfg.mlp_ratio * d)
+  norms = 2 * (2 * d) * (2 if model_cfg.norm == "layernorm" else 1)
+  biases = (2 * d + 3 * d + 2 * d + model_cfg.mlp_ratio * d + 2 * d) if model_cfg.use_bias else 0
+  gamma = model_cfg.num_heads if model_cfg.attention == "geo" else 0
+  return matrices + norms + biases + gamma
+
+
+def flops_per_token(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Model FLOPs per token: forward parts and the training total (forward + backward = 3x forward).
+
+  Attention and filter count the causal half of the L x L work at the training window L.
+  Remat recomputation is not model FLOPs and is not counted (the usual MFU convention).
+  """
+  m = config.model
+  d, n, length = m.embed_dim, m.num_layers, config.data.max_length
+  block_matmul_params = 4 * d * d + 6 * d * d + 2 * d * d + 2 * (2 * d * m.mlp_ratio * d)
+  matmuls = 2.0 * (n * block_matmul_params + 2 * d * m.vocab_size)
+  # QK^T and A V over (on average) L/2 keys per query, for every layer.
+  attention = n * 2.0 * (2.0 * d * length / 2)
+  topofilter = n * 2.0 * (2 * d) * length / 2 if m.topofilter else 0.0
+  forward = matmuls + attention + topofilter
+  return {"matmuls": matmuls, "attention": attention, "topofilter": topofilter,
+          "forward": forward, "train": 3.0 * forward}
+
+
+def _activation_bytes_per_token_layer(m: ml_collections.ConfigDict, length: int) -> dict[str, float]:
+  """Bytes saved for the backward pass per token and layer, for each remat policy (estimate)."""
+  d, c = m.embed_dim, (2 if m.dtype == "bfloat16" else 4)
+  hidden = m.mlp_ratio * d
+  # No remat: norms, psi, f, qkv, sphere points, attention out, MLP in/out, residuals, and the
+  # per-head softmax row (H x L floats per query, fp32) of the reference attention.
+  everything = (c * (2 * d * 4 + 3 * d + d + 2 * hidden) + 4 * (2 * d * 3 + 2 * d)
+                + 4 * m.num_heads * length + 4 * length)
+  dots = c * (2 * d + 3 * d + 2 * d + hidden + 2 * d) + 4 * 2 * d + 4 * m.num_heads * length
+  block_input = 4 * 2 * d
+  return {"none": everything, "dots": dots, "dots_no_batch": dots, "block": block_input}
+
+
+def training_memory(config: ml_collections.ConfigDict, num_params: int, num_devices: int = 1) -> dict[str, float]:
+  """Estimated bytes per device: fp32 params, grads and AdamW moments sharded over devices (FSDP);
+  activations of one microbatch under the configured remat policy, split over the batch."""
+  m, t = config.model, config.training
+  length = config.data.max_length
+  tokens_per_device = t.batch_size * length / min(num_devices, t.batch_size)
+  per_layer = _activation_bytes_per_token_layer(m, length)
+  saved = per_layer[m.remat] * m.num_layers
+  one_layer_live = per_layer["none"]  # the layer being recomputed / differentiated
+  logits = 2 * 4 * m.vocab_size  # float32 logits and their gradient
+  activations = tokens_per_device * (saved + one_layer_live + logits)
+  shard = 1.0 / num_devices
+  out = {
+      "params": 4.0 * num_params * shard,
+      "grads": 4.0 * num_params * shard,
+      "optimizer": 8.0 * num_params * shard,
+      "activations": activations,
+  }
+  out["total"] = sum(out.values())
+  return out
+
+
+def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Everything --mode=info reports, as plain JSON-able values."""
+  m, t = config.model, config.training
+  breakdown = parameter_breakdown(m)
+  total = sum(breakdown.values())
+  num_devices = config.info.num_devices
+  flops = flops_per_token(config)
+  tokens_per_step = t.batch_size * t.grad_accum_steps * config.data.max_length
+  memory = training_memory(config, total, num_devices)
+  estimates = {}
+  for name, spec in ACCELERATORS.items():
+    peak = spec["peak_bf16"] if m.dtype == "bfloat16" else spec["peak_bf16"] / 2
+    step_seconds = flops["train"] * tokens_per_step / (num_devices * peak * config.info.mfu)
+    estimates[name] = {
+        "peak_flops_per_device": peak,
+        "step_seconds": step_seconds,
+        "days_for_total_steps": step_seconds * t.total_steps / 86400,
+        "tokens_per_second": tokens_per_step / step_seconds,
+        "memory_fits": memory["total"] <= spec["memory"],
+        "device_memory_bytes": spec["memory"],
+    }
+  return {
+      "name": config.name,
+      "params": total,
+      "params_breakdown": breakdown,
+      "params_per_block": spec_block_parameters(m),
+      "num_devices": num_devices,
+      "tokens_per_step": tokens_per_step,
+      "flops_per_token": flops,
+      "flops_per_step": flops["train"] * tokens_per_step,
+      "memory_bytes_per_device": memory,
+      "remat": m.remat,
+      "dtype": m.dtype,
+      "mfu_assumed": config.info.mfu,
+      "estimates": estimates,
+  }
+
+
+def _gib(x: float) -> str:
+  return f"{x / 2**30:,.2f} GiB"
+
+
+def format_text(info: dict[str, Any]) -> str:
+  total = info["params"]
+  lines = [f"{info['name']}: {total:,} parameters ({total:.3e})", "", "component                      parameters      share"]
+  for name, count in info["params_breakdown"].items():
+    lines.append(f"  {name:<26} {count:>15,} {100 * count / total:>8.2f}%")
+  lines.append(f"  per block (spec: 28 d^2 + norms + gamma): {info['params_per_block']:,}")
+  lines += ["", f"training memory per device ({info['num_devices']} device(s), remat={info['remat']}, "
+            f"fp32 params + AdamW, estimate):"]
+  for name, value in info["memory_bytes_per_device"].items():
+    lines.append(f"  {name:<12} {_gib(value):>14}")
+  f = info["flops_per_token"]
+  lines += ["", "FLOPs per token (causal attention, forward unless noted):"]
+  for name in ("matmuls", "attention", "topofilter", "forward", "train"):
+    lines.append(f"  {name:<12} {f[name]:.4e}")
+  lines.append(f"  per step     {info['flops_per_step']:.4e}  ({info['tokens_per_step']:,} tokens per step)")
+  lines += ["", f"estimated at {100 * info['mfu_assumed']:.0f}% MFU ({info['dtype']} compute):"]
+  for name, est in info["estimates"].items():
+    fits = "fits" if est["memory_fits"] else "does NOT fit"
+    lines.append(f"  {name}: {est['step_seconds']:.3f} s/step, {est['tokens_per_second']:,.0f} tokens/s, "
+                 f"{est['days_for_total_steps']:.1f} days for total_steps; memory {fits} in "
+                 f"{_gib(est['device_memory_bytes'])}")
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, args) -> int:
+  info = summarize(config)
+  if args.info_format == "json":
+    print(json.dumps(info))
+  else:
+    print(format_text(info))
+  return 0
+
