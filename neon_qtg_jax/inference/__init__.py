@@ -1,0 +1,1 @@
+"""Cached decoding, sampling and restoring checkpoints for inference."""
