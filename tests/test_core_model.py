@@ -1,0 +1,111 @@
+"""QTGModel: API contract, causality, baseline switches, scan/remat/bf16 options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from neon_qtg_jax.config import default_config
+from neon_qtg_jax.model import QTGModel
+
+
+def small_model_config(**overrides):
+  m = default_config().model
+  m.vocab_size, m.embed_dim, m.num_layers, m.num_heads, m.max_seq_len = 97, 16, 2, 2, 32
+  for key, value in overrides.items():
+    m[key] = value
+  return m
+
+
+def random_tokens(seed, shape=(2, 20), vocab=97):
+  return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
+
+
+def test_contract_shapes_and_dtypes():
+  cfg = small_model_config()
+  model = QTGModel(cfg, rngs=nnx.Rngs(0))
+  logits, aux = model(random_tokens(0), return_aux=True)
+  assert logits.shape == (2, 20, 97) and logits.dtype == jnp.float32
+  assert aux["s"].shape == (2, 2, 20) and aux["residual"].shape == (2, 20, 32)
+  np.testing.assert_array_equal(model(random_tokens(0)), logits)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"topo_k": 3},
+    {"attention": "dot", "topofilter": False},
+    {"scan_layers": True, "remat": "block"},
+])
+def test_causality(overrides):
+  model = QTGModel(small_model_config(**overrides), rngs=nnx.Rngs(1))
+  tokens = random_tokens(2)
+  base = model(tokens)
+  for t in (0, 7, 18):
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 13) % 97)
+    logits = model(changed)
+    np.testing.assert_allclose(logits[:, : t + 1], base[:, : t + 1], atol=1e-5)
+    assert not np.allclose(logits[:, t + 1:], base[:, t + 1:], atol=1e-5)
+
+
+def test_baseline_switches():
+  model = QTGModel(small_model_config(attention="dot", topofilter=False), rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  assert "gamma_raw" not in params["blocks"]["attn"]
+  _, aux = model(random_tokens(0), return_aux=True)
+  np.testing.assert_array_equal(aux["s"], 0.0)
+
+
+def test_scan_and_remat_give_the_same_values_and_gradients():
+  tokens = random_tokens(3)
+  def loss_and_grad(**overrides):
+    model = QTGModel(small_model_config(**overrides), rngs=nnx.Rngs(4))
+    graphdef, params = nnx.split(model)
+    def loss(p):
+      return jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)
+    return jax.value_and_grad(loss)(params)
+  ref_loss, ref_grad = loss_and_grad()
+  for overrides in ({"scan_layers": True}, {"remat": "block"}, {"scan_layers": True, "remat": "dots"}):
+    value, grad = loss_and_grad(**overrides)
+    np.testing.assert_allclose(value, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_compute_keeps_fp32_params_and_close_logits():
+  tokens = random_tokens(5)
+  fp32 = QTGModel(small_model_config(), rngs=nnx.Rngs(6))(tokens)
+  model = QTGModel(small_model_config(dtype="bfloat16"), rngs=nnx.Rngs(6))
+  bf16 = model(tokens)
+  assert bf16.dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  np.testing.assert_allclose(bf16, fp32, atol=0.05)
+
+
+def test_gamma_is_learned_positive_and_can_be_frozen():
+  tokens = random_tokens(7)
+  for learn in (True, False):
+    model = QTGModel(small_model_config(gamma=8.0, learn_gamma=learn), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(jax.nn.softplus(model.blocks.attn.gamma_raw[...]), 8.0, rtol=1e-6)
+    graphdef, params = nnx.split(model)
+    grad = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens) ** 2))(params)
+    gamma_grad = grad["blocks"]["attn"]["gamma_raw"][...]
+    assert (np.abs(gamma_grad).max() > 0) == learn
+
+
+def test_dropout_only_with_a_key():
+  model = QTGModel(small_model_config(dropout=0.5), rngs=nnx.Rngs(0))
+  tokens = random_tokens(8)
+  np.testing.assert_array_equal(model(tokens), model(tokens))
+  a = model(tokens, dropout_key=jax.random.key(1))
+  b = model(tokens, dropout_key=jax.random.key(2))
+  assert not np.allclose(a, b)
+
+
+def test_embedding_is_unit_norm():
+  model = QTGModel(small_model_config(), rngs=nnx.Rngs(0))
+  tokens = random_tokens(9)
+  positions = jnp.broadcast_to(jnp.arange(20), tokens.shape)
+  x = model.embed(tokens, positions)
+  np.testing.assert_allclose(jnp.linalg.norm(x, axis=-1), 1.0, rtol=1e-5)
