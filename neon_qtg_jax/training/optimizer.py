@@ -1,0 +1,36 @@
+"""AdamW with linear warmup then cosine decay, global-norm clipping, weight decay on matrices only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(training_cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """0 at step 0, linear to `lr` at `warmup_steps`, cosine to `end_lr` at `total_steps`, flat after."""
+  t = training_cfg
+  return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
+                                            decay_steps=t.total_steps, end_value=t.end_lr)
+
+
+def _layer_axes(path: tuple[Any, ...]) -> int:
+  """Stacked blocks carry one leading layer axis that is not a matrix dimension."""
+  first = path[0]
+  return 1 if getattr(first, "key", getattr(first, "name", None)) == "blocks" else 0
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for matrices (kernels, embedding and position tables); False for norms, gamma and biases."""
+  return jax.tree_util.tree_map_with_path(lambda path, x: x.ndim - _layer_axes(path) >= 2, params)
+
+
+def make_optimizer(training_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  t = training_cfg
+  return optax.chain(
+      optax.clip_by_global_norm(t.max_grad_norm),
+      optax.adamw(learning_rate_schedule(t), b1=t.beta1, b2=t.beta2, eps=t.adam_eps,
+                  weight_decay=t.weight_decay, mask=weight_decay_mask),
+  )
