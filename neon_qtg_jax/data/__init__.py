@@ -1,0 +1,1 @@
+"""Data: document sources, SentencePiece tokenizer, preparation to token shards, Grain loader, report."""

@@ -1,0 +1,179 @@
+"""Training windows over the prepared token stream, served by a Grain DataLoader.
+
+Window i of a split covers tokens [i * stride, i * stride + max_length + 1): `inputs` are the
+first max_length tokens, `targets` the same shifted by one. Windows cross document boundaries;
+documents are separated by EOS.
+
+Checkpointing the iterator inside an Orbax CheckpointManager composite item:
+
+  it = make_train_iterator(config)                    # built, not started
+  manager = ocp.CheckpointManager(workdir, item_names=("state", "data"))
+  if (step := manager.latest_step()) is not None:     # restore before the first next()
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=iterator_restore_args(it)))
+  batch = next(it)                                    # {"inputs", "targets"}: int32 (G, L)
+  ...
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=iterator_save_args(it)))
+
+The restored iterator yields exactly the batches an uninterrupted run would have yielded next.
+Never call next() before restoring: a started iterator has already consumed batches.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import grain.python as pygrain
+import numpy as np
+
+from neon_qtg_jax.data.manifest import Manifest
+from neon_qtg_jax.data.sources import DataError
+
+
+def num_windows(num_tokens: int, max_length: int, stride: int) -> int:
+  """Windows of max_length inputs (+1 target token) at the given stride inside num_tokens."""
+  if num_tokens < max_length + 1:
+    return 0
+  return (num_tokens - max_length - 1) // stride + 1
+
+
+class WindowSource:
+  """Random-access Grain source: window i -> {"inputs": int32 (L,), "targets": int32 (L,)}.
+
+  Holds only the path; the memmap is opened lazily in each process (worker processes included).
+  """
+
+  def __init__(self, path: str, dtype: str, num_tokens: int, max_length: int, stride: int):
+    self.path, self.dtype, self.num_tokens = os.path.abspath(path), dtype, num_tokens
+    self.max_length, self.stride = max_length, stride
+    self._len = num_windows(num_tokens, max_length, stride)
+    self._tokens: np.memmap | None = None
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __repr__(self) -> str:
+    # Grain compares this string when restoring a checkpoint: it pins the data to the state.
+    return (f"WindowSource(path={self.path!r}, tokens={self.num_tokens}, max_length={self.max_length}, "
+            f"stride={self.stride})")
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {k: v for k, v in self.__dict__.items() if k != "_tokens"} | {"_tokens": None}
+
+  def tokens(self) -> np.memmap:
+    if self._tokens is None:
+      self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+    return self._tokens
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    if not 0 <= index < self._len:
+      raise IndexError(f"window {index} out of range [0, {self._len})")
+    start = int(index) * self.stride
+    window = np.asarray(self.tokens()[start:start + self.max_length + 1], dtype=np.int32)
+    return {"inputs": window[:-1], "targets": window[1:]}
+
+
+def load_manifest(config) -> Manifest:
+  """The prepared data of config.data.data_dir; prepares it first in a single-process run."""
+  try:
+    return Manifest.load(config.data.data_dir)
+  except DataError:
+    import jax  # only to learn whether other processes could be preparing the same directory
+    if jax.process_count() > 1:
+      raise
+  from neon_qtg_jax.data.prepare import prepare_dataset
+  return prepare_dataset(config)
+
+
+def window_source(config, split: str, manifest: Manifest | None = None) -> WindowSource:
+  manifest = manifest or load_manifest(config)
+  return WindowSource(manifest.split_path(split), manifest.dtype, manifest.tokens[split],
+                      config.data.max_length, config.data.stride)
+
+
+def make_train_iterator(config, *, shard_index: int | None = None,
+                        shard_count: int | None = None) -> grain.DataLoaderIterator:
+  """Endless shuffled training batches for this process: {"inputs", "targets"} int32 (G / shard_count, L).
+
+  G = training.batch_size * training.grad_accum_steps rows per optimizer step across all processes.
+  Shuffling is seeded by data.shuffle_seed and differs per epoch. shard_index / shard_count
+  default to jax.process_index() / jax.process_count().
+  """
+  if shard_index is None or shard_count is None:
+    import jax
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  global_rows = config.training.batch_size * config.training.grad_accum_steps
+  if global_rows % shard_count:
+    raise DataError(f"training.batch_size * training.grad_accum_steps = {global_rows} rows per step "
+                    f"cannot be split evenly over {shard_count} processes")
+  source = window_source(config, "train")
+  if len(source) < shard_count:
+    raise DataError(f"{source.path}: {source.num_tokens} tokens make {len(source)} training windows of "
+                    f"data.max_length={config.data.max_length}; too few for {shard_count} process(es)")
+  shard_options = pygrain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
+  sampler = pygrain.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=True,
+                                 num_epochs=None, seed=config.data.shuffle_seed)
+  loader = pygrain.DataLoader(
+      data_source=source, sampler=sampler, shard_options=shard_options,
+      operations=[pygrain.Batch(batch_size=global_rows // shard_count, drop_remainder=True)],
+      worker_count=config.data.num_workers, worker_buffer_size=config.data.prefetch)
+  return iter(loader)
+
+
+def iterator_save_args(iterator: grain.DataLoaderIterator) -> Any:
+  """Orbax args that save the iterator's position (one JSON file per process)."""
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def iterator_restore_args(iterator: grain.DataLoaderIterator) -> Any:
+  """Orbax args that set a freshly built, not yet started iterator to the saved position."""
+  return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def eval_batches(config, split: str = "val", num_batches: int | None = None,
+                 batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
+  """A fixed set of windows spread evenly over the split, the same on every call and process.
+
+  Defaults: training.eval_batches batches of training.batch_size rows. Returns fewer batches when
+  the split holds fewer windows; raises DataError when it cannot fill one batch.
+  """
+  num_batches = num_batches or config.training.eval_batches
+  batch_size = batch_size or config.training.batch_size
+  source = window_source(config, split)
+  available = len(source) // batch_size
+  if available == 0:
+    raise DataError(f"{source.path}: the {split} split holds {len(source)} windows of "
+                    f"data.max_length={config.data.max_length}, fewer than one batch of {batch_size}; "
+                    f"raise data.val_fraction or use a larger corpus")
+  count = min(num_batches, available) * batch_size
+  indices = np.linspace(0, len(source) - 1, count).round().astype(np.int64)
+  rows = [source[int(i)] for i in indices]
+  return [{key: np.stack([r[key] for r in rows[b:b + batch_size]]) for key in ("inputs", "targets")}
+          for b in range(0, count, batch_size)]
+
+
+def split_tokens(config, split: str) -> np.ndarray:
+  """A split's tokens as a 1-D read-only memmap, EOS separators included."""
+  return load_manifest(config).split_tokens(split)
+
+
+def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+  """Occurrences of each id, int64 (vocab_size,); reads a memmap in chunks."""
+  counts = np.zeros((vocab_size,), dtype=np.int64)
+  for start in range(0, len(tokens), chunk):
+    counts += np.bincount(np.asarray(tokens[start:start + chunk]), minlength=vocab_size)[:vocab_size]
+  return counts
+
+
+def unigram_perplexity(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
+  """Perplexity on val_tokens of an add-one smoothed unigram model fit on train_tokens."""
+  counts = token_counts(train_tokens, vocab_size) + 1
+  log_p = np.log(counts) - np.log(counts.sum())
+  val_counts = token_counts(val_tokens, vocab_size)
+  if val_counts.sum() == 0:
+    raise DataError("unigram perplexity needs at least one validation token")
+  return float(np.exp(-(val_counts * log_p).sum() / val_counts.sum()))

@@ -1,0 +1,107 @@
+"""What a prepared data directory holds, recorded in `manifest.json` when preparation finishes.
+
+Layout of data_dir:
+  tokenizer.model, tokenizer.json   SentencePiece model and its special ids / sha256
+  settings.json                     the data settings the directory was prepared with
+  shards/NNNNNN.{train,val}.bin     token shards, one per unit of work (resume granularity)
+  shards/NNNNNN.meta.npz            per-document statistics of a shard; written last = shard done
+  train.bin, val.bin                each split's tokens as one flat array (EOS after every document)
+  documents.npz                     per-document statistics of the whole corpus (for the report)
+  manifest.json                     this record; written last = directory complete
+  report.json, lengths.png          the data validation report
+
+Token arrays are raw little-endian uint16 (uint32 when the vocabulary exceeds 65535), read as
+`np.memmap`. Flat memory-mapped arrays rather than ArrayRecord: training windows are arbitrary
+`(start, start + L + 1)` slices of one token stream at any stride, which a memmap serves with
+one copy and no decoding, shared between loader worker processes through the page cache;
+ArrayRecord stores opaque records whose boundaries would fix the windows at preparation time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from neon_qtg_jax.data.sources import DataError
+
+MANIFEST_FILE = "manifest.json"
+SETTINGS_FILE = "settings.json"
+SPLITS = ("train", "val")
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def data_settings(config) -> dict[str, Any]:
+  """The config values a prepared directory depends on; a rerun with other values is refused."""
+  d = config.data
+  return {
+      "format_version": FORMAT_VERSION,
+      "source": d.source,
+      "paths": d.paths if d.source != "stdlib" else "",
+      "text_field": d.text_field if d.source == "jsonl" else "",
+      "text_split": d.text_split if d.source == "text" else "",
+      "val_fraction": float(d.val_fraction),
+      "max_documents": int(d.max_documents),
+      "vocab_size": int(config.model.vocab_size),
+      "tokenizer_model_type": d.tokenizer_model_type,
+      "tokenizer_sample_sentences": int(d.tokenizer_sample_sentences),
+  }
+
+
+@dataclasses.dataclass
+class Manifest:
+  data_dir: str
+  settings: dict[str, Any]
+  files: list[str]                 # input files, in reading order
+  dtype: str                       # token dtype on disk
+  tokenizer: dict[str, Any]        # TokenizerInfo fields (vocab_size, ids, sha256)
+  documents: dict[str, int]        # per split
+  tokens: dict[str, int]           # per split, EOS separators included
+  text_bytes: dict[str, int]       # UTF-8 bytes of the documents, per split
+  num_shards: int
+  issues: dict[str, Any]           # Issues.to_dict()
+  elapsed_s: float
+
+  def split_path(self, split: str) -> str:
+    if split not in SPLITS:
+      raise ValueError(f"split {split!r}: must be one of {SPLITS}")
+    return os.path.join(self.data_dir, f"{split}.bin")
+
+  def split_tokens(self, split: str) -> np.memmap:
+    """The split's tokens, read-only, shape (tokens[split],)."""
+    n = self.tokens[split]
+    if n == 0:
+      return np.zeros((0,), dtype=self.dtype)
+    return np.memmap(self.split_path(split), dtype=self.dtype, mode="r", shape=(n,))
+
+  def save(self) -> None:
+    body = dataclasses.asdict(self)
+    del body["data_dir"]
+    tmp = os.path.join(self.data_dir, MANIFEST_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(body, f, indent=2)
+    os.replace(tmp, os.path.join(self.data_dir, MANIFEST_FILE))
+
+  @classmethod
+  def load(cls, data_dir: str) -> "Manifest":
+    path = os.path.join(data_dir, MANIFEST_FILE)
+    if not os.path.exists(path):
+      raise DataError(f"{path}: no prepared data here; run launch.py --mode=prepare with this config first")
+    with open(path) as f:
+      body = json.load(f)
+    manifest = cls(data_dir=data_dir, **body)
+    for split in SPLITS:
+      expected = manifest.tokens[split] * np.dtype(manifest.dtype).itemsize
+      split_path = manifest.split_path(split)
+      size = os.path.getsize(split_path) if os.path.exists(split_path) else -1
+      if size != expected:
+        raise DataError(f"{split_path}: {size} bytes, manifest says {expected}; the directory is damaged, "
+                        f"delete {MANIFEST_FILE} to rebuild the splits from the shards")
+    return manifest

@@ -1,0 +1,347 @@
+"""Preparation: sources -> SentencePiece tokenizer -> token shards -> split files + manifest + report.
+
+  manifest = prepare_dataset(config)     # idempotent; returns at once when already prepared
+
+Work is cut into units (a chunk of about CHUNK_BYTES of documents, or one `.xz` member of an
+OpenWebText archive, decompressed in the worker). Worker processes on every core tokenize the
+units; the main process writes each finished unit as a shard, in order. A shard whose meta file
+exists is done: a rerun skips it without tokenizing, so an interrupted run resumes. Documents go
+to train or val by a hash of their text, so the split does not depend on order, workers or
+reruns, and exact duplicates always land in the same split.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import tqdm
+
+from neon_qtg_jax.data import sources as src
+from neon_qtg_jax.data.manifest import MANIFEST_FILE, SETTINGS_FILE, SPLITS, Manifest, data_settings, token_dtype
+from neon_qtg_jax.data.sources import DataError, Issues
+from neon_qtg_jax.data.tokenizer import Tokenizer, sample_sentences, train_tokenizer
+
+CHUNK_BYTES = 4 << 20      # text per unit of work for the document sources
+DOC_FIELDS = ("hash", "num_tokens", "num_bytes", "num_words", "is_val")
+
+
+class Unit(NamedTuple):
+  """One unit of work: documents already read, or one compressed OpenWebText member."""
+  index: int
+  documents: list[tuple[str, str]] | None   # (text, origin)
+  xz_member: bytes | None
+  where: str
+  input_bytes: int                          # bytes of input it stands for (progress)
+
+
+def document_hash(text: str) -> int:
+  """64-bit hash of a document's UTF-8 text (split assignment and duplicate detection)."""
+  return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def validation_mask(hashes: np.ndarray, val_fraction: float) -> np.ndarray:
+  """True for documents in the validation split: hash / 2**64 < val_fraction. hashes: uint64 (N,)."""
+  return hashes < np.uint64(val_fraction * 2.0**64)
+
+
+# Worker side. Each worker process loads the tokenizer once.
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(data_dir: str) -> None:
+  global _worker_tokenizer
+  _worker_tokenizer = Tokenizer.load(data_dir)
+
+
+def tokenize_documents(tokenizer: Tokenizer, texts: list[str], val_fraction: float,
+                       dtype: np.dtype) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Tokens per split (each document followed by EOS) and per-document statistics."""
+  ids = tokenizer.encode_batch(texts)
+  hashes = np.array([document_hash(t) for t in texts], dtype=np.uint64)
+  is_val = validation_mask(hashes, val_fraction)
+  split_tokens = {}
+  for split, mask in (("train", ~is_val), ("val", is_val)):
+    chosen = [ids[i] + [tokenizer.eos_id] for i in np.flatnonzero(mask)]
+    split_tokens[split] = np.fromiter((t for doc in chosen for t in doc), dtype=dtype) if chosen else \
+        np.zeros((0,), dtype)
+  stats = {
+      "hash": hashes,
+      "num_tokens": np.array([len(x) for x in ids], dtype=np.int64),
+      "num_bytes": np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64),
+      "num_words": np.array([len(t.split()) for t in texts], dtype=np.int64),
+      "is_val": is_val,
+  }
+  return split_tokens, stats
+
+
+def _work(unit: Unit, val_fraction: float, dtype: str) -> tuple[dict, dict, dict]:
+  issues = Issues()
+  if unit.xz_member is not None:
+    docs = [d.text for d in src.read_document_tar(io.BytesIO(unit.xz_member), unit.where, issues)]
+  else:
+    docs = [text for text, _ in unit.documents]
+  split_tokens, stats = tokenize_documents(_worker_tokenizer, docs, val_fraction, np.dtype(dtype))
+  return split_tokens, stats, issues.to_dict()
+
+
+# Main side.
+
+def _units(config, files: list[str], issues: Issues) -> Iterator[Unit]:
+  """The corpus cut into units of work, in a fixed order."""
+  d = config.data
+  index = 0
+  if d.source == "openwebtext":
+    for path in files:
+      for where, blob in src.iter_openwebtext_members(path, issues):
+        yield Unit(index, None, blob, where, len(blob))
+        index += 1
+    return
+  chunk: list[tuple[str, str]] = []
+  size = 0
+  for path in files:
+    for doc in src.read_file(path, d.source, text_field=d.text_field, text_split=d.text_split, issues=issues):
+      chunk.append((doc.text, doc.origin))
+      size += len(doc.text)
+      if size >= CHUNK_BYTES:
+        yield Unit(index, chunk, None, chunk[0][1], size)
+        index, chunk, size = index + 1, [], 0
+  if chunk:
+    yield Unit(index, chunk, None, chunk[0][1], size)
+
+
+def _shard_paths(shard_dir: str, index: int) -> dict[str, str]:
+  base = os.path.join(shard_dir, f"{index:06d}")
+  return {"train": base + ".train.bin", "val": base + ".val.bin", "meta": base + ".meta.npz"}
+
+
+def _write_shard(shard_dir: str, index: int, where: str, split_tokens: dict, stats: dict, issues: dict) -> None:
+  paths = _shard_paths(shard_dir, index)
+  for split in SPLITS:
+    split_tokens[split].tofile(paths[split] + ".tmp")
+    os.replace(paths[split] + ".tmp", paths[split])
+  with open(paths["meta"] + ".tmp", "wb") as f:
+    np.savez(f, **stats, where=np.array(where), issues=np.array(json.dumps(issues)))
+  os.replace(paths["meta"] + ".tmp", paths["meta"])  # last: marks the shard done
+
+
+def _read_shard_meta(shard_dir: str, index: int) -> dict | None:
+  path = _shard_paths(shard_dir, index)["meta"]
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def _truncate(split_tokens: dict, stats: dict, keep: int, eos_id: int) -> tuple[dict, dict]:
+  """The first `keep` documents of a unit (for data.max_documents)."""
+  stats = {k: v[:keep] for k, v in stats.items()}
+  out = {}
+  for split, mask in (("train", ~stats["is_val"]), ("val", stats["is_val"])):
+    n = int((stats["num_tokens"][mask] + 1).sum())   # + EOS
+    out[split] = split_tokens[split][:n]
+    assert n == 0 or out[split][-1] == eos_id
+  return out, stats
+
+
+def _ensure_settings(data_dir: str, settings: dict) -> None:
+  path = os.path.join(data_dir, SETTINGS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if changed:
+      fields = ", ".join(f"{k}: prepared with {a!r}, config has {b!r}" for k, (a, b) in changed.items())
+      raise DataError(f"{data_dir} was prepared with other data settings ({fields}); "
+                      f"set config.data.data_dir to a new directory or delete this one")
+    return
+  os.makedirs(data_dir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(settings, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def _num_processes() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def _log(progress: bool, message: str) -> None:
+  if progress:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_dataset(config, *, progress: bool = True, num_processes: int | None = None) -> Manifest:
+  """Prepares config.data.data_dir (tokenizer, shards, splits, manifest, report) and returns its manifest.
+
+  Idempotent: a finished directory returns at once; an interrupted one resumes at its first
+  unfinished shard. Raises DataError when the sources hold no usable document, or when
+  data_dir was prepared with other data settings.
+  """
+  d = config.data
+  data_dir = d.data_dir
+  settings = data_settings(config)
+  _ensure_settings(data_dir, settings)  # raises, naming the fields that differ from an earlier run
+  if os.path.exists(os.path.join(data_dir, MANIFEST_FILE)):
+    return Manifest.load(data_dir)
+  start_time = time.time()
+  issues = Issues()
+  files = src.source_files(d.source, d.paths, issues)
+  if not files:
+    raise DataError(f"data.source={d.source!r}, data.paths={d.paths!r}: no input files\n{issues.summary()}")
+
+  try:
+    tokenizer = Tokenizer.load(data_dir)
+  except DataError:
+    _log(progress, f"tokenizer: sampling {d.tokenizer_sample_sentences} lines from {len(files)} file(s)")
+    sample_issues = Issues()  # the full pass below counts bad input once
+    docs = src.documents_from_config(d, sample_issues)
+    sentences = sample_sentences(docs, d.tokenizer_sample_sentences, seed=config.data.shuffle_seed)
+    if not sentences:
+      raise DataError(f"data.source={d.source!r}, data.paths={d.paths!r}: no usable documents\n"
+                      f"{sample_issues.summary()}")
+    t0 = time.time()
+    tokenizer = train_tokenizer(sentences, data_dir, vocab_size=config.model.vocab_size,
+                                model_type=d.tokenizer_model_type, num_threads=num_processes)
+    _log(progress, f"tokenizer: {tokenizer.vocab_size} pieces ({d.tokenizer_model_type}) trained on "
+                   f"{len(sentences)} lines in {time.time() - t0:.1f}s -> {tokenizer.path}")
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise DataError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces exceed model.vocab_size="
+                    f"{config.model.vocab_size}")
+
+  dtype = token_dtype(config.model.vocab_size)
+  shard_dir = os.path.join(data_dir, "shards")
+  os.makedirs(shard_dir, exist_ok=True)
+  num_shards = _tokenize_to_shards(
+      config, files, tokenizer, shard_dir, dtype, issues, progress, num_processes or _num_processes())
+
+  _merge_splits(data_dir, shard_dir, num_shards)
+  stats = _load_document_stats(data_dir)
+  documents = {s: int((stats["is_val"] == (s == "val")).sum()) for s in SPLITS}
+  if sum(documents.values()) == 0:
+    raise DataError(f"data.source={d.source!r}, data.paths={d.paths!r}: no usable documents in "
+                    f"{len(files)} file(s)\n{issues.summary()}")
+  tokens = {s: os.path.getsize(os.path.join(data_dir, f"{s}.bin")) // dtype.itemsize for s in SPLITS}
+  manifest = Manifest(
+      data_dir=data_dir, settings=settings, files=files, dtype=dtype.name, tokenizer=vars(tokenizer.info).copy(),
+      documents=documents, tokens=tokens,
+      text_bytes={s: int(stats["num_bytes"][stats["is_val"] == (s == "val")].sum()) for s in SPLITS},
+      num_shards=num_shards, issues=issues.to_dict(), elapsed_s=round(time.time() - start_time, 2))
+  from neon_qtg_jax.data.report import write_report
+  write_report(manifest, progress=progress)
+  manifest.save()   # last: the directory is complete
+  _log(progress, f"prepared {data_dir}: documents {documents}, tokens {tokens}, {num_shards} shard(s)\n"
+                 f"{issues.summary()}")
+  return manifest
+
+
+def _tokenize_to_shards(config, files, tokenizer, shard_dir, dtype, issues, progress, num_processes):
+  """Tokenizes every unit not yet on disk into shards; returns the number of shards of the corpus."""
+  d = config.data
+  total_bytes = sum(os.path.getsize(f) for f in files if os.path.exists(f))
+  bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress,
+                  mininterval=1.0, file=sys.stderr)
+  docs_done = text_bytes = skipped = 0
+  started = time.time()
+  units = _units(config, files, issues)
+  context = multiprocessing.get_context("spawn")  # no fork: the caller may hold JAX threads
+  with concurrent.futures.ProcessPoolExecutor(num_processes, mp_context=context, initializer=_init_worker,
+                                              initargs=(d.data_dir,)) as pool:
+    pending: collections.deque = collections.deque()
+    num_shards = 0
+    exhausted = False
+
+    def finish(unit: Unit, result) -> bool:
+      """Writes or accounts one unit; False once data.max_documents is reached."""
+      nonlocal docs_done, text_bytes, num_shards
+      if isinstance(result, dict):       # already on disk
+        stats = {k: result[k] for k in DOC_FIELDS}
+        issues.merge(Issues.from_dict(json.loads(str(result["issues"]))))
+      else:
+        split_tokens, stats, unit_issues = result
+        if d.max_documents and docs_done + len(stats["hash"]) > d.max_documents:
+          split_tokens, stats = _truncate(split_tokens, stats, d.max_documents - docs_done, tokenizer.eos_id)
+        _write_shard(shard_dir, unit.index, unit.where, split_tokens, stats, unit_issues)
+        issues.merge(Issues.from_dict(unit_issues))
+      num_shards = unit.index + 1
+      docs_done += len(stats["hash"])
+      text_bytes += int(stats["num_bytes"].sum())
+      bar.update(unit.input_bytes)
+      elapsed = max(time.time() - started, 1e-9)
+      bar.set_postfix_str(f"{docs_done / elapsed:.0f} docs/s, {text_bytes / elapsed / 1e6:.1f} MB/s text"
+                          + (f", {skipped} shard(s) done before" if skipped else ""), refresh=False)
+      return not (d.max_documents and docs_done >= d.max_documents)
+
+    while True:
+      while not exhausted and len(pending) < 2 * num_processes:
+        unit = next(units, None)
+        if unit is None:
+          exhausted = True
+          break
+        meta = _read_shard_meta(shard_dir, unit.index)
+        if meta is not None:
+          skipped += 1
+          pending.append((unit, None, meta))
+        else:
+          pending.append((unit, pool.submit(_work, unit, d.val_fraction, dtype.name), None))
+      if not pending:
+        break
+      unit, future, meta = pending.popleft()
+      if not finish(unit, meta if future is None else future.result()):
+        for _, f, _ in pending:
+          if f is not None:
+            f.cancel()
+        break
+  bar.close()
+  return num_shards
+
+
+def _merge_splits(data_dir: str, shard_dir: str, num_shards: int) -> None:
+  """Concatenates the shards into train.bin / val.bin and their stats into documents.npz."""
+  for split in SPLITS:
+    out_path = os.path.join(data_dir, f"{split}.bin")
+    with open(out_path + ".tmp", "wb") as out:
+      for index in range(num_shards):
+        with open(_shard_paths(shard_dir, index)[split], "rb") as f:
+          shutil.copyfileobj(f, out, 1 << 24)
+    os.replace(out_path + ".tmp", out_path)
+  stats = {k: [] for k in DOC_FIELDS}
+  for index in range(num_shards):
+    meta = _read_shard_meta(shard_dir, index)
+    for k in DOC_FIELDS:
+      stats[k].append(meta[k])
+  merged = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in stats.items()}
+  with open(os.path.join(data_dir, "documents.npz.tmp"), "wb") as f:
+    np.savez(f, **merged)
+  os.replace(os.path.join(data_dir, "documents.npz.tmp"), os.path.join(data_dir, "documents.npz"))
+
+
+def _load_document_stats(data_dir: str) -> dict[str, np.ndarray]:
+  with np.load(os.path.join(data_dir, "documents.npz")) as z:
+    return {k: z[k] for k in z.files}
+
+
+def run(config, args) -> int:
+  """launch.py --mode=prepare: prepares config.data.data_dir and prints where everything went."""
+  del args
+  try:
+    manifest = prepare_dataset(config)
+  except DataError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 1
+  print(f"data_dir {manifest.data_dir}: documents {manifest.documents}, tokens {manifest.tokens}, "
+        f"vocab {manifest.tokenizer['vocab_size']}; report {os.path.join(manifest.data_dir, 'report.json')}")
+  return 0
