@@ -160,10 +160,10 @@ def load_run_config(workdir_or_path: str, which: str | int = "latest") -> ml_col
 
 
 class Checkpointer:
-  """Saves and restores full training checkpoints of one run directory."""
+  """Saves and restores full training checkpoints in one directory (a run's checkpoints/)."""
 
-  def __init__(self, workdir: str, keep: int):
-    self.directory = checkpoint_dir(workdir)
+  def __init__(self, directory: str, keep: int):
+    self.directory = os.path.abspath(directory)
     self.manager = make_manager(self.directory, keep=keep)
 
   def steps(self) -> list[int]:

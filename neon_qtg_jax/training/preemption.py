@@ -1,0 +1,42 @@
+"""SIGTERM / SIGINT turn into a flag the training loop checks after each step."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class PreemptionFlag:
+  """Within `with PreemptionFlag() as flag:`, the first SIGTERM or SIGINT sets `flag.requested`.
+
+  A second SIGINT raises KeyboardInterrupt, so an impatient Ctrl-C still stops the process.
+  Outside the main thread (where handlers cannot be installed) the flag never fires.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.signal_name = ""
+    self._previous: dict[int, object] = {}
+
+  def _handle(self, signum: int, frame: FrameType | None) -> None:
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = True
+    self.signal_name = signal.Signals(signum).name
+    log.warning("%s received: finishing the current step, saving a checkpoint and exiting", self.signal_name)
+
+  def __enter__(self) -> "PreemptionFlag":
+    if threading.current_thread() is threading.main_thread():
+      for sig in SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)

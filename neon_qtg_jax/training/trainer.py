@@ -1,0 +1,338 @@
+"""--mode=train: data on first use, the training loop, evaluation, samples, checkpoints and resume.
+
+Outputs under the workdir: checkpoints/, tensorboard/, outputs/logs/{training.log,metrics.jsonl},
+outputs/samples/step_XXXXXXX.txt and outputs/plots/loss.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import psutil
+from flax import nnx
+
+from neon_qtg_jax import info, parallel
+from neon_qtg_jax.training import checkpointing, plots
+from neon_qtg_jax.training import train_step as ts
+from neon_qtg_jax.training.metric_writers import create_run_writer, read_jsonl
+from neon_qtg_jax.training.preemption import PreemptionFlag
+
+log = logging.getLogger("neon_qtg_jax")
+
+EXIT_OK, EXIT_NONFINITE = 0, 1
+
+
+def setup_logging(workdir: str) -> str:
+  """Console (stdout) and {workdir}/outputs/logs/training.log for every neon_qtg_jax logger; returns the log path."""
+  path = os.path.join(workdir, "outputs", "logs", "training.log")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+  for handler in list(log.handlers):
+    log.removeHandler(handler)
+    handler.close()
+  for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path, encoding="utf-8")):
+    handler.setFormatter(formatter)
+    log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
+  return path
+
+
+@dataclasses.dataclass
+class RunData:
+  train_iter: Any
+  eval_batches: list[dict[str, jax.Array]]
+  tokenizer: Any
+  unigram_perplexity: float
+
+
+def load_data(config: ml_collections.ConfigDict) -> RunData:
+  """Prepares the dataset when its shards are missing, then opens the training and validation data."""
+  from neon_qtg_jax.data import loader, prepare  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+  prepare.prepare_dataset(config, progress=True)
+  tokenizer = Tokenizer.load(config.data.data_dir)
+  unigram = loader.unigram_perplexity(loader.split_tokens(config, "train"), loader.split_tokens(config, "val"),
+                                      config.model.vocab_size)
+  batches = loader.eval_batches(config, split="val", num_batches=config.training.eval_batches,
+                                batch_size=config.training.batch_size)
+  return RunData(loader.make_train_iterator(config), [jax.device_put(b) for b in batches], tokenizer, unigram)
+
+
+def iterator_args(train_iter: Any, save: bool) -> Any:
+  from neon_qtg_jax.data import loader  # pylint: disable=import-outside-toplevel
+  return loader.iterator_save_args(train_iter) if save else loader.iterator_restore_args(train_iter)
+
+
+@dataclasses.dataclass
+class Progress:
+  """Host-side bookkeeping that goes into each checkpoint's meta item."""
+  best_val_loss: float = math.inf
+  train_seconds: float = 0.0
+
+  def meta(self, state: ts.TrainState) -> dict[str, Any]:
+    counters = jax.device_get({"step": state.step, "rng": state.rng, "nonfinite_total": state.nonfinite_total,
+                               "nonfinite_streak": state.nonfinite_streak, "nonfinite_peak": state.nonfinite_peak})
+    return {"step": int(counters["step"]), "rng": np.asarray(counters["rng"]).tolist(),
+            "nonfinite_total": int(counters["nonfinite_total"]), "nonfinite_streak": int(counters["nonfinite_streak"]),
+            "nonfinite_peak": int(counters["nonfinite_peak"]), "best_val_loss": self.best_val_loss,
+            "train_seconds": self.train_seconds}
+
+
+def _resume_candidates(config: ml_collections.ConfigDict, args: Any, checkpointer: checkpointing.Checkpointer
+                       ) -> tuple[checkpointing.Checkpointer, list[int], bool]:
+  """Which checkpointer and steps to try, newest first; the bool says whether the user named the step."""
+  if args.resume_from and args.resume_from not in ("latest", "best") and not args.resume_from.isdigit():
+    ref = checkpointing.resolve(args.resume_from, args.resume_from)
+    if os.path.abspath(ref.directory) != os.path.abspath(checkpointer.directory):
+      return checkpointing.Checkpointer(ref.directory, keep=config.training.keep_checkpoints), [ref.step], True
+    return checkpointer, [ref.step], True
+  steps = checkpointer.steps()
+  if args.resume_from:
+    if not steps:
+      raise FileNotFoundError(f"--resume_from={args.resume_from}: no checkpoints in {checkpointer.directory}")
+    ref = checkpointing.resolve(checkpointer.directory, args.resume_from)
+    return checkpointer, [ref.step], True
+  return checkpointer, steps, False
+
+
+def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: checkpointing.Checkpointer,
+                    state: ts.TrainState, train_iter: Any, mesh: jax.sharding.Mesh
+                    ) -> tuple[ts.TrainState, Progress]:
+  """Resumes from --resume_from or the newest readable checkpoint of the workdir; else keeps `state`."""
+  source, candidates, named = _resume_candidates(config, args, checkpointer)
+  if not candidates:
+    log.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
+    return state, Progress()
+  data_args = iterator_args(train_iter, save=False) if train_iter is not None else None
+  found = source.restore_latest_good(candidates, params=state.params, opt_state=state.opt_state,
+                                     data_args=data_args)
+  if found is None:
+    if named:
+      raise RuntimeError(f"checkpoint {candidates[0]} in {source.directory} is unreadable (see the warning above)")
+    log.warning("no readable checkpoint in %s: starting from step 0", source.directory)
+    return state, Progress()
+  step, restored = found
+  meta = restored["meta"]
+  replicated = parallel.replicated(mesh)
+
+  def scalar(name: str) -> jax.Array:
+    return jax.device_put(jnp.asarray(meta[name], jnp.int32), replicated)
+
+  state = state.replace(step=scalar("step"), params=restored["params"], opt_state=restored["opt_state"],
+                        rng=jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated),
+                        nonfinite_streak=scalar("nonfinite_streak"), nonfinite_peak=scalar("nonfinite_peak"),
+                        nonfinite_total=scalar("nonfinite_total"))
+  if source is checkpointer:
+    checkpointer.delete_after(step)
+  log.info("resumed from %s/%d", source.directory, step)
+  return state, Progress(best_val_loss=meta["best_val_loss"], train_seconds=meta["train_seconds"])
+
+
+def evaluate(eval_step: Any, params: nnx.State, batches: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Mean of every loss term over the fixed validation batches (all hold full windows), and the perplexity."""
+  per_batch = jax.device_get([eval_step(params, b) for b in batches])
+  out = {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
+  out["perplexity"] = math.exp(out["ce"])
+  return out
+
+
+def write_samples(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: nnx.State, tokenizer: Any,
+                  workdir: str, step: int) -> str:
+  """Continues config.sampling.prompts with the configured sampling; writes outputs/samples/step_XXXXXXX.txt."""
+  from neon_qtg_jax.inference.sampling import generate  # pylint: disable=import-outside-toplevel
+  s = config.sampling
+  prompts = list(s.prompts)
+  prompt_ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
+  max_new = min(s.max_new_tokens, config.model.max_seq_len - max(len(p) for p in prompt_ids))
+  outputs = generate(nnx.merge(graphdef, params), prompt_ids, sampling_cfg=s, max_new_tokens=max_new,
+                     eos_id=tokenizer.eos_id, seed=s.seed)
+  text = "\n\n".join(f"=== prompt {i}: {p!r}\n{p}{tokenizer.decode(o)}" for i, (p, o) in enumerate(zip(prompts, outputs)))
+  path = os.path.join(workdir, "outputs", "samples", f"step_{step:07d}.txt")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(f"step {step}, temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, seed {s.seed}\n\n{text}\n")
+  return text
+
+
+def device_memory_gib() -> dict[str, float]:
+  """Device memory in use and its peak (GiB) where the backend reports it; else the host process RSS."""
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and "bytes_in_use" in stats:
+    return {"memory/device_gib": stats["bytes_in_use"] / 2**30,
+            "memory/device_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+  return {"memory/host_rss_gib": psutil.Process().memory_info().rss / 2**30}
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class WindowStats:
+  """Per-step metrics (still on device) and host timings since the last log line."""
+
+  def __init__(self):
+    self.reset(time.perf_counter())
+
+  def reset(self, now: float) -> None:
+    self.metrics: list[dict[str, jax.Array]] = []
+    self.data_wait = 0.0
+    self.started = now
+
+  def summary(self, config: ml_collections.ConfigDict, peak: float | None) -> dict[str, float]:
+    """Syncs with the device once and returns the window's scalars for the writers."""
+    fetched = jax.device_get(self.metrics)
+    elapsed = time.perf_counter() - self.started
+    steps = len(fetched)
+    out = {f"train/{k}": float(np.mean([m[k] for m in fetched]))
+           for k in ("loss", "ce", "topo", "geo", "quantum", "grad_norm")}
+    out["train/perplexity"] = math.exp(out["train/ce"])
+    out["train/param_norm"] = float(fetched[-1]["param_norm"])
+    out["train/lr"] = float(fetched[-1]["lr"])
+    out["train/nonfinite_steps"] = float(sum(1 - float(m["finite"]) for m in fetched))
+    tokens_per_s = steps * ts.tokens_per_step(config) / elapsed
+    out.update({"perf/step_time_s": elapsed / steps, "perf/steps_per_s": steps / elapsed,
+                "perf/tokens_per_s": tokens_per_s, "perf/data_wait_s": self.data_wait / steps})
+    if peak:
+      out["perf/mfu"] = info.flops_per_token(config)["train"] * tokens_per_s / (peak * jax.device_count())
+    out.update(device_memory_gib())
+    return out
+
+
+def run(config: ml_collections.ConfigDict, args: Any) -> int:
+  workdir = os.path.abspath(args.workdir)
+  setup_logging(workdir)
+  t = config.training
+  log.info("workdir %s; devices: %d x %s", workdir, jax.device_count(), jax.devices()[0].device_kind)
+
+  data = load_data(config)
+  log.info("data ready: %d validation batches; unigram perplexity of the validation split: %.2f",
+           len(data.eval_batches), data.unigram_perplexity)
+
+  mesh = parallel.make_mesh()
+  graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)
+  checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints)
+  state, progress = restore_or_init(config, args, checkpointer, state, data.train_iter, mesh)
+  start_step = int(jax.device_get(state.step))
+
+  train_step = ts.make_train_step(config, graphdef, mesh)
+  eval_step = ts.make_eval_step(config, graphdef)
+  writer = create_run_writer(workdir)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flat(config).items()})
+  peak = info.peak_flops(jax.devices()[0].device_kind, config.model.dtype)
+  plot_path = os.path.join(workdir, "outputs", "plots", "loss.png")
+  metrics_path = os.path.join(workdir, "outputs", "logs", "metrics.jsonl")
+  log.info("training steps %d..%d of %d; %d tokens per step; %s parameters", start_step, t.total_steps,
+           t.total_steps, ts.tokens_per_step(config), f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
+
+  def save(step: int, val_loss: float | None = None) -> None:
+    checkpointer.save(step, params=state.params, opt_state=state.opt_state, meta=progress.meta(state),
+                      config=config, data_args=iterator_args(data.train_iter, save=True), val_loss=val_loss)
+    log.info("checkpoint %d saving (asynchronous) to %s", step, checkpointer.directory)
+
+  exit_code, stop_reason = EXIT_OK, "finished"
+  window = WindowStats()
+  last_save_time = run_start = time.perf_counter()
+  last_saved_step = start_step
+  last_eval: tuple[int, float] | None = None
+  with PreemptionFlag() as preemption:
+    step = start_step
+    while step < t.total_steps:
+      fetch_start = time.perf_counter()
+      batch = next(data.train_iter)
+      window.data_wait += time.perf_counter() - fetch_start
+      state, metrics = train_step(state, batch)
+      window.metrics.append(metrics)
+      step += 1
+
+      if step % t.log_steps == 0 or step == t.total_steps:
+        scalars = window.summary(config, peak)
+        now = time.perf_counter()
+        progress.train_seconds += now - window.started
+        window.reset(now)
+        writer.write_scalars(step, scalars)
+        eta = (t.total_steps - step) / scalars["perf/steps_per_s"]
+        mfu = f" | MFU {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else ""
+        log.info("step %d/%d | loss %.4f | ce %.4f | ppl %.2f | lr %.2e | gnorm %.3f | %.2f steps/s | "
+                 "%.0f tok/s%s | ETA %s", step, t.total_steps, scalars["train/loss"], scalars["train/ce"],
+                 scalars["train/perplexity"], scalars["train/lr"], scalars["train/grad_norm"],
+                 scalars["perf/steps_per_s"], scalars["perf/tokens_per_s"], mfu, _duration(eta))
+        counters = jax.device_get({"peak": state.nonfinite_peak, "total": state.nonfinite_total})
+        if scalars["train/nonfinite_steps"]:
+          log.warning("%d non-finite step(s) skipped in the last %d (parameters and optimizer state kept); "
+                      "%d in total", scalars["train/nonfinite_steps"], t.log_steps, counters["total"])
+        if counters["peak"] >= t.max_consecutive_nonfinite:
+          log.error("stopping: %d consecutive steps had a non-finite loss or gradient "
+                    "(training.max_consecutive_nonfinite=%d); the last good checkpoint is step %s in %s",
+                    counters["peak"], t.max_consecutive_nonfinite, checkpointer.steps()[-1] if checkpointer.steps()
+                    else "none", checkpointer.directory)
+          exit_code, stop_reason = EXIT_NONFINITE, "non-finite"
+          break
+
+      val_loss = None
+      if step % t.eval_steps == 0 or step == t.total_steps:
+        scores = evaluate(eval_step, state.params, data.eval_batches)
+        val_loss = scores["loss"]
+        improved = val_loss < progress.best_val_loss
+        progress.best_val_loss = min(progress.best_val_loss, val_loss)
+        writer.write_scalars(step, {f"val/{k}": v for k, v in scores.items()} | {"val/unigram_perplexity":
+                                                                                 data.unigram_perplexity})
+        last_eval = (step, scores["perplexity"])
+        log.info("eval step %d | val loss %.4f | val ce %.4f | val ppl %.2f (unigram %.2f)%s", step, val_loss,
+                 scores["ce"], scores["perplexity"], data.unigram_perplexity, " | new best" if improved else "")
+        plots.plot_loss_curves(read_jsonl(metrics_path), plot_path, unigram_perplexity=data.unigram_perplexity)
+        if improved and step % t.save_steps:
+          save(step, val_loss)  # keeps the best model on disk even between regular saves
+          last_saved_step, last_save_time = step, time.perf_counter()
+
+      if step % t.sample_steps == 0 or step == t.total_steps:
+        text = write_samples(config, graphdef, state.params, data.tokenizer, workdir, step)
+        writer.write_texts(step, {"samples": text.replace("\n", "  \n")})
+
+      out_of_time = t.max_train_minutes > 0 and time.perf_counter() - run_start >= 60 * t.max_train_minutes
+      due = (step % t.save_steps == 0 or step == t.total_steps or preemption.requested or out_of_time
+             or time.perf_counter() - last_save_time >= 60 * t.save_interval_minutes)
+      if due and step != last_saved_step:
+        save(step, val_loss)
+        last_saved_step, last_save_time = step, time.perf_counter()
+      if preemption.requested:
+        stop_reason = f"{preemption.signal_name}"
+        break
+      if out_of_time:
+        stop_reason = f"training.max_train_minutes={t.max_train_minutes} reached"
+        break
+
+    writer.flush()
+    checkpointer.close()
+  writer.close()
+  kept = checkpointer.steps()
+  plots.plot_loss_curves(read_jsonl(metrics_path), plot_path, unigram_perplexity=data.unigram_perplexity)
+  log.info("stopped at step %d (%s); checkpoints %s in %s; loss curves %s", step, stop_reason,
+           kept, checkpointer.directory, plot_path)
+  if last_eval is not None:
+    log.info("validation perplexity %.2f at step %d; unigram perplexity %.2f", last_eval[1], last_eval[0],
+             data.unigram_perplexity)
+  return exit_code
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
