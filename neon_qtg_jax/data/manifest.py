@@ -39,19 +39,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def data_settings(config) -> dict[str, Any]:
-  """The config values a prepared directory depends on; a rerun with other values is refused."""
+  """The config fields a prepared directory depends on (by field name); other values are refused."""
   d = config.data
   return {
       "format_version": FORMAT_VERSION,
-      "source": d.source,
-      "paths": d.paths if d.source != "stdlib" else "",
-      "text_field": d.text_field if d.source == "jsonl" else "",
-      "text_split": d.text_split if d.source == "text" else "",
-      "val_fraction": float(d.val_fraction),
-      "max_documents": int(d.max_documents),
-      "vocab_size": int(config.model.vocab_size),
-      "tokenizer_model_type": d.tokenizer_model_type,
-      "tokenizer_sample_sentences": int(d.tokenizer_sample_sentences),
+      "data.source": d.source,
+      "data.paths": d.paths if d.source != "stdlib" else "",
+      "data.text_field": d.text_field if d.source == "jsonl" else "",
+      "data.text_split": d.text_split if d.source == "text" else "",
+      "data.val_fraction": float(d.val_fraction),
+      "data.max_documents": int(d.max_documents),
+      "model.vocab_size": int(config.model.vocab_size),
+      "data.tokenizer_model_type": d.tokenizer_model_type,
+      "data.tokenizer_sample_sentences": int(d.tokenizer_sample_sentences),
   }
 
 

@@ -162,7 +162,7 @@ def _ensure_settings(data_dir: str, settings: dict) -> None:
       old = json.load(f)
     changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
     if changed:
-      fields = ", ".join(f"{k}: prepared with {a!r}, config has {b!r}" for k, (a, b) in changed.items())
+      fields = "; ".join(f"config field '{k}' = {b!r}, prepared with {a!r}" for k, (a, b) in changed.items())
       raise DataError(f"{data_dir} was prepared with other data settings ({fields}); "
                       f"set config.data.data_dir to a new directory or delete this one")
     return

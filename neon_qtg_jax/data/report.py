@@ -48,7 +48,7 @@ def build_report(manifest: Manifest, tokenizer: Tokenizer) -> dict[str, Any]:
   total = max(int(counts.sum()), 1)
   return {
       "data_dir": manifest.data_dir,
-      "source": manifest.settings["source"],
+      "source": manifest.settings["data.source"],
       "documents": {**manifest.documents, "total": int(len(stats["hash"]))},
       "tokens": {**manifest.tokens, "total": int(counts.sum()), "eos_separators": eos},
       "text_bytes": int(stats["num_bytes"].sum()),
@@ -116,7 +116,7 @@ def write_report(manifest: Manifest, *, progress: bool = True) -> dict[str, Any]
     json.dump(report, f, indent=2)
   with np.load(os.path.join(manifest.data_dir, "documents.npz")) as z:
     plot_lengths(z["num_tokens"], os.path.join(manifest.data_dir, "lengths.png"),
-                 f"{manifest.settings['source']}: {len(z['num_tokens']):,} documents")
+                 f"{manifest.settings['data.source']}: {len(z['num_tokens']):,} documents")
   if progress:
     print(format_report(report), file=sys.stderr, flush=True)
   return report

@@ -1,0 +1,230 @@
+"""Preparation: exact token streams, deterministic hash split, idempotent reruns, resume, bad input, report."""
+
+import io
+import json
+import os
+import pathlib
+import random
+import tarfile
+
+import numpy as np
+import pytest
+
+from neon_qtg_jax.config import default_config, validate
+from neon_qtg_jax.data import prepare, sources
+from neon_qtg_jax.data.manifest import Manifest
+from neon_qtg_jax.data.prepare import document_hash, prepare_dataset, validation_mask
+from neon_qtg_jax.data.sources import DataError
+from neon_qtg_jax.data.tokenizer import Tokenizer
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu naïve café".split()
+
+
+def write_corpus(root, num_docs: int = 60, seed: int = 0) -> list[str]:
+  """num_docs text files doc_NNN.txt; returns their texts in file order."""
+  rng = random.Random(seed)
+  os.makedirs(root, exist_ok=True)
+  texts = []
+  for i in range(num_docs):
+    lines = ["\t" * rng.randint(0, 2) + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+             for _ in range(rng.randint(1, 6))]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(root, f"doc_{i:03d}.txt"), "w", encoding="utf-8") as f:
+      f.write(text)
+    texts.append(text)
+  return texts
+
+
+def make_config(tmp_path, paths, source="text", **data):
+  c = default_config()
+  c.model.vocab_size = 400
+  c.data.source = source
+  c.data.paths = str(paths)
+  c.data.data_dir = str(tmp_path / "data")
+  c.data.val_fraction = 0.25
+  c.data.tokenizer_sample_sentences = 2000
+  c.data.max_length = 16
+  c.data.stride = 8
+  for k, v in data.items():
+    c.data[k] = v
+  return validate(c)
+
+
+def documents_of(tokens: np.ndarray, eos: int) -> list[list[int]]:
+  ends = np.flatnonzero(tokens == eos)
+  starts = np.concatenate([[0], ends[:-1] + 1])
+  return [tokens[s:e].tolist() for s, e in zip(starts, ends)]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("prep")
+  texts = write_corpus(tmp_path / "corpus")
+  config = make_config(tmp_path, tmp_path / "corpus")
+  return config, texts, prepare_dataset(config, progress=False, num_processes=1)
+
+
+def test_splits_hold_every_document_exactly_once(prepared):
+  config, texts, manifest = prepared
+  tok = Tokenizer.load(config.data.data_dir)
+  val = validation_mask(np.array([document_hash(t) for t in texts], dtype=np.uint64), 0.25)
+  for split, mask in (("train", ~val), ("val", val)):
+    tokens = np.asarray(manifest.split_tokens(split))
+    assert tokens[-1] == tok.eos_id
+    decoded = [tok.decode(doc) for doc in documents_of(tokens, tok.eos_id)]
+    assert decoded == [t for t, m in zip(texts, mask) if m]
+    assert manifest.documents[split] == int(mask.sum())
+  assert 0 < manifest.documents["val"] < manifest.documents["train"]
+
+
+def test_manifest_records_sources_counts_and_tokenizer(prepared):
+  config, texts, manifest = prepared
+  loaded = Manifest.load(config.data.data_dir)
+  assert loaded == manifest
+  assert len(loaded.files) == len(texts) and loaded.files == sorted(loaded.files)
+  assert loaded.tokenizer["sha256"] == Tokenizer.load(config.data.data_dir).sha256
+  assert loaded.dtype == "uint16"
+  assert sum(loaded.text_bytes.values()) == sum(len(t.encode()) for t in texts)
+  assert loaded.settings["data.val_fraction"] == 0.25
+
+
+def test_rerun_returns_without_work(prepared):
+  config, _, manifest = prepared
+  paths = [os.path.join(config.data.data_dir, f) for f in ("train.bin", "val.bin", "manifest.json")]
+  before = [os.stat(p).st_mtime_ns for p in paths]
+  assert prepare_dataset(config, progress=False) == manifest
+  assert [os.stat(p).st_mtime_ns for p in paths] == before
+
+
+def test_split_does_not_depend_on_chunking_or_workers(tmp_path, monkeypatch, prepared):
+  config, _, manifest = prepared
+  monkeypatch.setattr(prepare, "CHUNK_BYTES", 500)   # many small shards
+  other = make_config(tmp_path, config.data.paths)
+  for name in ("tokenizer.model", "tokenizer.json"):  # same tokenizer, so the token streams are comparable
+    os.makedirs(other.data.data_dir, exist_ok=True)
+    with open(os.path.join(config.data.data_dir, name), "rb") as f:
+      (tmp_path / "data" / name).write_bytes(f.read())
+  second = prepare_dataset(other, progress=False, num_processes=2)
+  assert second.num_shards > manifest.num_shards
+  for split in ("train", "val"):
+    assert np.array_equal(second.split_tokens(split), manifest.split_tokens(split))
+
+
+def test_duplicates_land_in_the_same_split():
+  hashes = np.array([document_hash("same text"), document_hash("same text"), document_hash("other")],
+                    dtype=np.uint64)
+  mask = validation_mask(hashes, 0.5)
+  assert mask[0] == mask[1]
+  fractions = validation_mask(np.array([document_hash(str(i)) for i in range(4000)], dtype=np.uint64), 0.1)
+  assert 0.08 < fractions.mean() < 0.12
+
+
+def test_interrupted_run_resumes_from_finished_shards(tmp_path, monkeypatch):
+  monkeypatch.setattr(prepare, "CHUNK_BYTES", 400)
+  write_corpus(tmp_path / "corpus", num_docs=40, seed=3)
+  config = make_config(tmp_path, tmp_path / "corpus")
+  full = prepare_dataset(config, progress=False, num_processes=1)
+  reference = {s: np.array(full.split_tokens(s)) for s in ("train", "val")}
+  data_dir = config.data.data_dir
+  shard_dir = os.path.join(data_dir, "shards")
+  assert full.num_shards >= 4
+  # What an interruption after shard 2 leaves: finished shards 0-2 (meta written last), no splits or manifest.
+  for name in ("manifest.json", "train.bin", "val.bin", "documents.npz"):
+    os.remove(os.path.join(data_dir, name))
+  for index in range(3, full.num_shards):
+    os.remove(os.path.join(shard_dir, f"{index:06d}.meta.npz"))
+  os.remove(os.path.join(shard_dir, f"{full.num_shards - 1:06d}.train.bin"))
+  kept = {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in sorted(os.listdir(shard_dir))
+          if f[:6] in ("000000", "000001", "000002")}
+  resumed = prepare_dataset(config, progress=False, num_processes=1)
+  assert {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in kept} == kept
+  assert os.path.exists(os.path.join(shard_dir, f"{full.num_shards - 1:06d}.meta.npz"))
+  for split in ("train", "val"):
+    assert np.array_equal(resumed.split_tokens(split), reference[split])
+  assert resumed.documents == full.documents
+
+
+def test_changed_settings_are_refused_naming_the_field(prepared):
+  config, _, _ = prepared
+  changed = make_config(pathlib.Path(config.data.data_dir).parent, config.data.paths, val_fraction=0.5)
+  with pytest.raises(DataError, match=r"data\.val_fraction"):
+    prepare_dataset(changed, progress=False)
+
+
+def test_max_documents_caps_the_corpus(tmp_path):
+  write_corpus(tmp_path / "corpus", num_docs=30)
+  manifest = prepare_dataset(make_config(tmp_path, tmp_path / "corpus", max_documents=7), progress=False,
+                             num_processes=1)
+  assert sum(manifest.documents.values()) == 7
+
+
+def test_bad_input_is_counted_in_manifest_and_report(tmp_path):
+  path = tmp_path / "train.jsonl"
+  good = [json.dumps({"text": f"record {i} " + " ".join(WORDS[i % 7:])}) for i in range(40)]
+  bad = ['{"text": "broken', '{"other": 1}', '{"text": ""}', json.dumps({"text": "record 0 " + " ".join(WORDS)})]
+  path.write_bytes(("\n".join(good + bad)).encode() + b'\n{"text": "bytes \xfe"}\n')
+  config = make_config(tmp_path, f"{path},{tmp_path / 'missing.jsonl'}", source="jsonl")
+  manifest = prepare_dataset(config, progress=False, num_processes=1)
+  assert manifest.issues["counts"] == {sources.MALFORMED_JSON: 1, sources.MISSING_FIELD: 1,
+                                       sources.EMPTY_DOCUMENT: 1, sources.NON_UTF8: 1, sources.MISSING_FILE: 1}
+  assert manifest.issues["examples"][sources.MALFORMED_JSON][0].startswith(f"{path}:41")
+  assert sum(manifest.documents.values()) == 42
+  with open(os.path.join(config.data.data_dir, "report.json")) as f:
+    report = json.load(f)
+  assert report["documents"]["total"] == 42
+  assert report["empty_documents_skipped"] == 1
+  assert report["duplicate_documents"] == 1     # the last JSON record repeats record 0
+  assert report["bad_input"]["counts"] == manifest.issues["counts"]
+  assert report["tokens_per_document"]["p50"] > 0 and report["bytes_per_token"] > 1
+  assert 0 <= report["byte_fallback_rate"] < 0.1
+  assert os.path.getsize(os.path.join(config.data.data_dir, "lengths.png")) > 1000
+
+
+def test_report_counts_duplicates(tmp_path):
+  corpus = tmp_path / "corpus"
+  texts = write_corpus(corpus, num_docs=20)
+  for i in range(3):
+    (corpus / f"zz_copy_{i}.txt").write_text(texts[i], encoding="utf-8")
+  config = make_config(tmp_path, corpus)
+  prepare_dataset(config, progress=False, num_processes=1)
+  with open(os.path.join(config.data.data_dir, "report.json")) as f:
+    assert json.load(f)["duplicate_documents"] == 3
+
+
+def test_nothing_usable_is_a_clear_error(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"text": "unterminated\n{"no_text": 1}\n')
+  with pytest.raises(DataError, match="no usable documents") as err:
+    prepare_dataset(make_config(tmp_path, path, source="jsonl"), progress=False, num_processes=1)
+  assert "malformed_json: 1" in str(err.value) and "missing_field: 1" in str(err.value)
+  with pytest.raises(DataError, match="no input files"):
+    prepare_dataset(make_config(tmp_path / "x", tmp_path / "nowhere.jsonl", source="jsonl"), progress=False)
+
+
+def _xz_member(texts):
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+    for i, text in enumerate(texts):
+      data = text.encode()
+      info = tarfile.TarInfo(f"{i:07d}-x.txt")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return buf.getvalue()
+
+
+def test_openwebtext_archive_prepares_in_workers(tmp_path):
+  rng = random.Random(1)
+  members = [[" ".join(rng.choice(WORDS) for _ in range(30)) + "\n\n\n\nend" for _ in range(15)] for _ in range(3)]
+  (tmp_path / "subsets").mkdir()
+  with tarfile.open(tmp_path / "subsets" / "urlsf_subset00.tar", "w") as tar:
+    for m, texts in enumerate(members):
+      blob = _xz_member(texts)
+      info = tarfile.TarInfo(f"openwebtext/urlsf_subset00-{m}_data.xz")
+      info.size = len(blob)
+      tar.addfile(info, io.BytesIO(blob))
+  config = make_config(tmp_path, tmp_path / "subsets" / "*.tar", source="openwebtext")
+  manifest = prepare_dataset(config, progress=False, num_processes=2)
+  assert manifest.num_shards == 3 and sum(manifest.documents.values()) == 45
+  tok = Tokenizer.load(config.data.data_dir)
+  docs = documents_of(np.asarray(manifest.split_tokens("train")), tok.eos_id)
+  assert all(tok.decode(d).endswith("\n\nend") for d in docs)
