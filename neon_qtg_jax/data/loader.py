@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from absl import flags
 import grain
 import grain.python as pygrain
 import numpy as np
@@ -114,6 +115,8 @@ def make_train_iterator(config, *, shard_index: int | None = None,
   if len(source) < shard_count:
     raise DataError(f"{source.path}: {source.num_tokens} tokens make {len(source)} training windows of "
                     f"data.max_length={config.data.max_length}; too few for {shard_count} process(es)")
+  if config.data.num_workers > 0 and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags; outside launch.py nobody parsed them
   shard_options = pygrain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
   sampler = pygrain.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=True,
                                  num_epochs=None, seed=config.data.shuffle_seed)
