@@ -10,9 +10,10 @@ log-sum-exp; the backward pass recomputes each tile. Only one (B, H, block_q, bl
 tile of the L x L matrix is alive at a time, key blocks above the diagonal are skipped,
 and the x tile is float32 whatever the operand dtype (bf16 allowed).
 
-Layout: q, k, v are (B, L, H, hd) as for the references in geo_attention.py; internally
-(B, H, L, hd), padded to whole blocks (padded keys lie above the diagonal of every real
-query, so causality masks them).
+Layout: q, k, v are (B, L, H, hd) as for the references in geo_attention.py, kept so (no
+transposed copies), zero-padded to whole blocks (padded keys lie above the diagonal of
+every real query, so causality masks them). Outputs and gradients are written block by
+block in place.
 """
 
 from __future__ import annotations
@@ -66,30 +67,35 @@ def first_query_block(k_block: jax.Array, block_q: int, block_k: int) -> jax.Arr
   return jax.lax.div(jnp.asarray(k_block * block_k, jnp.int32), jnp.int32(block_q))
 
 
-def _slice(x: jax.Array, block: jax.Array, size: int) -> jax.Array:
-  return jax.lax.dynamic_slice_in_dim(x, block * size, size, axis=2)
+def _rows(x: jax.Array, block: jax.Array, size: int, axis: int = 1) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x, block * size, size, axis=axis)
+
+
+def _put_rows(x: jax.Array, update: jax.Array, block: jax.Array, size: int, axis: int = 1) -> jax.Array:
+  return jax.lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), block * size, axis=axis)
 
 
 def _forward(a: jax.Array, b: jax.Array, v: jax.Array, gamma: jax.Array, transform: str,
              block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
-  """a (B, H, Lq, hd), b and v (B, H, Lk, hd), Lq and Lk whole blocks -> (out like a in v's dtype, lse (B, H, Lq))."""
-  batch, heads, len_q, head_dim = a.shape
-  num_q, num_k = len_q // block_q, b.shape[2] // block_k
+  """a (B, Lq, H, hd), b and v (B, Lk, H, hd), Lq and Lk whole blocks -> (out like a in v's dtype, lse (B, H, Lq))."""
+  batch, len_q, heads, head_dim = a.shape
+  num_q, num_k = len_q // block_q, b.shape[1] // block_k
   g = gamma.astype(jnp.float32)[:, None, None]
 
-  def query_block(i):
-    a_i = _slice(a, i, block_q)
+  def query_block(i, carry):
+    out, lse = carry
+    a_i = _rows(a, i, block_q)
 
-    def key_step(j, carry):
-      acc, row_max, row_sum = carry
-      x = jnp.einsum("bhqd,bhkd->bhqk", a_i, _slice(b, j, block_k), preferred_element_type=jnp.float32)
+    def key_step(j, inner):
+      acc, row_max, row_sum = inner
+      x = jnp.einsum("bqhd,bkhd->bhqk", a_i, _rows(b, j, block_k), preferred_element_type=jnp.float32)
       mask = causal_block_mask(i * block_q, j * block_k, block_q, block_k)
       s = jnp.where(mask, tile_logits(x, g, transform), MASK_VALUE)
       new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
       p = jnp.exp(s - new_max[..., None])
       rescale = jnp.exp(row_max - new_max)
       row_sum = rescale * row_sum + jnp.sum(p, axis=-1)
-      pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _slice(v, j, block_k),
+      pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), _rows(v, j, block_k),
                       preferred_element_type=jnp.float32)
       return rescale[..., None] * acc + pv, new_max, row_sum
 
@@ -97,54 +103,53 @@ def _forward(a: jax.Array, b: jax.Array, v: jax.Array, gamma: jax.Array, transfo
             jnp.full((batch, heads, block_q), MASK_VALUE, jnp.float32),
             jnp.zeros((batch, heads, block_q), jnp.float32))
     acc, row_max, row_sum = jax.lax.fori_loop(0, key_blocks_up_to(i, block_q, block_k, num_k), key_step, init)
-    return (acc / row_sum[..., None]).astype(v.dtype), row_max + jnp.log(row_sum)
+    out = _put_rows(out, jnp.swapaxes(acc / row_sum[..., None], 1, 2), i, block_q)
+    return out, _put_rows(lse, row_max + jnp.log(row_sum), i, block_q, axis=2)
 
-  out, lse = jax.lax.map(query_block, jnp.arange(num_q))  # (nq, B, H, bq, hd), (nq, B, H, bq)
-  out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, len_q, head_dim)
-  lse = jnp.moveaxis(lse, 0, 2).reshape(batch, heads, len_q)
-  return out, lse
+  init = (jnp.zeros(a.shape, v.dtype), jnp.zeros((batch, heads, len_q), jnp.float32))
+  return jax.lax.fori_loop(0, num_q, query_block, init)
 
 
 def _backward(a, b, v, gamma, out, lse, dout, transform, block_q, block_k):
-  """Gradients (da, db, dv, dgamma) from saved (out, lse); loops key blocks outside, query blocks inside."""
-  len_q, len_k = a.shape[2], b.shape[2]
-  num_q, num_k = len_q // block_q, len_k // block_k
-  g = gamma.astype(jnp.float32)[:, None, None]
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B, H, Lq)
+  """Gradients (da, db, dv, dgamma) from saved (out, lse); loops key blocks outside, query blocks inside.
 
-  def key_block(carry, j):
-    da, dgamma = carry
-    b_j, v_j = _slice(b, j, block_k), _slice(v, j, block_k)
+  db and dv of a key block are complete after its inner loop and written in place; da is
+  accumulated over key blocks in float32.
+  """
+  num_q, num_k = a.shape[1] // block_q, b.shape[1] // block_k
+  g = gamma.astype(jnp.float32)[:, None, None]
+  delta = jnp.einsum("bqhd,bqhd->bhq", dout, out, preferred_element_type=jnp.float32)
+
+  def key_block(j, carry):
+    da, db, dv, dgamma = carry
+    b_j, v_j = _rows(b, j, block_k), _rows(v, j, block_k)
 
     def query_step(i, inner):
       db_j, dv_j, da, dgamma = inner
-      a_i, do_i = _slice(a, i, block_q), _slice(dout, i, block_q)
-      lse_i = jax.lax.dynamic_slice_in_dim(lse, i * block_q, block_q, axis=2)
-      delta_i = jax.lax.dynamic_slice_in_dim(delta, i * block_q, block_q, axis=2)
-      x = jnp.einsum("bhqd,bhkd->bhqk", a_i, b_j, preferred_element_type=jnp.float32)
+      a_i, do_i = _rows(a, i, block_q), _rows(dout, i, block_q)
+      lse_i, delta_i = _rows(lse, i, block_q, axis=2), _rows(delta, i, block_q, axis=2)
+      x = jnp.einsum("bqhd,bkhd->bhqk", a_i, b_j, preferred_element_type=jnp.float32)
       s, ds_dx, ds_dgamma = tile_logits_and_slopes(x, g, transform)
       mask = causal_block_mask(i * block_q, j * block_k, block_q, block_k)
       p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-      dv_j = dv_j + jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), do_i, preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v_j, preferred_element_type=jnp.float32)
+      dv_j = dv_j + jnp.einsum("bhqk,bqhd->bkhd", p.astype(v.dtype), do_i, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bqhd,bkhd->bhqk", do_i, v_j, preferred_element_type=jnp.float32)
       ds = p * (dp - delta_i[..., None])
       dx = (ds * ds_dx).astype(a.dtype)
-      da_i = jnp.einsum("bhqk,bhkd->bhqd", dx, b_j, preferred_element_type=jnp.float32)
-      da = jax.lax.dynamic_update_slice_in_dim(da, _slice(da, i, block_q) + da_i, i * block_q, axis=2)
-      db_j = db_j + jnp.einsum("bhqk,bhqd->bhkd", dx, a_i, preferred_element_type=jnp.float32)
-      dgamma = dgamma + jnp.sum(ds * ds_dgamma, axis=(0, 2, 3))
-      return db_j, dv_j, da, dgamma
+      da_i = jnp.einsum("bhqk,bkhd->bqhd", dx, b_j, preferred_element_type=jnp.float32)
+      da = _put_rows(da, _rows(da, i, block_q) + da_i, i, block_q)
+      db_j = db_j + jnp.einsum("bhqk,bqhd->bkhd", dx, a_i, preferred_element_type=jnp.float32)
+      return db_j, dv_j, da, dgamma + jnp.sum(ds * ds_dgamma, axis=(0, 2, 3))
 
-    zeros_k = jnp.zeros(b_j.shape, jnp.float32)
+    zeros = jnp.zeros(b_j.shape, jnp.float32)
     db_j, dv_j, da, dgamma = jax.lax.fori_loop(first_query_block(j, block_q, block_k), num_q, query_step,
-                                               (zeros_k, zeros_k, da, dgamma))
-    return (da, dgamma), (db_j, dv_j)
+                                               (zeros, zeros, da, dgamma))
+    return da, _put_rows(db, db_j, j, block_k), _put_rows(dv, dv_j, j, block_k), dgamma
 
-  init = (jnp.zeros(a.shape, jnp.float32), jnp.zeros(gamma.shape, jnp.float32))
-  (da, dgamma), (db, dv) = jax.lax.scan(key_block, init, jnp.arange(num_k))
-  def unblock(x):  # (nk, B, H, bk, hd) -> (B, H, Lk, hd)
-    return jnp.moveaxis(x, 0, 2).reshape(b.shape)
-  return da.astype(a.dtype), unblock(db).astype(b.dtype), unblock(dv).astype(v.dtype), dgamma.astype(gamma.dtype)
+  init = (jnp.zeros(a.shape, jnp.float32), jnp.zeros(b.shape, b.dtype), jnp.zeros(v.shape, v.dtype),
+          jnp.zeros(gamma.shape, jnp.float32))
+  da, db, dv, dgamma = jax.lax.fori_loop(0, num_k, key_block, init)
+  return da.astype(a.dtype), db, dv, dgamma.astype(gamma.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -166,9 +171,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _pad_to(x: jax.Array, multiple: int) -> jax.Array:
-  """Zero-pads axis 2 of (B, H, L, hd) up to a multiple."""
-  extra = -x.shape[2] % multiple
-  return jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) if extra else x
+  """Zero-pads axis 1 of (B, L, H, hd) up to a multiple."""
+  extra = -x.shape[1] % multiple
+  return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
 
 
 def effective_blocks(length: int, block_q: int, block_k: int) -> tuple[int, int]:
@@ -183,9 +188,8 @@ def causal_attention_blockwise(a: jax.Array, b: jax.Array, v: jax.Array, gamma: 
     raise ValueError(f"transform={transform!r}: must be one of {TRANSFORMS}")
   length = a.shape[1]
   block_q, block_k = effective_blocks(length, block_q, block_k)
-  a, b, v = (jnp.swapaxes(x, 1, 2) for x in (a, b, v))
   out = _flash(_pad_to(a, block_q), _pad_to(b, block_k), _pad_to(v, block_k), gamma, transform, block_q, block_k)
-  return jnp.swapaxes(out[:, :, :length], 1, 2)
+  return out[:, :length]
 
 
 def geo_attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, gamma: jax.Array, *,
