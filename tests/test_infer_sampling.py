@@ -92,3 +92,9 @@ def test_sampled_tokens_stay_inside_the_filtered_set():
   firsts = {generate(model, prompt, sampling_cfg=cfg, max_new_tokens=1, eos_id=None, seed=s)[0][0]
             for s in range(12)}
   assert firsts <= allowed and len(firsts) > 1
+
+
+def test_valid_vocab_keeps_ids_the_tokenizer_can_decode():
+  cfg = SamplingParams(temperature=2.0, top_k=0, top_p=1.0)
+  out = generate(tiny_model(), [[1, 2], [3]], sampling_cfg=cfg, max_new_tokens=20, eos_id=None, seed=0, valid_vocab=5)
+  assert all(0 <= t < 5 for row in out for t in row)

@@ -67,8 +67,11 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
   return jnp.where(top_p_mask(logits, params.top_p), logits, -jnp.inf)
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
-  """logits (B, V) -> token ids (B,) int32."""
+def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, valid_vocab: int | None = None
+                  ) -> jax.Array:
+  """logits (B, V) -> token ids (B,) int32, below valid_vocab when given."""
+  if valid_vocab is not None and valid_vocab < logits.shape[-1]:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, -jnp.inf)
   if params.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, filter_logits(logits, params), axis=-1).astype(jnp.int32)
@@ -81,10 +84,10 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeCache, token
   return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new_tokens", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new_tokens", "eos_id", "valid_vocab"))
 def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeCache, logits: jax.Array,
                  lengths: jax.Array, start: jax.Array, key: jax.Array, *, params: SamplingParams,
-                 max_new_tokens: int, eos_id: int | None) -> jax.Array:
+                 max_new_tokens: int, eos_id: int | None, valid_vocab: int | None) -> jax.Array:
   """Samples up to max_new_tokens per row; returns (B, max_new_tokens) int32, NOT_GENERATED after a stop."""
   model = nnx.merge(graphdef, state)
   batch = logits.shape[0]
@@ -97,7 +100,8 @@ def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeCache, l
 
   def body(carry):
     step, logits, cache, out, done = carry
-    token = jnp.where(done, NOT_GENERATED, sample_tokens(logits, jax.random.fold_in(key, step), params))
+    token = jnp.where(done, NOT_GENERATED, sample_tokens(logits, jax.random.fold_in(key, step), params,
+                                                           valid_vocab))
     out = out.at[:, step].set(token)
     if eos_id is not None:
       done = done | (token == eos_id)
@@ -142,7 +146,7 @@ def _check_prompts(model: QTGModel, prompt_ids: list[list[int]], max_new_tokens:
 
 
 def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any,
-                        max_new_tokens: int, eos_id: int | None, seed: int
+                        max_new_tokens: int, eos_id: int | None, seed: int, valid_vocab: int | None = None
                         ) -> tuple[list[list[int]], GenerationStats]:
   """`generate` plus timings. Blocks on the results, so the times are real."""
   _check_prompts(model, prompt_ids, max_new_tokens)
@@ -158,7 +162,7 @@ def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, samplin
   logits.block_until_ready()
   prefilled = time.perf_counter()
   out = _decode_loop(graphdef, state, cache, logits, lengths, jnp.int32(slots), jax.random.key(seed),
-                     params=params, max_new_tokens=max_new_tokens, eos_id=eos_id)
+                     params=params, max_new_tokens=max_new_tokens, eos_id=eos_id, valid_vocab=valid_vocab)
   out = jax.device_get(out)
   finished = time.perf_counter()
 
@@ -174,12 +178,15 @@ def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, samplin
 
 
 def generate(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any, max_new_tokens: int,
-             eos_id: int | None, seed: int) -> list[list[int]]:
+             eos_id: int | None, seed: int, valid_vocab: int | None = None) -> list[list[int]]:
   """Continues each prompt; returns the new tokens only, cut before the first EOS.
+
+  valid_vocab: pass the tokenizer's vocab_size when it is smaller than the model's, so no id
+  the tokenizer cannot decode is ever sampled.
 
   sampling_cfg: config.sampling (temperature, top_k, top_p; temperature 0 is greedy).
   The same seed, prompts and model give the same tokens. Raises ValueError for an empty
   prompt, an out-of-vocabulary id, or a prompt that with max_new_tokens exceeds max_seq_len.
   """
   return generate_with_stats(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens,
-                             eos_id=eos_id, seed=seed)[0]
+                             eos_id=eos_id, seed=seed, valid_vocab=valid_vocab)[0]

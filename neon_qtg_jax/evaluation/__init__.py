@@ -1,0 +1,1 @@
+"""Perplexity, MMLU, HumanEval and MT-Bench."""

@@ -1,0 +1,93 @@
+"""--mode=generate: continue prompts with a checkpoint, print the text, tokens/s and peak memory.
+
+  launch.py --mode=generate --workdir=runs/x [--checkpoint=best] --prompt="def " [--output=samples.jsonl]
+  launch.py --mode=generate --workdir=runs/x --prompts_file=prompts.txt   # one prompt per line
+
+Without --prompt or --prompts_file the config's sampling.prompts are used. Each prompt is
+encoded after an EOS, the separator the training stream puts before every document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+
+import jax
+
+from neon_qtg_jax.inference.sampling import generate_with_stats
+
+
+def read_prompts(args, sampling_cfg) -> list[str]:
+  """--prompt, else the non-empty lines of --prompts_file (\\n escapes allowed), else sampling.prompts."""
+  if args.prompt:
+    return [args.prompt]
+  if args.prompts_file:
+    if not os.path.exists(args.prompts_file):
+      raise FileNotFoundError(f"--prompts_file={args.prompts_file}: no such file")
+    with open(args.prompts_file, encoding="utf-8") as f:
+      prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    if not prompts:
+      raise ValueError(f"--prompts_file={args.prompts_file}: no non-empty lines")
+    return prompts
+  return list(sampling_cfg.prompts)
+
+
+def encode_prompts(tokenizer, texts: list[str], max_prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
+  """EOS + tokens of each text, keeping the last max_prompt_tokens; returns (ids, tokens cut per prompt)."""
+  ids, cut = [], []
+  for text in texts:
+    tokens = [tokenizer.eos_id] + tokenizer.encode(text)
+    cut.append(max(0, len(tokens) - max_prompt_tokens))
+    ids.append(tokens[-max_prompt_tokens:])
+  return ids, cut
+
+
+def peak_memory() -> dict[str, int | None]:
+  """Peak bytes on the first device where the backend reports it, and the host process's peak RSS."""
+  device_peak = None
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    device_peak = int(stats["peak_bytes_in_use"])
+  host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+  return {"device_peak_bytes": device_peak, "host_peak_rss_bytes": int(host_peak)}
+
+
+def run(config, args) -> int:
+  from neon_qtg_jax.data.tokenizer import Tokenizer
+  from neon_qtg_jax.inference.restore import load_model
+
+  restored = load_model(args.workdir, args.checkpoint, config)
+  tokenizer = Tokenizer.load(restored.run_config.data.data_dir)
+  sampling = config.sampling
+  max_new = min(sampling.max_new_tokens, restored.model.cfg.max_seq_len - 1)
+  texts = read_prompts(args, sampling)
+  prompt_ids, cut = encode_prompts(tokenizer, texts, restored.model.cfg.max_seq_len - max_new)
+  for i, n in enumerate(cut):
+    if n:
+      print(f"note: prompt {i} kept its last {len(prompt_ids[i])} tokens ({n} cut) to leave room for "
+            f"{max_new} new ones within model.max_seq_len={restored.model.cfg.max_seq_len}")
+
+  outputs, stats = generate_with_stats(restored.model, prompt_ids, sampling_cfg=sampling, max_new_tokens=max_new,
+                                       eos_id=tokenizer.eos_id, seed=sampling.seed,
+                                       valid_vocab=tokenizer.vocab_size)
+  records = []
+  for text, new_ids in zip(texts, outputs):
+    completion = tokenizer.decode(new_ids)
+    records.append({"prompt": text, "completion": completion, "new_tokens": len(new_ids)})
+    print(f"--- prompt: {text!r}\n{text}{completion}\n")
+  memory = peak_memory()
+  device_mib = f"{memory['device_peak_bytes'] / 2**20:.1f} MiB" if memory["device_peak_bytes"] else "not reported"
+  print(f"checkpoint step {restored.step}; {len(texts)} prompt(s), {stats.prompt_tokens} prompt tokens, "
+        f"{stats.new_tokens} new tokens")
+  print(f"prefill {stats.prefill_seconds:.2f} s, decode {stats.decode_seconds:.2f} s "
+        f"({stats.decode_tokens_per_second:.1f} tokens/s; first call, compilation included)")
+  print(f"peak memory: device {device_mib}, host RSS {memory['host_peak_rss_bytes'] / 2**20:.1f} MiB")
+  if args.output:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+      for record in records:
+        f.write(json.dumps(record) + "\n")
+    print(f"wrote {args.output}")
+  return 0

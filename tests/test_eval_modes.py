@@ -1,0 +1,88 @@
+"""--mode=eval and --mode=generate end to end: a saved checkpoint, a trained tokenizer, files on disk."""
+
+import dataclasses
+import json
+import math
+
+import optax
+import pytest
+from flax import nnx
+
+from neon_qtg_jax.cli import RunArgs
+from neon_qtg_jax.config import default_config
+from neon_qtg_jax.data.tokenizer import train_tokenizer
+from neon_qtg_jax.evaluation import perplexity
+from neon_qtg_jax.inference import generate as generate_mode
+from neon_qtg_jax.inference.restore import load_model
+from neon_qtg_jax.model import QTGModel
+from neon_qtg_jax.training.checkpointing import Checkpointer
+
+TEXT = [f"def f{i}(x):\n\treturn x * {i} + {i % 7}" for i in range(60)] + \
+       [f"The value {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("run")
+  config = default_config()
+  config.data.data_dir = str(root / "data")
+  tokenizer = train_tokenizer(TEXT, config.data.data_dir, vocab_size=320)
+  config.model.update(dict(vocab_size=384, embed_dim=16, num_layers=1, num_heads=2, max_seq_len=32))
+  config.eval.update(dict(max_length=16, stride=8))
+  config.training.batch_size = 4
+  config.sampling.max_new_tokens = 8
+  model = QTGModel(config.model, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  checkpointer = Checkpointer(str(root / "work"), keep=2)
+  checkpointer.save(3, params=params, opt_state=optax.adam(1e-3).init(params.to_pure_dict()), meta={"step": 3},
+                    config=config, val_loss=1.0)
+  checkpointer.manager.wait_until_finished()
+  checkpointer.manager.close()
+  return root, config, tokenizer, model
+
+
+def test_restore_reads_the_checkpoint_parameters(run_dir):
+  root, config, _, model = run_dir
+  restored = load_model(str(root / "work"), "best", config)
+  assert restored.step == 3
+  for a, b in zip(nnx.state(model, nnx.Param).flat_state(), nnx.state(restored.model, nnx.Param).flat_state()):
+    assert a[0] == b[0] and (a[1][...] == b[1][...]).all()
+
+
+def test_eval_mode_scores_a_jsonl_file_and_counts_bad_lines(run_dir, capsys):
+  root, config, tokenizer, _ = run_dir
+  data = root / "eval.jsonl"
+  docs = ["def g(x):\n\treturn x", "The value 3 is odd."]
+  data.write_text(json.dumps({"text": docs[0]}) + "\n{not json\n" + json.dumps({"text": docs[1]}) + "\n")
+  output = root / "ppl.json"
+  args = RunArgs(workdir=str(root / "work"), eval_data=str(data), output=str(output))
+  assert perplexity.run(config, args) == 0
+  result = json.loads(output.read_text())
+  expected_tokens = sum(len(tokenizer.encode(d)) + 1 for d in docs)  # each document and its EOS
+  assert result["tokens"] == expected_tokens
+  assert result["bytes"] == sum(len(d.encode()) for d in docs)
+  assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+  assert result["bad_input"]["counts"] == {"malformed_json": 1}
+  assert result["checkpoint_step"] == 3
+  assert "perplexity" in capsys.readouterr().out
+
+
+def test_generate_mode_prints_text_speed_and_memory(run_dir, capsys):
+  root, config, _, _ = run_dir
+  prompts = root / "prompts.txt"
+  prompts.write_text("def \n\nThe value\n")
+  output = root / "samples.jsonl"
+  args = RunArgs(workdir=str(root / "work"), prompts_file=str(prompts), output=str(output))
+  assert generate_mode.run(config, args) == 0
+  out = capsys.readouterr().out
+  assert "tokens/s" in out and "peak memory" in out
+  records = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [r["prompt"] for r in records] == ["def ", "The value"]
+  assert all(0 <= r["new_tokens"] <= 8 for r in records)
+
+
+def test_generate_mode_names_a_missing_prompts_file(run_dir):
+  root, config, _, _ = run_dir
+  args = dataclasses.replace(RunArgs(workdir=str(root / "work")), prompts_file=str(root / "nope.txt"))
+  with pytest.raises(FileNotFoundError, match="nope.txt"):
+    generate_mode.run(config, args)
