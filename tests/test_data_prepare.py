@@ -100,10 +100,7 @@ def test_split_does_not_depend_on_chunking_or_workers(tmp_path, monkeypatch, pre
   config, _, manifest = prepared
   monkeypatch.setattr(prepare, "CHUNK_BYTES", 500)   # many small shards
   other = make_config(tmp_path, config.data.paths)
-  for name in ("tokenizer.model", "tokenizer.json"):  # same tokenizer, so the token streams are comparable
-    os.makedirs(other.data.data_dir, exist_ok=True)
-    with open(os.path.join(config.data.data_dir, name), "rb") as f:
-      (tmp_path / "data" / name).write_bytes(f.read())
+  copy_tokenizer(config.data.data_dir, other.data.data_dir)  # same tokenizer: comparable token streams
   second = prepare_dataset(other, progress=False, num_processes=2)
   assert second.num_shards > manifest.num_shards
   for split in ("train", "val"):
@@ -119,29 +116,53 @@ def test_duplicates_land_in_the_same_split():
   assert 0.08 < fractions.mean() < 0.12
 
 
+class Interrupted(Exception):
+  pass
+
+
+def copy_tokenizer(src_dir, dst_dir):
+  os.makedirs(dst_dir, exist_ok=True)
+  for name in ("tokenizer.model", "tokenizer.json"):
+    with open(os.path.join(src_dir, name), "rb") as f:
+      data = f.read()
+    with open(os.path.join(dst_dir, name), "wb") as f:
+      f.write(data)
+
+
 def test_interrupted_run_resumes_from_finished_shards(tmp_path, monkeypatch):
   monkeypatch.setattr(prepare, "CHUNK_BYTES", 400)
   write_corpus(tmp_path / "corpus", num_docs=40, seed=3)
+  reference_config = make_config(tmp_path / "ref", tmp_path / "corpus")
+  reference = prepare_dataset(reference_config, progress=False, num_processes=1)
+  assert reference.num_shards >= 5
+  assert not os.path.exists(os.path.join(reference_config.data.data_dir, "shards", "000000.train.bin"))
+
   config = make_config(tmp_path, tmp_path / "corpus")
-  full = prepare_dataset(config, progress=False, num_processes=1)
-  reference = {s: np.array(full.split_tokens(s)) for s in ("train", "val")}
-  data_dir = config.data.data_dir
-  shard_dir = os.path.join(data_dir, "shards")
-  assert full.num_shards >= 4
-  # What an interruption after shard 2 leaves: finished shards 0-2 (meta written last), no splits or manifest.
-  for name in ("manifest.json", "train.bin", "val.bin", "documents.npz"):
-    os.remove(os.path.join(data_dir, name))
-  for index in range(3, full.num_shards):
-    os.remove(os.path.join(shard_dir, f"{index:06d}.meta.npz"))
-  os.remove(os.path.join(shard_dir, f"{full.num_shards - 1:06d}.train.bin"))
-  kept = {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in sorted(os.listdir(shard_dir))
-          if f[:6] in ("000000", "000001", "000002")}
+  copy_tokenizer(reference_config.data.data_dir, config.data.data_dir)
+  write_shard = prepare._write_shard
+
+  def write_then_stop(shard_dir, index, *args):
+    write_shard(shard_dir, index, *args)
+    if index == 2:
+      raise Interrupted
+
+  monkeypatch.setattr(prepare, "_write_shard", write_then_stop)
+  with pytest.raises(Interrupted):
+    prepare_dataset(config, progress=False, num_processes=1)
+  shard_dir = os.path.join(config.data.data_dir, "shards")
+  finished = {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in os.listdir(shard_dir)}
+  assert sorted(finished) == [f"{i:06d}.{kind}" for i in range(3) for kind in ("meta.npz", "train.bin", "val.bin")]
+  assert not os.path.exists(os.path.join(config.data.data_dir, "manifest.json"))
+
+  written = []
+  monkeypatch.setattr(prepare, "_write_shard", lambda d, index, *a: (written.append(index), write_shard(d, index, *a)))
   resumed = prepare_dataset(config, progress=False, num_processes=1)
-  assert {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in kept} == kept
-  assert os.path.exists(os.path.join(shard_dir, f"{full.num_shards - 1:06d}.meta.npz"))
+  assert written == list(range(3, reference.num_shards))   # finished shards are not redone
+  assert {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in finished if f.endswith("meta.npz")} == \
+      {f: t for f, t in finished.items() if f.endswith("meta.npz")}
   for split in ("train", "val"):
-    assert np.array_equal(resumed.split_tokens(split), reference[split])
-  assert resumed.documents == full.documents
+    assert np.array_equal(resumed.split_tokens(split), reference.split_tokens(split))
+  assert resumed.documents == reference.documents
 
 
 def test_changed_settings_are_refused_naming_the_field(prepared):

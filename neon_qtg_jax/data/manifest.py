@@ -3,7 +3,8 @@
 Layout of data_dir:
   tokenizer.model, tokenizer.json   SentencePiece model and its special ids / sha256
   settings.json                     the data settings the directory was prepared with
-  shards/NNNNNN.{train,val}.bin     token shards, one per unit of work (resume granularity)
+  shards/NNNNNN.{train,val}.bin     token shards, one per unit of work (resume granularity);
+                                    deleted once the splits and the manifest are written
   shards/NNNNNN.meta.npz            per-document statistics of a shard; written last = shard done
   train.bin, val.bin                each split's tokens as one flat array (EOS after every document)
   documents.npz                     per-document statistics of the whole corpus (for the report)
@@ -103,5 +104,5 @@ class Manifest:
       size = os.path.getsize(split_path) if os.path.exists(split_path) else -1
       if size != expected:
         raise DataError(f"{split_path}: {size} bytes, manifest says {expected}; the directory is damaged, "
-                        f"delete {MANIFEST_FILE} to rebuild the splits from the shards")
+                        f"prepare again into an empty data.data_dir")
     return manifest

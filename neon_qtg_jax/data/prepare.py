@@ -136,12 +136,18 @@ def _write_shard(shard_dir: str, index: int, where: str, split_tokens: dict, sta
   os.replace(paths["meta"] + ".tmp", paths["meta"])  # last: marks the shard done
 
 
-def _read_shard_meta(shard_dir: str, index: int) -> dict | None:
-  path = _shard_paths(shard_dir, index)["meta"]
-  if not os.path.exists(path):
+def _read_shard_meta(shard_dir: str, index: int, dtype: np.dtype) -> dict | None:
+  """A finished shard's statistics, or None when its meta or a token file is missing or short."""
+  paths = _shard_paths(shard_dir, index)
+  if not os.path.exists(paths["meta"]):
     return None
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
+  with np.load(paths["meta"]) as z:
+    meta = {k: z[k] for k in z.files}
+  for split, mask in (("train", ~meta["is_val"]), ("val", meta["is_val"])):
+    expected = int((meta["num_tokens"][mask] + 1).sum()) * dtype.itemsize
+    if not os.path.exists(paths[split]) or os.path.getsize(paths[split]) != expected:
+      return None
+  return meta
 
 
 def _truncate(split_tokens: dict, stats: dict, keep: int, eos_id: int) -> tuple[dict, dict]:
@@ -228,7 +234,7 @@ def prepare_dataset(config, *, progress: bool = True, num_processes: int | None 
   num_shards = _tokenize_to_shards(
       config, files, tokenizer, shard_dir, dtype, issues, progress, num_processes or _num_processes())
 
-  _merge_splits(data_dir, shard_dir, num_shards)
+  _merge_splits(data_dir, shard_dir, num_shards, dtype)
   stats = _load_document_stats(data_dir)
   documents = {s: int((stats["is_val"] == (s == "val")).sum()) for s in SPLITS}
   if sum(documents.values()) == 0:
@@ -243,6 +249,7 @@ def prepare_dataset(config, *, progress: bool = True, num_processes: int | None 
   from neon_qtg_jax.data.report import write_report
   write_report(manifest, progress=progress)
   manifest.save()   # last: the directory is complete
+  _remove_shard_tokens(shard_dir, num_shards)
   _log(progress, f"prepared {data_dir}: documents {documents}, tokens {tokens}, {num_shards} shard(s)\n"
                  f"{issues.summary()}")
   return manifest
@@ -291,7 +298,7 @@ def _tokenize_to_shards(config, files, tokenizer, shard_dir, dtype, issues, prog
         if unit is None:
           exhausted = True
           break
-        meta = _read_shard_meta(shard_dir, unit.index)
+        meta = _read_shard_meta(shard_dir, unit.index, dtype)
         if meta is not None:
           skipped += 1
           pending.append((unit, None, meta))
@@ -309,7 +316,7 @@ def _tokenize_to_shards(config, files, tokenizer, shard_dir, dtype, issues, prog
   return num_shards
 
 
-def _merge_splits(data_dir: str, shard_dir: str, num_shards: int) -> None:
+def _merge_splits(data_dir: str, shard_dir: str, num_shards: int, dtype: np.dtype) -> None:
   """Concatenates the shards into train.bin / val.bin and their stats into documents.npz."""
   for split in SPLITS:
     out_path = os.path.join(data_dir, f"{split}.bin")
@@ -320,13 +327,22 @@ def _merge_splits(data_dir: str, shard_dir: str, num_shards: int) -> None:
     os.replace(out_path + ".tmp", out_path)
   stats = {k: [] for k in DOC_FIELDS}
   for index in range(num_shards):
-    meta = _read_shard_meta(shard_dir, index)
+    meta = _read_shard_meta(shard_dir, index, dtype)
     for k in DOC_FIELDS:
       stats[k].append(meta[k])
   merged = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in stats.items()}
   with open(os.path.join(data_dir, "documents.npz.tmp"), "wb") as f:
     np.savez(f, **merged)
   os.replace(os.path.join(data_dir, "documents.npz.tmp"), os.path.join(data_dir, "documents.npz"))
+
+
+def _remove_shard_tokens(shard_dir: str, num_shards: int) -> None:
+  """Frees the disk the shard token files take once train.bin / val.bin hold them (metas stay)."""
+  for index in range(num_shards):
+    for split in SPLITS:
+      path = _shard_paths(shard_dir, index)[split]
+      if os.path.exists(path):
+        os.remove(path)
 
 
 def _load_document_stats(data_dir: str) -> dict[str, np.ndarray]:
