@@ -16,7 +16,7 @@ import sys
 
 import jax
 
-from neon_qtg_jax.inference.sampling import generate_with_stats
+from neon_qtg_jax.inference.sampling import generate, generate_with_stats
 
 
 def read_prompts(args, sampling_cfg) -> list[str]:
@@ -91,3 +91,20 @@ def run(config, args) -> int:
         f.write(json.dumps(record) + "\n")
     print(f"wrote {args.output}")
   return 0
+
+
+def text_completer(model, tokenizer, sampling_cfg, max_new_tokens: int, seed: int = 0):
+  """complete(texts, call_index) -> continuations (text) of each prompt, for the benchmark tools.
+
+  Each call samples with seed + call_index, so repeated samples differ and reruns reproduce.
+  Prompts longer than the model allows keep their last tokens.
+  """
+  max_new = min(max_new_tokens, model.cfg.max_seq_len - 1)
+
+  def complete(texts: list[str], call_index: int = 0) -> list[str]:
+    prompt_ids, _ = encode_prompts(tokenizer, texts, model.cfg.max_seq_len - max_new)
+    outputs = generate(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new,
+                       eos_id=tokenizer.eos_id, seed=seed + call_index, valid_vocab=tokenizer.vocab_size)
+    return [tokenizer.decode(ids) for ids in outputs]
+
+  return complete
