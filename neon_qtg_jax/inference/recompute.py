@@ -17,8 +17,8 @@ from neon_qtg_jax.model.qtg import QTGModel
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "max_new_tokens"))
-def _recompute_loop(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array, key: jax.Array, *,
-                    params: SamplingParams, max_new_tokens: int) -> jax.Array:
+def _recompute_loop(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array, key: jax.Array, steps: jax.Array,
+                    *, params: SamplingParams, max_new_tokens: int) -> jax.Array:
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompts.shape
   buffer = jnp.concatenate([prompts, jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
@@ -29,19 +29,24 @@ def _recompute_loop(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array
     token = sample_tokens(logits, jax.random.fold_in(key, step), params)
     return jax.lax.dynamic_update_slice(buffer, token[:, None], (0, prompt_len + step))
 
-  buffer = jax.lax.fori_loop(0, max_new_tokens, body, buffer)
+  buffer = jax.lax.fori_loop(0, steps, body, buffer)
   return buffer[:, prompt_len:]
 
 
 def generate_recompute(model: QTGModel, prompt_ids: list[list[int]], *, params: SamplingParams,
-                       max_new_tokens: int, seed: int) -> list[list[int]]:
-  """max_new_tokens new tokens per prompt (no EOS stop), same sampling and keys as `generate`."""
+                       max_new_tokens: int, seed: int, steps: int | None = None) -> list[list[int]]:
+  """max_new_tokens new tokens per prompt (no EOS stop), same sampling and keys as `generate`.
+
+  steps < max_new_tokens runs only that many steps (the rest stay 0) with the same compiled
+  program: every step costs the same, one forward pass over all prompt + max_new_tokens slots.
+  """
   lengths = {len(p) for p in prompt_ids}
   if len(lengths) != 1:
     raise ValueError(f"generate_recompute: prompts must have equal lengths, got {sorted(lengths)}")
   if lengths.pop() + max_new_tokens > model.cfg.max_seq_len:
     raise ValueError(f"generate_recompute: prompt + max_new_tokens exceeds model.max_seq_len={model.cfg.max_seq_len}")
   graphdef, state = nnx.split(model)
-  out = _recompute_loop(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jax.random.key(seed), params=params,
-                        max_new_tokens=max_new_tokens)
+  steps = max_new_tokens if steps is None else steps
+  out = _recompute_loop(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jax.random.key(seed),
+                        jnp.int32(steps), params=params, max_new_tokens=max_new_tokens)
   return jax.device_get(out).tolist()
