@@ -298,7 +298,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
           save(step, val_loss)  # keeps the best model on disk even between regular saves
           last_saved_step, last_save_time = step, time.perf_counter()
 
-      if step % t.sample_steps == 0 or step == t.total_steps:
+      if step % t.sample_steps == 0:
         text = write_samples(config, graphdef, state.params, data.tokenizer, workdir, step)
         writer.write_texts(step, {"samples": text.replace("\n", "  \n")})
 
