@@ -151,7 +151,8 @@ def test_interrupted_run_resumes_from_finished_shards(tmp_path, monkeypatch):
     prepare_dataset(config, progress=False, num_processes=1)
   shard_dir = os.path.join(config.data.data_dir, "shards")
   finished = {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in os.listdir(shard_dir)}
-  assert sorted(finished) == [f"{i:06d}.{kind}" for i in range(3) for kind in ("meta.npz", "train.bin", "val.bin")]
+  assert sorted(finished) == [f"{i:06d}.{kind}" for i in range(3) for kind in ("meta.npz", "train.bin", "val.bin")] \
+      + ["plan.json"]
   assert not os.path.exists(os.path.join(config.data.data_dir, "manifest.json"))
 
   written = []
@@ -163,6 +164,29 @@ def test_interrupted_run_resumes_from_finished_shards(tmp_path, monkeypatch):
   for split in ("train", "val"):
     assert np.array_equal(resumed.split_tokens(split), reference.split_tokens(split))
   assert resumed.documents == reference.documents
+
+
+def test_changed_input_files_invalidate_unfinished_shards(tmp_path, monkeypatch):
+  monkeypatch.setattr(prepare, "CHUNK_BYTES", 400)
+  texts = write_corpus(tmp_path / "corpus", num_docs=30, seed=4)
+  config = make_config(tmp_path, tmp_path / "corpus")
+  write_shard = prepare._write_shard
+
+  def write_then_stop(shard_dir, index, *args):
+    write_shard(shard_dir, index, *args)
+    if index == 1:
+      raise Interrupted
+
+  monkeypatch.setattr(prepare, "_write_shard", write_then_stop)
+  with pytest.raises(Interrupted):
+    prepare_dataset(config, progress=False, num_processes=1)
+  monkeypatch.setattr(prepare, "_write_shard", write_shard)
+  (tmp_path / "corpus" / "doc_000.txt").write_text("an edited first document\n", encoding="utf-8")
+  manifest = prepare_dataset(config, progress=False, num_processes=1)
+  tok = Tokenizer.load(config.data.data_dir)
+  decoded = [tok.decode(d) for s in ("train", "val") for d in documents_of(np.asarray(manifest.split_tokens(s)),
+                                                                           tok.eos_id)]
+  assert "an edited first document\n" in decoded and texts[0] not in decoded
 
 
 def test_changed_settings_are_refused_naming_the_field(prepared):

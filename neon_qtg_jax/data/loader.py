@@ -32,6 +32,7 @@ import numpy as np
 
 from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.sources import DataError
+from neon_qtg_jax.data.stats import token_counts, unigram_perplexity  # re-exported for the trainer
 
 
 def num_windows(num_tokens: int, max_length: int, stride: int) -> int:
@@ -95,13 +96,14 @@ def window_source(config, split: str, manifest: Manifest | None = None) -> Windo
                       config.data.max_length, config.data.stride)
 
 
-def make_train_iterator(config, *, shard_index: int | None = None,
-                        shard_count: int | None = None) -> grain.DataLoaderIterator:
+def make_train_iterator(config, *, shard_index: int | None = None, shard_count: int | None = None,
+                        read_options: pygrain.ReadOptions | None = None) -> grain.DataLoaderIterator:
   """Endless shuffled training batches for this process: {"inputs", "targets"} int32 (G / shard_count, L).
 
   G = training.batch_size * training.grad_accum_steps rows per optimizer step across all processes.
   Shuffling is seeded by data.shuffle_seed and differs per epoch. shard_index / shard_count
-  default to jax.process_index() / jax.process_count().
+  default to jax.process_index() / jax.process_count(). read_options overrides the reader
+  threads and buffer (benchmarks only).
   """
   if shard_index is None or shard_count is None:
     import jax
@@ -120,10 +122,14 @@ def make_train_iterator(config, *, shard_index: int | None = None,
   shard_options = pygrain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
   sampler = pygrain.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=True,
                                  num_epochs=None, seed=config.data.shuffle_seed)
+  rows = global_rows // shard_count
+  # A window is one memmap slice: reader threads only add GIL contention and buffer polling
+  # (Grain's default 16 threads / 500 records runs ~7x slower here; tools/bench_data.py).
+  read_options = read_options or pygrain.ReadOptions(num_threads=0, prefetch_buffer_size=rows)
   loader = pygrain.DataLoader(
       data_source=source, sampler=sampler, shard_options=shard_options,
-      operations=[pygrain.Batch(batch_size=global_rows // shard_count, drop_remainder=True)],
-      worker_count=config.data.num_workers, worker_buffer_size=config.data.prefetch)
+      operations=[pygrain.Batch(batch_size=rows, drop_remainder=True)],
+      worker_count=config.data.num_workers, worker_buffer_size=config.data.prefetch, read_options=read_options)
   return iter(loader)
 
 
@@ -162,21 +168,3 @@ def eval_batches(config, split: str = "val", num_batches: int | None = None,
 def split_tokens(config, split: str) -> np.ndarray:
   """A split's tokens as a 1-D read-only memmap, EOS separators included."""
   return load_manifest(config).split_tokens(split)
-
-
-def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
-  """Occurrences of each id, int64 (vocab_size,); reads a memmap in chunks."""
-  counts = np.zeros((vocab_size,), dtype=np.int64)
-  for start in range(0, len(tokens), chunk):
-    counts += np.bincount(np.asarray(tokens[start:start + chunk]), minlength=vocab_size)[:vocab_size]
-  return counts
-
-
-def unigram_perplexity(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
-  """Perplexity on val_tokens of an add-one smoothed unigram model fit on train_tokens."""
-  counts = token_counts(train_tokens, vocab_size) + 1
-  log_p = np.log(counts) - np.log(counts.sum())
-  val_counts = token_counts(val_tokens, vocab_size)
-  if val_counts.sum() == 0:
-    raise DataError("unigram perplexity needs at least one validation token")
-  return float(np.exp(-(val_counts * log_p).sum() / val_counts.sum()))

@@ -68,7 +68,7 @@ class Manifest:
   text_bytes: dict[str, int]       # UTF-8 bytes of the documents, per split
   num_shards: int
   issues: dict[str, Any]           # Issues.to_dict()
-  elapsed_s: float
+  timings: dict[str, float]        # seconds per phase of the run that finished the directory
 
   def split_path(self, split: str) -> str:
     if split not in SPLITS:
@@ -97,6 +97,10 @@ class Manifest:
       raise DataError(f"{path}: no prepared data here; run launch.py --mode=prepare with this config first")
     with open(path) as f:
       body = json.load(f)
+    fields = {f.name for f in dataclasses.fields(cls)} - {"data_dir"}
+    if set(body) != fields or body.get("settings", {}).get("format_version") != FORMAT_VERSION:
+      raise DataError(f"{path}: written by another version of neon_qtg_jax (fields {sorted(set(body) ^ fields)} "
+                      f"differ); prepare again into an empty data.data_dir")
     manifest = cls(data_dir=data_dir, **body)
     for split in SPLITS:
       expected = manifest.tokens[split] * np.dtype(manifest.dtype).itemsize

@@ -2,7 +2,7 @@
 
   manifest = prepare_dataset(config)     # idempotent; returns at once when already prepared
 
-Work is cut into units (a chunk of about CHUNK_BYTES of documents, or one `.xz` member of an
+Work is cut into units (a chunk of at most CHUNK_BYTES of documents, or one `.xz` member of an
 OpenWebText archive, decompressed in the worker). Worker processes on every core tokenize the
 units; the main process writes each finished unit as a shard, in order. A shard whose meta file
 exists is done: a rerun skips it without tokenizing, so an interrupted run resumes. Documents go
@@ -32,7 +32,9 @@ from neon_qtg_jax.data.manifest import MANIFEST_FILE, SETTINGS_FILE, SPLITS, Man
 from neon_qtg_jax.data.sources import DataError, Issues
 from neon_qtg_jax.data.tokenizer import Tokenizer, sample_sentences, train_tokenizer
 
-CHUNK_BYTES = 4 << 20      # text per unit of work for the document sources
+CHUNK_BYTES = 4 << 20      # most text per unit of work for the document sources
+MIN_CHUNK_BYTES = 256 << 10
+PLAN_FILE = "plan.json"
 DOC_FIELDS = ("hash", "num_tokens", "num_bytes", "num_words", "is_val")
 
 
@@ -68,17 +70,23 @@ def _init_worker(data_dir: str) -> None:
 def tokenize_documents(tokenizer: Tokenizer, texts: list[str], val_fraction: float,
                        dtype: np.dtype) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Tokens per split (each document followed by EOS) and per-document statistics."""
-  ids = tokenizer.encode_batch(texts)
+  ids = [tokenizer.encode(t) for t in texts]  # faster than encode_batch with one thread
   hashes = np.array([document_hash(t) for t in texts], dtype=np.uint64)
   is_val = validation_mask(hashes, val_fraction)
+  num_tokens = np.array([len(x) for x in ids], dtype=np.int64)
   split_tokens = {}
   for split, mask in (("train", ~is_val), ("val", is_val)):
-    chosen = [ids[i] + [tokenizer.eos_id] for i in np.flatnonzero(mask)]
-    split_tokens[split] = np.fromiter((t for doc in chosen for t in doc), dtype=dtype) if chosen else \
-        np.zeros((0,), dtype)
+    out = np.empty((int((num_tokens[mask] + 1).sum()),), dtype=dtype)
+    pos = 0
+    for i in np.flatnonzero(mask):
+      n = num_tokens[i]
+      out[pos:pos + n] = ids[i]      # list -> array slice converts in C
+      out[pos + n] = tokenizer.eos_id
+      pos += n + 1
+    split_tokens[split] = out
   stats = {
       "hash": hashes,
-      "num_tokens": np.array([len(x) for x in ids], dtype=np.int64),
+      "num_tokens": num_tokens,
       "num_bytes": np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64),
       "num_words": np.array([len(t.split()) for t in texts], dtype=np.int64),
       "is_val": is_val,
@@ -86,19 +94,30 @@ def tokenize_documents(tokenizer: Tokenizer, texts: list[str], val_fraction: flo
   return split_tokens, stats
 
 
-def _work(unit: Unit, val_fraction: float, dtype: str) -> tuple[dict, dict, dict]:
+def _work(unit: Unit, val_fraction: float, dtype: str) -> tuple[dict, dict, dict, float]:
+  """Tokenizes one unit in a worker: (tokens per split, document stats, issues, CPU seconds)."""
+  cpu = time.process_time()
   issues = Issues()
   if unit.xz_member is not None:
     docs = [d.text for d in src.read_document_tar(io.BytesIO(unit.xz_member), unit.where, issues)]
   else:
     docs = [text for text, _ in unit.documents]
   split_tokens, stats = tokenize_documents(_worker_tokenizer, docs, val_fraction, np.dtype(dtype))
-  return split_tokens, stats, issues.to_dict()
+  return split_tokens, stats, issues.to_dict(), time.process_time() - cpu
 
 
 # Main side.
 
-def _units(config, files: list[str], issues: Issues) -> Iterator[Unit]:
+def chunk_bytes(files: list[str]) -> int:
+  """Text per unit for document sources: about 64 units for the corpus, within [MIN_CHUNK_BYTES, CHUNK_BYTES].
+
+  Depends on the corpus only (never on the number of processes), so shards of an interrupted
+  run line up with the units of the rerun."""
+  total = sum(os.path.getsize(f) for f in files if os.path.exists(f))
+  return min(CHUNK_BYTES, max(total // 64, MIN_CHUNK_BYTES))
+
+
+def _units(config, files: list[str], issues: Issues, unit_bytes: int) -> Iterator[Unit]:
   """The corpus cut into units of work, in a fixed order."""
   d = config.data
   index = 0
@@ -114,7 +133,7 @@ def _units(config, files: list[str], issues: Issues) -> Iterator[Unit]:
     for doc in src.read_file(path, d.source, text_field=d.text_field, text_split=d.text_split, issues=issues):
       chunk.append((doc.text, doc.origin))
       size += len(doc.text)
-      if size >= CHUNK_BYTES:
+      if size >= unit_bytes:
         yield Unit(index, chunk, None, chunk[0][1], size)
         index, chunk, size = index + 1, [], 0
   if chunk:
@@ -126,13 +145,14 @@ def _shard_paths(shard_dir: str, index: int) -> dict[str, str]:
   return {"train": base + ".train.bin", "val": base + ".val.bin", "meta": base + ".meta.npz"}
 
 
-def _write_shard(shard_dir: str, index: int, where: str, split_tokens: dict, stats: dict, issues: dict) -> None:
+def _write_shard(shard_dir: str, index: int, where: str, split_tokens: dict, stats: dict, issues: dict,
+                 cpu_s: float) -> None:
   paths = _shard_paths(shard_dir, index)
   for split in SPLITS:
     split_tokens[split].tofile(paths[split] + ".tmp")
     os.replace(paths[split] + ".tmp", paths[split])
   with open(paths["meta"] + ".tmp", "wb") as f:
-    np.savez(f, **stats, where=np.array(where), issues=np.array(json.dumps(issues)))
+    np.savez(f, **stats, where=np.array(where), issues=np.array(json.dumps(issues)), cpu_s=np.array(cpu_s))
   os.replace(paths["meta"] + ".tmp", paths["meta"])  # last: marks the shard done
 
 
@@ -178,6 +198,24 @@ def _ensure_settings(data_dir: str, settings: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _ensure_shard_plan(shard_dir: str, files: list[str], tokenizer_sha256: str, progress: bool) -> None:
+  """Shards are reused only for the same input files (names, sizes, mtimes) and tokenizer; else removed."""
+  plan = {"tokenizer_sha256": tokenizer_sha256,
+          "files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.exists(f)]}
+  path = os.path.join(shard_dir, PLAN_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      if json.load(f) == plan:
+        return
+    _log(progress, f"{shard_dir}: the input files or tokenizer changed since these shards were written; "
+                   f"tokenizing again")
+    shutil.rmtree(shard_dir)
+  os.makedirs(shard_dir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(plan, f)
+  os.replace(path + ".tmp", path)
+
+
 def _num_processes() -> int:
   try:
     return len(os.sched_getaffinity(0))
@@ -203,7 +241,8 @@ def prepare_dataset(config, *, progress: bool = True, num_processes: int | None 
   _ensure_settings(data_dir, settings)  # raises, naming the fields that differ from an earlier run
   if os.path.exists(os.path.join(data_dir, MANIFEST_FILE)):
     return Manifest.load(data_dir)
-  start_time = time.time()
+  timings: dict[str, float] = {}
+  clock = time.perf_counter()
   issues = Issues()
   files = src.source_files(d.source, d.paths, issues)
   if not files:
@@ -219,21 +258,21 @@ def prepare_dataset(config, *, progress: bool = True, num_processes: int | None 
     if not sentences:
       raise DataError(f"data.source={d.source!r}, data.paths={d.paths!r}: no usable documents\n"
                       f"{sample_issues.summary()}")
-    t0 = time.time()
     tokenizer = train_tokenizer(sentences, data_dir, vocab_size=config.model.vocab_size,
                                 model_type=d.tokenizer_model_type, num_threads=num_processes)
     _log(progress, f"tokenizer: {tokenizer.vocab_size} pieces ({d.tokenizer_model_type}) trained on "
-                   f"{len(sentences)} lines in {time.time() - t0:.1f}s -> {tokenizer.path}")
+                   f"{len(sentences)} lines in {time.perf_counter() - clock:.1f}s -> {tokenizer.path}")
   if tokenizer.vocab_size > config.model.vocab_size:
     raise DataError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces exceed model.vocab_size="
                     f"{config.model.vocab_size}")
 
+  timings["tokenizer_s"], clock = time.perf_counter() - clock, time.perf_counter()
   dtype = token_dtype(config.model.vocab_size)
   shard_dir = os.path.join(data_dir, "shards")
-  os.makedirs(shard_dir, exist_ok=True)
-  num_shards = _tokenize_to_shards(
+  _ensure_shard_plan(shard_dir, files, tokenizer.sha256, progress)
+  num_shards, timings["worker_cpu_s"], timings["main_cpu_tokenize_s"] = _tokenize_to_shards(
       config, files, tokenizer, shard_dir, dtype, issues, progress, num_processes or _num_processes())
-
+  timings["tokenize_s"], clock = time.perf_counter() - clock, time.perf_counter()
   _merge_splits(data_dir, shard_dir, num_shards, dtype)
   stats = _load_document_stats(data_dir)
   documents = {s: int((stats["is_val"] == (s == "val")).sum()) for s in SPLITS}
@@ -245,9 +284,11 @@ def prepare_dataset(config, *, progress: bool = True, num_processes: int | None 
       data_dir=data_dir, settings=settings, files=files, dtype=dtype.name, tokenizer=vars(tokenizer.info).copy(),
       documents=documents, tokens=tokens,
       text_bytes={s: int(stats["num_bytes"][stats["is_val"] == (s == "val")].sum()) for s in SPLITS},
-      num_shards=num_shards, issues=issues.to_dict(), elapsed_s=round(time.time() - start_time, 2))
+      num_shards=num_shards, issues=issues.to_dict(), timings=timings)
+  timings["merge_s"], clock = time.perf_counter() - clock, time.perf_counter()
   from neon_qtg_jax.data.report import write_report
   write_report(manifest, progress=progress)
+  timings["report_s"] = time.perf_counter() - clock
   manifest.save()   # last: the directory is complete
   _remove_shard_tokens(shard_dir, num_shards)
   _log(progress, f"prepared {data_dir}: documents {documents}, tokens {tokens}, {num_shards} shard(s)\n"
@@ -256,14 +297,17 @@ def prepare_dataset(config, *, progress: bool = True, num_processes: int | None 
 
 
 def _tokenize_to_shards(config, files, tokenizer, shard_dir, dtype, issues, progress, num_processes):
-  """Tokenizes every unit not yet on disk into shards; returns the number of shards of the corpus."""
+  """Tokenizes every unit not yet on disk into shards.
+
+  Returns (shards in the corpus, worker CPU seconds, main-process CPU seconds)."""
   d = config.data
   total_bytes = sum(os.path.getsize(f) for f in files if os.path.exists(f))
   bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress,
                   mininterval=1.0, file=sys.stderr)
   docs_done = text_bytes = skipped = 0
+  cpu_total, main_cpu = 0.0, time.process_time()
   started = time.time()
-  units = _units(config, files, issues)
+  units = _units(config, files, issues, chunk_bytes(files))
   context = multiprocessing.get_context("spawn")  # no fork: the caller may hold JAX threads
   with concurrent.futures.ProcessPoolExecutor(num_processes, mp_context=context, initializer=_init_worker,
                                               initargs=(d.data_dir,)) as pool:
@@ -273,16 +317,18 @@ def _tokenize_to_shards(config, files, tokenizer, shard_dir, dtype, issues, prog
 
     def finish(unit: Unit, result) -> bool:
       """Writes or accounts one unit; False once data.max_documents is reached."""
-      nonlocal docs_done, text_bytes, num_shards
+      nonlocal docs_done, text_bytes, num_shards, cpu_total
       if isinstance(result, dict):       # already on disk
         stats = {k: result[k] for k in DOC_FIELDS}
         issues.merge(Issues.from_dict(json.loads(str(result["issues"]))))
+        cpu_total += float(result["cpu_s"])
       else:
-        split_tokens, stats, unit_issues = result
+        split_tokens, stats, unit_issues, cpu_s = result
         if d.max_documents and docs_done + len(stats["hash"]) > d.max_documents:
           split_tokens, stats = _truncate(split_tokens, stats, d.max_documents - docs_done, tokenizer.eos_id)
-        _write_shard(shard_dir, unit.index, unit.where, split_tokens, stats, unit_issues)
+        _write_shard(shard_dir, unit.index, unit.where, split_tokens, stats, unit_issues, cpu_s)
         issues.merge(Issues.from_dict(unit_issues))
+        cpu_total += cpu_s
       num_shards = unit.index + 1
       docs_done += len(stats["hash"])
       text_bytes += int(stats["num_bytes"].sum())
@@ -313,7 +359,7 @@ def _tokenize_to_shards(config, files, tokenizer, shard_dir, dtype, issues, prog
             f.cancel()
         break
   bar.close()
-  return num_shards
+  return num_shards, cpu_total, time.process_time() - main_cpu
 
 
 def _merge_splits(data_dir: str, shard_dir: str, num_shards: int, dtype: np.dtype) -> None:

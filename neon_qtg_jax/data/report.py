@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from neon_qtg_jax.data.loader import token_counts
 from neon_qtg_jax.data.manifest import SPLITS, Manifest
 from neon_qtg_jax.data.sources import EMPTY_DOCUMENT
+from neon_qtg_jax.data.stats import token_counts
 from neon_qtg_jax.data.tokenizer import Tokenizer
 
 PERCENTILES = (5, 25, 50, 75, 95, 99)
