@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 1
   print(f"{manifest.data_dir}: documents {manifest.documents}, tokens {manifest.tokens}, "
-        f"{manifest.num_shards} shard(s), prepared in {manifest.elapsed_s:.1f}s")
+        f"{manifest.num_shards} shard(s); seconds per phase {manifest.timings}")
   return 0
 
 
