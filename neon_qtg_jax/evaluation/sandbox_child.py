@@ -56,11 +56,11 @@ def main() -> None:
   program_path, memory_bytes, cpu_seconds, file_bytes = sys.argv[1], *map(int, sys.argv[2:5])
   namespace = leave_network()
   set_limits(memory_bytes, cpu_seconds, file_bytes)
+  sys.stderr.write(f"sandbox-network: {namespace}\n")
+  sys.stderr.flush()
   with open(program_path, encoding="utf-8") as f:
     source = f.read()
   code = compile(source, "program.py", "exec")
-  sys.stderr.write(f"sandbox-network: {namespace}\n")
-  sys.stderr.flush()
   sys.addaudithook(refuse)  # cannot be removed once added
   exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
 

