@@ -338,26 +338,27 @@ def _tokenize_to_shards(config, files, tokenizer, shard_dir, dtype, issues, prog
                           + (f", {skipped} shard(s) done before" if skipped else ""), refresh=False)
       return not (d.max_documents and docs_done >= d.max_documents)
 
-    while True:
-      while not exhausted and len(pending) < 2 * num_processes:
-        unit = next(units, None)
-        if unit is None:
-          exhausted = True
+    try:
+      while True:
+        while not exhausted and len(pending) < 2 * num_processes:   # bounded read-ahead
+          unit = next(units, None)
+          if unit is None:
+            exhausted = True
+            break
+          meta = _read_shard_meta(shard_dir, unit.index, dtype)
+          if meta is not None:
+            skipped += 1
+            pending.append((unit, None, meta))
+          else:
+            pending.append((unit, pool.submit(_work, unit, d.val_fraction, dtype.name), None))
+        if not pending:
           break
-        meta = _read_shard_meta(shard_dir, unit.index, dtype)
-        if meta is not None:
-          skipped += 1
-          pending.append((unit, None, meta))
-        else:
-          pending.append((unit, pool.submit(_work, unit, d.val_fraction, dtype.name), None))
-      if not pending:
-        break
-      unit, future, meta = pending.popleft()
-      if not finish(unit, meta if future is None else future.result()):
-        for _, f, _ in pending:
-          if f is not None:
-            f.cancel()
-        break
+        unit, future, meta = pending.popleft()
+        if not finish(unit, meta if future is None else future.result()):
+          break
+    finally:
+      # Queued units are dropped at once (on max_documents, an error or Ctrl-C); finished shards stay.
+      pool.shutdown(wait=False, cancel_futures=True)
   bar.close()
   return num_shards, cpu_total, time.process_time() - main_cpu
 
