@@ -19,6 +19,7 @@ from neon_qtg_jax.data import prepare
 from neon_qtg_jax.training.metric_writers import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBPROCESS_ENV = dict(os.environ)  # plus the compilation cache of the data_dir fixture
 LOSS_KEYS = ("train/loss", "train/ce", "train/topo", "train/geo", "train/quantum", "train/grad_norm")
 
 
@@ -38,12 +39,16 @@ def overrides(data_dir: str) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("train_data") / "data")
+  """Prepared data, and a JAX compilation cache shared by this module's runs (same shapes, same programs)."""
+  root = tmp_path_factory.mktemp("train_data")
+  path = str(root / "data")
   config = default_config()
   for key, value in overrides(path).items():
     section, name = key.split(".")
     config[section][name] = value
   prepare.prepare_dataset(validate(config), progress=False, num_processes=1)
+  SUBPROCESS_ENV.update(JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return path
 
 
@@ -55,13 +60,13 @@ def command(data_dir: str, workdir: str, total_steps: int, *extra: str) -> list[
 
 def run(data_dir: str, workdir: str, total_steps: int, *extra: str) -> subprocess.CompletedProcess:
   result = subprocess.run(command(data_dir, workdir, total_steps, *extra), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=SUBPROCESS_ENV)
   return result
 
 
 def start(data_dir: str, workdir: str, total_steps: int, *extra: str) -> subprocess.Popen:
   return subprocess.Popen(command(data_dir, workdir, total_steps, *extra), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+                          stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV)
 
 
 def losses(workdir: str, skip_records: int = 0) -> dict[int, tuple[float, ...]]:
@@ -158,6 +163,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(data_dir, referenc
   assert losses(workdir) == {s: expected[s] for s in (5, 6, 7, 8)}
 
 
+@pytest.mark.slow  # ~20 s: its learning rate compiles a step of its own
 def test_repeated_nonfinite_steps_stop_the_run_with_a_clear_message(data_dir, tmp_path):
   workdir = str(tmp_path)
   result = run(data_dir, workdir, 200, "--config.training.lr=1e30", "--config.training.end_lr=1e30",
