@@ -1,5 +1,6 @@
 """Preparation: exact token streams, deterministic hash split, idempotent reruns, resume, bad input, report."""
 
+import concurrent.futures
 import io
 import json
 import os
@@ -273,3 +274,15 @@ def test_openwebtext_archive_prepares_in_workers(tmp_path):
   tok = Tokenizer.load(config.data.data_dir)
   docs = documents_of(np.asarray(manifest.split_tokens("train")), tok.eos_id)
   assert all(tok.decode(d).endswith("\n\nend") for d in docs)
+
+
+def test_concurrent_preparers_of_one_directory_do_the_work_once(tmp_path, monkeypatch):
+  write_corpus(tmp_path / "corpus", num_docs=20, seed=5)
+  config = make_config(tmp_path, tmp_path / "corpus")
+  trained = []
+  train = prepare.train_tokenizer
+  monkeypatch.setattr(prepare, "train_tokenizer", lambda *a, **k: (trained.append(1), train(*a, **k))[1])
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(lambda _: prepare_dataset(config, progress=False, num_processes=1), range(2)))
+  assert trained == [1]
+  assert results[0] == results[1]

@@ -74,6 +74,27 @@ def test_truncated_xz_member_is_reported_and_reading_goes_on(tmp_path):
   assert "openwebtext/broken.xz" in issues.examples[sources.TRUNCATED_ARCHIVE][0]
 
 
+def test_truncated_outer_archive_and_stray_members_are_reported(tmp_path):
+  path = tmp_path / "urlsf_subset00.tar"
+  member_b = xz_tar_of_texts(MEMBER_B)
+  write_outer_tar(path, {"openwebtext/a.xz": xz_tar_of_texts(MEMBER_A), "openwebtext/README": b"notes",
+                         "openwebtext/b.xz": member_b}, "w")
+  data = path.read_bytes()
+  cut = data.index(b"openwebtext/b.xz") + 512 + len(member_b) // 2   # header block, then half of b
+  path.write_bytes(data[:cut])
+  issues = Issues()
+  texts = [d.text for d in iter_documents("openwebtext", str(path), issues=issues)]
+  assert texts == EXPECTED[:2]
+  assert issues.counts == {sources.UNEXPECTED_MEMBER: 1, sources.TRUNCATED_ARCHIVE: 1}
+  assert issues.examples[sources.UNEXPECTED_MEMBER][0].startswith(f"{path}:openwebtext/README")
+
+
+def test_missing_openwebtext_archive_is_a_missing_file(tmp_path):
+  issues = Issues()
+  assert list(sources.read_file(str(tmp_path / "urlsf_subset99.tar"), "openwebtext", issues=issues)) == []
+  assert issues.counts == {sources.MISSING_FILE: 1}
+
+
 def test_jsonl_bad_lines_are_counted_with_line_numbers(tmp_path):
   path = tmp_path / "train.jsonl"
   lines = [

@@ -25,11 +25,12 @@ def corpus(num_docs: int, seed: int = 0) -> list[str]:
   return docs
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+@pytest.fixture(scope="module", params=["unigram", "bpe"])
+def tokenizer(request, tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tok"))
   docs = [Document(t, f"doc{i}") for i, t in enumerate(corpus(300))]
-  return train_tokenizer(sample_sentences(docs, 5000), data_dir, vocab_size=400, num_threads=1)
+  return train_tokenizer(sample_sentences(docs, 5000), data_dir, vocab_size=400, model_type=request.param,
+                         num_threads=1)
 
 
 ROUND_TRIP_TEXTS = [

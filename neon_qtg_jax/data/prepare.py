@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -235,12 +237,31 @@ def prepare_dataset(config, *, progress: bool = True, num_processes: int | None 
   unfinished shard. Raises DataError when the sources hold no usable document, or when
   data_dir was prepared with other data settings.
   """
+  settings = data_settings(config)
+  if os.path.exists(os.path.join(config.data.data_dir, MANIFEST_FILE)):
+    _ensure_settings(config.data.data_dir, settings)  # raises, naming the fields that differ
+    return Manifest.load(config.data.data_dir)
+  with _exclusive(config.data.data_dir):  # a second process preparing the same directory waits, then returns
+    _ensure_settings(config.data.data_dir, settings)
+    if os.path.exists(os.path.join(config.data.data_dir, MANIFEST_FILE)):
+      return Manifest.load(config.data.data_dir)
+    return _prepare(config, settings, progress, num_processes)
+
+
+@contextlib.contextmanager
+def _exclusive(data_dir: str) -> Iterator[None]:
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare(config, settings: dict, progress: bool, num_processes: int | None) -> Manifest:
   d = config.data
   data_dir = d.data_dir
-  settings = data_settings(config)
-  _ensure_settings(data_dir, settings)  # raises, naming the fields that differ from an earlier run
-  if os.path.exists(os.path.join(data_dir, MANIFEST_FILE)):
-    return Manifest.load(data_dir)
   timings: dict[str, float] = {}
   clock = time.perf_counter()
   issues = Issues()

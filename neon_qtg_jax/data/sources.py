@@ -34,7 +34,9 @@ MISSING_FIELD = "missing_field"
 NON_UTF8 = "non_utf8"                # bytes replaced by U+FFFD; the document is kept
 EMPTY_DOCUMENT = "empty_document"    # nothing but whitespace; skipped
 TRUNCATED_ARCHIVE = "truncated_archive"
+UNEXPECTED_MEMBER = "unexpected_member"  # an archive member that is not an .xz document tar; skipped
 MISSING_FILE = "missing_file"
+UNREADABLE_FILE = "unreadable_file"      # exists but cannot be read (permissions, I/O error)
 
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _THREE_NEWLINES = re.compile(r"\n\n\n+")
@@ -201,9 +203,13 @@ def iter_openwebtext_members(path: str, issues: Issues) -> Iterator[tuple[str, b
           continue
         where = f"{path}:{info.name}"
         if not info.name.endswith(".xz"):
-          issues.add(TRUNCATED_ARCHIVE, where, "not an .xz member; skipped")
+          issues.add(UNEXPECTED_MEMBER, where, "not an .xz member; skipped")
           continue
         yield where, outer.extractfile(info).read()
+  except (FileNotFoundError, IsADirectoryError) as err:
+    issues.add(MISSING_FILE, path, str(err.strerror))
+  except PermissionError as err:
+    issues.add(UNREADABLE_FILE, path, str(err.strerror))
   except (EOFError, lzma.LZMAError, tarfile.TarError, OSError) as err:
     issues.add(TRUNCATED_ARCHIVE, path, f"{type(err).__name__}: {err}")
 
@@ -275,10 +281,10 @@ def read_file(path: str, source: str, *, text_field: str = "text", text_split: s
       yield from read_jsonl_file(path, field=text_field, issues=issues)
     else:
       yield from read_text_file(path, split=text_split, issues=issues)
-  except FileNotFoundError as err:
+  except (FileNotFoundError, IsADirectoryError) as err:
     issues.add(MISSING_FILE, path, str(err.strerror))
-  except IsADirectoryError as err:
-    issues.add(MISSING_FILE, path, str(err.strerror))
+  except OSError as err:
+    issues.add(UNREADABLE_FILE, path, f"{type(err).__name__}: {err.strerror or err}")
 
 
 def guess_source(path: str) -> str:
