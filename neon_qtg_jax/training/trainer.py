@@ -257,8 +257,10 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
       state, metrics = train_step(state, batch)
       window.metrics.append(metrics)
       step += 1
+      out_of_time = t.max_train_minutes > 0 and time.perf_counter() - run_start >= 60 * t.max_train_minutes
+      last = step == t.total_steps or out_of_time  # evaluate, sample and save before stopping
 
-      if step % t.log_steps == 0 or step == t.total_steps:
+      if step % t.log_steps == 0 or last:
         scalars = window.summary(config, peak)
         now = time.perf_counter()
         progress.train_seconds += now - window.started
@@ -272,8 +274,8 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
                  scalars["perf/steps_per_s"], scalars["perf/tokens_per_s"], mfu, _duration(eta))
         counters = jax.device_get({"peak": state.nonfinite_peak, "total": state.nonfinite_total})
         if scalars["train/nonfinite_steps"]:
-          log.warning("%d non-finite step(s) skipped in the last %d (parameters and optimizer state kept); "
-                      "%d in total", scalars["train/nonfinite_steps"], t.log_steps, counters["total"])
+          log.warning("%d non-finite step(s) skipped since the previous log line (parameters and optimizer "
+                      "state kept); %d in total", scalars["train/nonfinite_steps"], counters["total"])
         if counters["peak"] >= t.max_consecutive_nonfinite:
           log.error("stopping: %d consecutive steps had a non-finite loss or gradient "
                     "(training.max_consecutive_nonfinite=%d); the last good checkpoint is step %s in %s",
@@ -283,7 +285,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
           break
 
       val_loss = None
-      if step % t.eval_steps == 0 or step == t.total_steps:
+      if step % t.eval_steps == 0 or last:
         scores = evaluate(eval_step, state.params, data.eval_batches)
         val_loss = scores["loss"]
         improved = val_loss < progress.best_val_loss
@@ -298,12 +300,11 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
           save(step, val_loss)  # keeps the best model on disk even between regular saves
           last_saved_step, last_save_time = step, time.perf_counter()
 
-      if step % t.sample_steps == 0:
+      if step % t.sample_steps == 0 or out_of_time:
         text = write_samples(config, graphdef, state.params, data.tokenizer, workdir, step)
         writer.write_texts(step, {"samples": text.replace("\n", "  \n")})
 
-      out_of_time = t.max_train_minutes > 0 and time.perf_counter() - run_start >= 60 * t.max_train_minutes
-      due = (step % t.save_steps == 0 or step == t.total_steps or preemption.requested or out_of_time
+      due = (step % t.save_steps == 0 or last or preemption.requested
              or time.perf_counter() - last_save_time >= 60 * t.save_interval_minutes)
       if due and step != last_saved_step:
         save(step, val_loss)
