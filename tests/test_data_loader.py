@@ -3,6 +3,7 @@
 import collections
 import os
 import random
+import shutil
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -206,3 +207,17 @@ def test_missing_data_dir_is_prepared_on_first_use(config, tmp_path):
   c.data.data_dir = str(tmp_path / "fresh")
   assert not os.path.exists(c.data.data_dir)
   assert len(loader.split_tokens(c, "train")) == len(loader.split_tokens(config, "train"))
+
+
+def test_saved_state_restores_when_the_data_dir_moved(config, tmp_path):
+  it = loader.make_train_iterator(config, shard_index=0, shard_count=1)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expected = next(it)
+  moved = config.copy_and_resolve_references()
+  moved.data.data_dir = str(tmp_path / "moved")
+  shutil.copytree(config.data.data_dir, moved.data.data_dir)
+  resumed = loader.make_train_iterator(moved, shard_index=0, shard_count=1)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)["inputs"], expected["inputs"])

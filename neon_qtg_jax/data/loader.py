@@ -48,8 +48,9 @@ class WindowSource:
   Holds only the path; the memmap is opened lazily in each process (worker processes included).
   """
 
-  def __init__(self, path: str, dtype: str, num_tokens: int, max_length: int, stride: int):
+  def __init__(self, path: str, dtype: str, num_tokens: int, max_length: int, stride: int, name: str = ""):
     self.path, self.dtype, self.num_tokens = os.path.abspath(path), dtype, num_tokens
+    self.name = name or os.path.basename(path)
     self.max_length, self.stride = max_length, stride
     self._len = num_windows(num_tokens, max_length, stride)
     self._tokens: np.memmap | None = None
@@ -58,8 +59,9 @@ class WindowSource:
     return self._len
 
   def __repr__(self) -> str:
-    # Grain compares this string when restoring a checkpoint: it pins the data to the state.
-    return (f"WindowSource(path={self.path!r}, tokens={self.num_tokens}, max_length={self.max_length}, "
+    # Grain compares this string when restoring a checkpoint: it pins the data (not its path, so a
+    # run can resume on another machine) to the saved state.
+    return (f"WindowSource(name={self.name!r}, tokens={self.num_tokens}, max_length={self.max_length}, "
             f"stride={self.stride})")
 
   def __getstate__(self) -> dict[str, Any]:
@@ -93,7 +95,8 @@ def load_manifest(config) -> Manifest:
 def window_source(config, split: str, manifest: Manifest | None = None) -> WindowSource:
   manifest = manifest or load_manifest(config)
   return WindowSource(manifest.split_path(split), manifest.dtype, manifest.tokens[split],
-                      config.data.max_length, config.data.stride)
+                      config.data.max_length, config.data.stride,
+                      name=f"{split} split, tokenizer {manifest.tokenizer['sha256'][:16]}")
 
 
 def make_train_iterator(config, *, shard_index: int | None = None, shard_count: int | None = None,

@@ -314,6 +314,9 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
   _remove_shard_tokens(shard_dir, num_shards)
   _log(progress, f"prepared {data_dir}: documents {documents}, tokens {tokens}, {num_shards} shard(s)\n"
                  f"{issues.summary()}")
+  if documents["val"] == 0:
+    _log(progress, f"warning: no document fell into the validation split (data.val_fraction={d.val_fraction}); "
+                   f"evaluation on the prepared split will fail")
   return manifest
 
 
