@@ -23,7 +23,7 @@ def value_and_grads(attn, *args):
   return jax.jit(measure.loss_and_grads(attn, len(args) - 1))(*args)
 
 
-@pytest.mark.parametrize("length,block_q,block_k", [(37, 16, 8), (64, 16, 32), (50, 32, 32), (5, 128, 128)])
+@pytest.mark.parametrize("length,block_q,block_k", [(37, 16, 8), (64, 16, 32), (5, 128, 128)])
 def test_geo_blockwise_matches_reference(length, block_q, block_k):
   q, k, v, cot = attention_inputs(length)
   fast = functools.partial(blockwise_geo.geo_attention_blockwise, block_q=block_q, block_k=block_k)
