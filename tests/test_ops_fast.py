@@ -1,6 +1,7 @@
 """Blockwise and Pallas kernels against the references: values, gradients, causality, memory shape."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +137,19 @@ def test_pallas_geo_interpret_matches_reference(length, block_q, block_k):
   got = value_and_grads(fast, q, k, v, gamma, cot)
   want = value_and_grads(geo_attention.geo_attention_reference, q, k, v, gamma, cot)
   assert measure.max_relative_error(got, want) < 5e-5  # dgamma sums B L^2 float32 terms in another order
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_pallas_geo_lowers_to_triton_for_gpu(dtype):
+  """Cross-lowering for CUDA on this host: every primitive and block shape of the three kernels
+  has a Triton lowering (PTX compilation and execution need a GPU: tools/device_check.py)."""
+  q = jax.ShapeDtypeStruct((1, 300, 2, 64), dtype)  # ragged: padded to 320, not a power of two
+  cot = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  gamma = jax.ShapeDtypeStruct((2,), jnp.float32)
+  fwd_bwd = measure.loss_and_grads(functools.partial(pallas_geo.geo_attention_pallas, block_q=64, block_k=32), 4)
+  text = jax.jit(fwd_bwd).trace(q, q, q, gamma, cot).lower(lowering_platforms=("cuda",)).as_text()
+  kernels = re.findall(r'__gpu\$xla\.gpu\.triton.*?name = "(geo_attention_\w+)"', text)
+  assert sorted(kernels) == ["geo_attention_dkv", "geo_attention_dq", "geo_attention_forward"]
 
 
 def test_pallas_geo_rejects_unusable_blocks_naming_the_field():
