@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging as absl_logging
 import ml_collections
 import numpy as np
 import psutil
@@ -45,6 +46,7 @@ def setup_logging(workdir: str) -> str:
     log.addHandler(handler)
   log.setLevel(logging.INFO)
   log.propagate = False
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every save at INFO through absl
   return path
 
 
