@@ -10,7 +10,9 @@ from flax import nnx
 
 from neon_qtg_jax.cli import RunArgs
 from neon_qtg_jax.config import default_config
-from neon_qtg_jax.data.tokenizer import train_tokenizer
+from neon_qtg_jax.data.manifest import Manifest
+from neon_qtg_jax.data.prepare import prepare_dataset
+from neon_qtg_jax.data.tokenizer import Tokenizer
 from neon_qtg_jax.evaluation import perplexity
 from neon_qtg_jax.inference import generate as generate_mode
 from neon_qtg_jax.inference.restore import load_model
@@ -25,9 +27,12 @@ TEXT = [f"def f{i}(x):\n\treturn x * {i} + {i % 7}" for i in range(60)] + \
 def run_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("run")
   config = default_config()
-  config.data.data_dir = str(root / "data")
-  tokenizer = train_tokenizer(TEXT, config.data.data_dir, vocab_size=320)
+  (root / "corpus.txt").write_text("\n\n".join(TEXT))
+  config.data.update(dict(source="text", paths=str(root / "corpus.txt"), text_split="blank_line",
+                          data_dir=str(root / "data"), val_fraction=0.2, max_length=16, stride=8))
   config.model.update(dict(vocab_size=384, embed_dim=16, num_layers=1, num_heads=2, max_seq_len=32))
+  prepare_dataset(config, progress=False, num_processes=1)  # the tokenizer comes out smaller than 384 ids
+  tokenizer = Tokenizer.load(config.data.data_dir)
   config.eval.update(dict(max_length=16, stride=8))
   config.training.batch_size = 4
   config.sampling.max_new_tokens = 8
@@ -65,6 +70,17 @@ def test_eval_mode_scores_a_jsonl_file_and_counts_bad_lines(run_dir, capsys):
   assert result["bad_input"]["counts"] == {"malformed_json": 1}
   assert result["checkpoint_step"] == 3
   assert "perplexity" in capsys.readouterr().out
+
+
+def test_eval_mode_scores_the_prepared_validation_split(run_dir):
+  root, config, _, _ = run_dir
+  manifest = Manifest.load(config.data.data_dir)
+  output = root / "ppl_val.json"
+  assert perplexity.run(config, RunArgs(workdir=str(root / "work"), output=str(output))) == 0
+  result = json.loads(output.read_text())
+  assert result["tokens"] == manifest.tokens["val"]  # every token after the leading EOS, once
+  assert result["bytes"] == manifest.text_bytes["val"]
+  assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / result["bytes"])
 
 
 def test_generate_mode_prints_text_speed_and_memory(run_dir, capsys):
