@@ -99,3 +99,11 @@ def test_sample_is_bounded_and_deterministic():
   assert a == b and len(a) == 50
   lines = {line for d in docs for line in d.text.split("\n")}
   assert set(a) <= lines
+
+
+def test_sample_covers_a_small_corpus_and_only_a_prefix_of_a_large_one():
+  docs = [Document(f"doc {i} line {j}", str(i)) for i in range(400) for j in range(5)]
+  whole = sample_sentences(docs, 100, seed=0)
+  assert max(int(line.split()[1]) for line in whole) > 300       # late documents are sampled too
+  prefix = sample_sentences(iter(docs), 100, seed=0, scan_factor=2, scan_bytes=0)
+  assert max(int(line.split()[1]) for line in prefix) < 200      # stops after 2 x 100 lines

@@ -275,12 +275,13 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
     _log(progress, f"tokenizer: sampling {d.tokenizer_sample_sentences} lines from {len(files)} file(s)")
     sample_issues = Issues()  # the full pass below counts bad input once
     docs = src.documents_from_config(d, sample_issues)
-    sentences = sample_sentences(docs, d.tokenizer_sample_sentences, seed=config.data.shuffle_seed)
+    sentences = sample_sentences(docs, d.tokenizer_sample_sentences, seed=config.data.shuffle_seed,
+                                 progress=progress)
     if not sentences:
       raise DataError(f"data.source={d.source!r}, data.paths={d.paths!r}: no usable documents\n"
                       f"{sample_issues.summary()}")
     tokenizer = train_tokenizer(sentences, data_dir, vocab_size=config.model.vocab_size,
-                                model_type=d.tokenizer_model_type, num_threads=num_processes)
+                                model_type=d.tokenizer_model_type, num_threads=num_processes, progress=progress)
     _log(progress, f"tokenizer: {tokenizer.vocab_size} pieces ({d.tokenizer_model_type}) trained on "
                    f"{len(sentences)} lines in {time.perf_counter() - clock:.1f}s -> {tokenizer.path}")
   if tokenizer.vocab_size > config.model.vocab_size:

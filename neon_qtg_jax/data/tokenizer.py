@@ -11,14 +11,19 @@ ids, vocab size, sha256 of the model, training settings).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import random
-from typing import Iterable, Sequence
+import sys
+import threading
+import time
+from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+import tqdm
 
 from neon_qtg_jax.data.sources import DataError, Document
 
@@ -96,18 +101,22 @@ def file_sha256(path: str) -> str:
 
 
 def sample_sentences(documents: Iterable[Document], num_sentences: int, *, seed: int = 0,
-                     scan_factor: int = 4) -> list[str]:
+                     scan_factor: int = 4, scan_bytes: int = 256 << 20, progress: bool = False) -> list[str]:
   """A uniform reservoir sample of `num_sentences` non-blank lines.
 
-  Reads at most `scan_factor * num_sentences` lines (all of a small corpus), so memory stays at
-  the sample and a large corpus is not read through just to train the tokenizer. Lines longer
-  than MAX_SENTENCE_BYTES are cut at a character boundary.
+  Memory stays at the sample. A corpus is read until both `scan_factor * num_sentences` lines
+  and `scan_bytes` of text are seen: all of a small corpus, and only a prefix of a large one, so
+  it is not read through just to train the tokenizer. Lines longer than MAX_SENTENCE_BYTES are
+  cut at a character boundary.
   """
   rng = random.Random(seed)
   reservoir: list[str] = []
-  seen = 0
+  seen = scanned = 0
   limit = scan_factor * num_sentences
+  bar = tqdm.tqdm(unit=" lines", desc="tokenizer sample", disable=not progress, mininterval=2.0,
+                  file=sys.stderr)
   for doc in documents:
+    before = seen
     for line in doc.text.split("\n"):
       if not line.strip():
         continue
@@ -119,13 +128,34 @@ def sample_sentences(documents: Iterable[Document], num_sentences: int, *, seed:
         if j < num_sentences:
           reservoir[j] = line
       seen += 1
-    if seen >= limit:
+    bar.update(seen - before)
+    scanned += len(doc.text)
+    if seen >= limit and scanned >= scan_bytes:
       break
+  bar.close()
   return reservoir
 
 
+@contextlib.contextmanager
+def _heartbeat(message: str, every_s: float, enabled: bool) -> Iterator[None]:
+  """Prints `message` with the elapsed time every `every_s` seconds while the body runs."""
+  done = threading.Event()
+  start = time.perf_counter()
+
+  def beat() -> None:
+    while not done.wait(every_s):
+      print(f"{message}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+  if enabled:
+    threading.Thread(target=beat, daemon=True).start()
+  try:
+    yield
+  finally:
+    done.set()
+
+
 def train_tokenizer(sentences: Sequence[str], data_dir: str, *, vocab_size: int, model_type: str = "unigram",
-                    num_threads: int | None = None) -> Tokenizer:
+                    num_threads: int | None = None, progress: bool = False) -> Tokenizer:
   """Trains SentencePiece on `sentences` and writes tokenizer.model / tokenizer.json to data_dir.
 
   The vocabulary may come out smaller than `vocab_size` on a tiny corpus (hard_vocab_limit off);
@@ -135,25 +165,27 @@ def train_tokenizer(sentences: Sequence[str], data_dir: str, *, vocab_size: int,
     raise DataError("no text to train the tokenizer on")
   os.makedirs(data_dir, exist_ok=True)
   prefix = os.path.join(data_dir, "tokenizer.tmp")
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences),
-      model_prefix=prefix,
-      vocab_size=vocab_size,
-      model_type=model_type,
-      character_coverage=0.9995,
-      byte_fallback=True,
-      normalization_rule_name="identity",
-      remove_extra_whitespaces=False,
-      add_dummy_prefix=False,
-      split_digits=True,
-      allow_whitespace_only_pieces=True,
-      user_defined_symbols=list(USER_SYMBOLS),
-      unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-      hard_vocab_limit=False,
-      max_sentence_length=MAX_SENTENCE_BYTES,
-      num_threads=num_threads or os.cpu_count() or 1,
-      minloglevel=2,
-  )
+  # One blocking call; SentencePiece's own log is a page per run, so a heartbeat line instead.
+  with _heartbeat(f"tokenizer: training {model_type} on {len(sentences)} lines", 15.0, progress):
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=0.9995,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=list(USER_SYMBOLS),
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+        hard_vocab_limit=False,
+        max_sentence_length=MAX_SENTENCE_BYTES,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
   path = os.path.join(data_dir, MODEL_FILE)
   os.replace(prefix + ".model", path)
   os.remove(prefix + ".vocab")
