@@ -105,13 +105,16 @@ def test_shuffle_seed_controls_order(config):
 
 
 def test_process_shards_split_the_global_batch_disjointly(config):
-  shards = [loader.make_train_iterator(config, shard_index=i, shard_count=2) for i in range(2)]
-  seen = []
-  for it in shards:
-    batches = [next(it) for _ in range(3)]
+  source = loader.window_source(config, "train")
+  steps = len(source) // 2 // 4                      # one epoch of each process's half
+  seen = collections.Counter()
+  for i in range(2):
+    it = loader.make_train_iterator(config, shard_index=i, shard_count=2)
+    batches = [next(it) for _ in range(steps)]
     assert all(b["inputs"].shape == (4, 16) for b in batches)
-    seen.append({r for b in batches for r in rows(b)})
-  assert not seen[0] & seen[1]
+    seen.update(r for b in batches for r in rows(b))
+  # Together the processes use no window more often than it exists (content repeats in this corpus).
+  assert not seen - collections.Counter(tuple(source[i]["inputs"]) for i in range(len(source)))
 
 
 def test_global_batch_must_divide_over_processes(config):
