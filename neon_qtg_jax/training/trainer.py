@@ -182,6 +182,14 @@ def _duration(seconds: float) -> str:
   return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def _rate_text(scalars: dict[str, float], steps_left: int) -> str:
+  if "perf/steps_per_s" not in scalars:
+    return ""
+  mfu = f" | MFU {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else ""
+  return (f" | {scalars['perf/steps_per_s']:.2f} steps/s | {scalars['perf/tokens_per_s']:.0f} tok/s{mfu}"
+          f" | ETA {_duration(steps_left / scalars['perf/steps_per_s'])}")
+
+
 class WindowStats:
   """Per-step metrics (still on device) and host timings since the last log line."""
 
@@ -192,24 +200,27 @@ class WindowStats:
     self.metrics: list[dict[str, jax.Array]] = []
     self.data_wait = 0.0
     self.started = now
+    self.untimed = 0  # steps at the start of the window that the timings leave out (compilation)
 
   def summary(self, config: ml_collections.ConfigDict, peak: float | None) -> dict[str, float]:
     """Syncs with the device once and returns the window's scalars for the writers."""
     fetched = jax.device_get(self.metrics)
     elapsed = time.perf_counter() - self.started
-    steps = len(fetched)
+    steps = len(fetched) - self.untimed
     out = {f"train/{k}": float(np.mean([m[k] for m in fetched]))
            for k in ("loss", "ce", "topo", "geo", "quantum", "grad_norm")}
     out["train/perplexity"] = math.exp(out["train/ce"])
     out["train/param_norm"] = float(fetched[-1]["param_norm"])
     out["train/lr"] = float(fetched[-1]["lr"])
     out["train/nonfinite_steps"] = float(sum(1 - float(m["finite"]) for m in fetched))
+    out.update(device_memory_gib())
+    if steps == 0:  # only the compiling first step: no rates yet
+      return out
     tokens_per_s = steps * ts.tokens_per_step(config) / elapsed
     out.update({"perf/step_time_s": elapsed / steps, "perf/steps_per_s": steps / elapsed,
                 "perf/tokens_per_s": tokens_per_s, "perf/data_wait_s": self.data_wait / steps})
     if peak:
       out["perf/mfu"] = info.flops_per_token(config)["train"] * tokens_per_s / (peak * jax.device_count())
-    out.update(device_memory_gib())
     return out
 
 
@@ -259,6 +270,10 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
       state, metrics = train_step(state, batch)
       window.metrics.append(metrics)
       step += 1
+      if step == start_step + 1:  # the first step compiles: keep it out of the rates and the ETA
+        jax.block_until_ready(metrics)
+        log.info("first step (compilation included) took %.1f s", time.perf_counter() - window.started)
+        window.started, window.untimed, window.data_wait = time.perf_counter(), 1, 0.0
       out_of_time = t.max_train_minutes > 0 and time.perf_counter() - run_start >= 60 * t.max_train_minutes
       last = step == t.total_steps or out_of_time  # evaluate, sample and save before stopping
 
@@ -268,12 +283,9 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
         progress.train_seconds += now - window.started
         window.reset(now)
         writer.write_scalars(step, scalars)
-        eta = (t.total_steps - step) / scalars["perf/steps_per_s"]
-        mfu = f" | MFU {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else ""
-        log.info("step %d/%d | loss %.4f | ce %.4f | ppl %.2f | lr %.2e | gnorm %.3f | %.2f steps/s | "
-                 "%.0f tok/s%s | ETA %s", step, t.total_steps, scalars["train/loss"], scalars["train/ce"],
-                 scalars["train/perplexity"], scalars["train/lr"], scalars["train/grad_norm"],
-                 scalars["perf/steps_per_s"], scalars["perf/tokens_per_s"], mfu, _duration(eta))
+        log.info("step %d/%d | loss %.4f | ce %.4f | ppl %.2f | lr %.2e | gnorm %.3f%s", step, t.total_steps,
+                 scalars["train/loss"], scalars["train/ce"], scalars["train/perplexity"], scalars["train/lr"],
+                 scalars["train/grad_norm"], _rate_text(scalars, t.total_steps - step))
         counters = jax.device_get({"peak": state.nonfinite_peak, "total": state.nonfinite_total})
         if scalars["train/nonfinite_steps"]:
           log.warning("%d non-finite step(s) skipped since the previous log line (parameters and optimizer "
