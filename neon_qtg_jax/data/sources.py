@@ -119,9 +119,8 @@ def clean_openwebtext(text: str) -> str:
 def read_text_file(path: str, *, split: str = "file", issues: Issues) -> Iterator[Document]:
   """One document per file (split="file") or one per blank-line-separated block (split="blank_line")."""
   with open(path, "rb") as f:
-    raw = f.read() if split == "file" else None
-    if raw is not None:
-      text = _decode(raw, path, issues)
+    if split == "file":
+      text = _decode(f.read(), path, issues)
       if _keep(text, f"{path}:1", issues):
         yield Document(text, f"{path}:1")
       return
@@ -134,15 +133,15 @@ def read_text_file(path: str, *, split: str = "file", issues: Issues) -> Iterato
           start = lineno
         block.append(line)
       elif block:
-        yield from _block_document(block, path, start, issues)
+        yield _block_document(block, path, start, issues)
         block = []
     if block:
-      yield from _block_document(block, path, start, issues)
+      yield _block_document(block, path, start, issues)
 
 
-def _block_document(block: list[bytes], path: str, start: int, issues: Issues) -> Iterator[Document]:
-  text = _decode(b"".join(block), path, issues, first_line=start).rstrip("\n")
-  yield Document(text, f"{path}:{start}")
+def _block_document(block: list[bytes], path: str, start: int, issues: Issues) -> Document:
+  text = _decode(b"".join(block), path, issues, first_line=start).rstrip("\r\n")
+  return Document(text, f"{path}:{start}")
 
 
 def read_jsonl_file(path: str, *, field: str = "text", issues: Issues) -> Iterator[Document]:
