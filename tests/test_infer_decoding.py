@@ -25,12 +25,13 @@ def tiny_model(**overrides) -> QTGModel:
 forward_cached = nnx.jit(decoding.forward_cached, static_argnames=("last_only",))
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"topo_k": 2},
-    {"attention": "dot", "topofilter": False},
-], ids=["qtg", "qtg_topo_k2", "gpt_baseline"])
-def test_cached_logits_match_full_forward_at_every_step(overrides):
+@pytest.mark.parametrize("overrides, tol", [
+    ({}, 2e-5),
+    ({"topo_k": 2}, 2e-5),
+    ({"attention": "dot", "topofilter": False}, 2e-5),
+    ({"dtype": "bfloat16"}, 3e-2),
+], ids=["qtg", "qtg_topo_k2", "gpt_baseline", "qtg_bf16"])
+def test_cached_logits_match_full_forward_at_every_step(overrides, tol):
   model = tiny_model(**overrides)
   rng = np.random.default_rng(0)
   total = 14
@@ -43,14 +44,14 @@ def test_cached_logits_match_full_forward_at_every_step(overrides):
   cache = decoding.init_cache(model, 2, slots + total)
   logits, cache = forward_cached(model, cache, tokens, positions, 0, valid)
   for b, n in enumerate(prompt_lens):
-    np.testing.assert_allclose(logits[b, slots - n:], full[b][:n], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits[b, slots - n:], full[b][:n], atol=tol, rtol=tol / 2)
 
   for step in range(total - max(prompt_lens)):
     token = jnp.asarray([[rows[b, n + step]] for b, n in enumerate(prompt_lens)], jnp.int32)
     pos = jnp.asarray([[n + step] for n in prompt_lens], jnp.int32)
     logits, cache = forward_cached(model, cache, token, pos, slots + step, jnp.ones((2, 1), bool))
     for b, n in enumerate(prompt_lens):
-      np.testing.assert_allclose(logits[b, 0], full[b][n + step], atol=2e-5, rtol=1e-5,
+      np.testing.assert_allclose(logits[b, 0], full[b][n + step], atol=tol, rtol=tol / 2,
                                  err_msg=f"row {b}, decode step {step}")
 
 
