@@ -286,3 +286,17 @@ def test_concurrent_preparers_of_one_directory_do_the_work_once(tmp_path, monkey
     results = list(pool.map(lambda _: prepare_dataset(config, progress=False, num_processes=1), range(2)))
   assert trained == [1]
   assert results[0] == results[1]
+
+
+@pytest.mark.slow
+def test_tiny_config_prepares_the_stdlib_corpus(tmp_path):
+  config = default_config()
+  config.data.data_dir = str(tmp_path / "stdlib")
+  manifest = prepare_dataset(validate(config), progress=False)
+  assert manifest.tokenizer["vocab_size"] == config.model.vocab_size
+  assert manifest.documents["val"] > 0 and manifest.tokens["train"] > 1_000_000
+  assert len(manifest.files) == len(sources.stdlib_files())
+  tok = Tokenizer.load(config.data.data_dir)
+  with open(next(f for f in manifest.files if f.endswith("/os.py")), encoding="utf-8") as f:
+    text = f.read()
+  assert tok.decode(tok.encode(text)) == text
