@@ -107,18 +107,23 @@ def resolve(workdir_or_path: str, which: str | int = "latest") -> CheckpointRef:
   if step is not None:
     return CheckpointRef(directory, step)
   manager = make_manager(directory, read_only=True)
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoints in {directory}")
-  if which == "latest":
-    step = manager.latest_step()
-  elif which == "best":
-    step = manager.best_step()  # the latest when no step has a validation loss
-  else:
-    step = int(which)
-    if step not in steps:
-      raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have steps {sorted(steps)}")
-  manager.close()
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoints in {directory}")
+    if which == "best":
+      step = manager.best_step()
+      if step is None:  # no step has a validation loss yet
+        log.warning("no checkpoint in %s has a validation loss; using the latest as the best", directory)
+        step = manager.latest_step()
+    elif which == "latest":
+      step = manager.latest_step()
+    else:
+      step = int(which)
+      if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have steps {sorted(steps)}")
+  finally:
+    manager.close()
   return CheckpointRef(directory, step)
 
 
