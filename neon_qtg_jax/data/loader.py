@@ -127,7 +127,7 @@ def make_train_iterator(config, *, shard_index: int | None = None, shard_count: 
                                  num_epochs=None, seed=config.data.shuffle_seed)
   rows = global_rows // shard_count
   # A window is one memmap slice: reader threads only add GIL contention and buffer polling
-  # (Grain's default 16 threads / 500 records runs ~7x slower here; tools/bench_data.py).
+  # (with no worker processes Grain's default 16 threads / 500 records ran 7x slower; tools/bench_data.py).
   read_options = read_options or pygrain.ReadOptions(num_threads=0, prefetch_buffer_size=rows)
   loader = pygrain.DataLoader(
       data_source=source, sampler=sampler, shard_options=shard_options,
