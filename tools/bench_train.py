@@ -14,15 +14,19 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
+from pathlib import Path
 
 import jax
 
-from neon_qtg_jax.config import default_config, validate
-from neon_qtg_jax.training.benchmark import compare_with_gpt
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neon_qtg_jax.config import default_config, validate  # noqa: E402
+from neon_qtg_jax.training.benchmark import compare_with_gpt  # noqa: E402
 
 
 def mid_config():
-  """Mid-size CPU shape: d=128, 4 layers, 4 heads, 256-token windows, batch 8 (~4.7M parameters)."""
+  """Mid-size CPU shape: d=128, 4 layers, 4 heads, 256-token windows, batch 8 (about 3.0M parameters)."""
   c = default_config()
   c.model.update(embed_dim=128, num_layers=4, num_heads=4, max_seq_len=256)
   c.data.update(max_length=256, stride=128)
