@@ -8,7 +8,8 @@ followed by a causal softmax over keys and the value sum. The forward pass keeps
 max and sum per query row (online softmax) and saves only the output and the row
 log-sum-exp; the backward pass recomputes each tile. Only one (B, H, block_q, block_k)
 tile of the L x L matrix is alive at a time, key blocks above the diagonal are skipped,
-and the x tile is float32 whatever the operand dtype (bf16 allowed).
+only blocks crossing the diagonal are masked, and the x tile is float32 whatever the
+operand dtype (bf16 allowed).
 
 Layout: q, k, v are (B, L, H, hd) as for the references in geo_attention.py, kept so (no
 transposed copies), zero-padded to whole blocks (padded keys lie above the diagonal of
@@ -67,6 +68,18 @@ def first_query_block(k_block: jax.Array, block_q: int, block_k: int) -> jax.Arr
   return jax.lax.div(jnp.asarray(k_block * block_k, jnp.int32), jnp.int32(block_q))
 
 
+def unmasked_key_blocks(q_block: jax.Array, block_q: int, block_k: int, num_k_blocks: int) -> jax.Array:
+  """Number of leading key blocks every query of q_block sees whole (no causal mask needed)."""
+  first_query = jnp.asarray(q_block * block_q + 1, jnp.int32)
+  return jnp.minimum(jax.lax.div(first_query, jnp.int32(block_k)), num_k_blocks)
+
+
+def first_unmasked_query_block(k_block: jax.Array, block_q: int, block_k: int, num_q_blocks: int) -> jax.Array:
+  """First query block whose every query sees all of k_block (no causal mask needed)."""
+  last_key_rounded_up = jnp.asarray((k_block + 1) * block_k - 1 + block_q - 1, jnp.int32)
+  return jnp.minimum(jax.lax.div(last_key_rounded_up, jnp.int32(block_q)), num_q_blocks)
+
+
 def _rows(x: jax.Array, block: jax.Array, size: int, axis: int = 1) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, block * size, size, axis=axis)
 
@@ -86,11 +99,12 @@ def _forward(a: jax.Array, b: jax.Array, v: jax.Array, gamma: jax.Array, transfo
     out, lse = carry
     a_i = _rows(a, i, block_q)
 
-    def key_step(j, inner):
+    def key_step(j, inner, masked):
       acc, row_max, row_sum = inner
       x = jnp.einsum("bqhd,bkhd->bhqk", a_i, _rows(b, j, block_k), preferred_element_type=jnp.float32)
-      mask = causal_block_mask(i * block_q, j * block_k, block_q, block_k)
-      s = jnp.where(mask, tile_logits(x, g, transform), MASK_VALUE)
+      s = tile_logits(x, g, transform)
+      if masked:  # only the blocks crossing the diagonal
+        s = jnp.where(causal_block_mask(i * block_q, j * block_k, block_q, block_k), s, MASK_VALUE)
       new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
       p = jnp.exp(s - new_max[..., None])
       rescale = jnp.exp(row_max - new_max)
@@ -102,7 +116,10 @@ def _forward(a: jax.Array, b: jax.Array, v: jax.Array, gamma: jax.Array, transfo
     init = (jnp.zeros((batch, heads, block_q, head_dim), jnp.float32),
             jnp.full((batch, heads, block_q), MASK_VALUE, jnp.float32),
             jnp.zeros((batch, heads, block_q), jnp.float32))
-    acc, row_max, row_sum = jax.lax.fori_loop(0, key_blocks_up_to(i, block_q, block_k, num_k), key_step, init)
+    whole = unmasked_key_blocks(i, block_q, block_k, num_k)
+    carry = jax.lax.fori_loop(0, whole, functools.partial(key_step, masked=False), init)
+    acc, row_max, row_sum = jax.lax.fori_loop(whole, key_blocks_up_to(i, block_q, block_k, num_k),
+                                              functools.partial(key_step, masked=True), carry)
     out = _put_rows(out, jnp.swapaxes(acc / row_sum[..., None], 1, 2), i, block_q)
     return out, _put_rows(lse, row_max + jnp.log(row_sum), i, block_q, axis=2)
 
@@ -124,14 +141,15 @@ def _backward(a, b, v, gamma, out, lse, dout, transform, block_q, block_k):
     da, db, dv, dgamma = carry
     b_j, v_j = _rows(b, j, block_k), _rows(v, j, block_k)
 
-    def query_step(i, inner):
+    def query_step(i, inner, masked):
       db_j, dv_j, da, dgamma = inner
       a_i, do_i = _rows(a, i, block_q), _rows(dout, i, block_q)
       lse_i, delta_i = _rows(lse, i, block_q, axis=2), _rows(delta, i, block_q, axis=2)
       x = jnp.einsum("bqhd,bkhd->bhqk", a_i, b_j, preferred_element_type=jnp.float32)
       s, ds_dx, ds_dgamma = tile_logits_and_slopes(x, g, transform)
-      mask = causal_block_mask(i * block_q, j * block_k, block_q, block_k)
-      p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+      p = jnp.exp(s - lse_i[..., None])
+      if masked:
+        p = jnp.where(causal_block_mask(i * block_q, j * block_k, block_q, block_k), p, 0.0)
       dv_j = dv_j + jnp.einsum("bhqk,bqhd->bkhd", p.astype(v.dtype), do_i, preferred_element_type=jnp.float32)
       dp = jnp.einsum("bqhd,bkhd->bhqk", do_i, v_j, preferred_element_type=jnp.float32)
       ds = p * (dp - delta_i[..., None])
@@ -142,8 +160,11 @@ def _backward(a, b, v, gamma, out, lse, dout, transform, block_q, block_k):
       return db_j, dv_j, da, dgamma + jnp.sum(ds * ds_dgamma, axis=(0, 2, 3))
 
     zeros = jnp.zeros(b_j.shape, jnp.float32)
-    db_j, dv_j, da, dgamma = jax.lax.fori_loop(first_query_block(j, block_q, block_k), num_q, query_step,
-                                               (zeros, zeros, da, dgamma))
+    whole_from = first_unmasked_query_block(j, block_q, block_k, num_q)
+    inner = jax.lax.fori_loop(first_query_block(j, block_q, block_k), whole_from,
+                              functools.partial(query_step, masked=True), (zeros, zeros, da, dgamma))
+    db_j, dv_j, da, dgamma = jax.lax.fori_loop(whole_from, num_q, functools.partial(query_step, masked=False),
+                                               inner)
     return da, _put_rows(db, db_j, j, block_k), _put_rows(dv, dv_j, j, block_k), dgamma
 
   init = (jnp.zeros(a.shape, jnp.float32), jnp.zeros(b.shape, b.dtype), jnp.zeros(v.shape, v.dtype),

@@ -6,7 +6,8 @@ body is tested on CPU against the blockwise JAX version (blockwise_geo.py), whic
 the fallback and the oracle. The tile math (score transform, its slopes, the causal mask,
 the block bounds) is imported from blockwise_geo.py, so both paths compute it alike.
 
-One program handles one (query or key block, batch row, head):
+One program handles one (query or key block, batch row, head); each loop runs in two parts,
+the blocks wholly below the diagonal without a mask and those crossing it with one:
   forward  grid (nq, B, H): online softmax over key blocks 0 .. diagonal; writes out, lse
   dkv      grid (nk, B, H): loops query blocks diagonal .. end; writes dk~, dv
   dq       grid (nq, B, H): loops key blocks 0 .. diagonal; writes dq~ and a partial dgamma
@@ -24,8 +25,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from neon_qtg_jax.ops.blockwise_geo import (causal_block_mask, first_query_block, key_blocks_up_to,
-                                            tile_logits, tile_logits_and_slopes)
+from neon_qtg_jax.ops.blockwise_geo import (causal_block_mask, first_query_block, first_unmasked_query_block,
+                                            key_blocks_up_to, tile_logits, tile_logits_and_slopes,
+                                            unmasked_key_blocks)
 from neon_qtg_jax.ops.geo_attention import MASK_VALUE, sqrt_probs
 
 TRANSFORM = "geo"
@@ -42,12 +44,13 @@ def _forward_kernel(a_ref, b_ref, v_ref, gamma_ref, out_ref, lse_ref, *, block_q
   a = a_ref[...]
   gamma = gamma_ref[...]
 
-  def key_step(j, carry):
+  def key_step(j, carry, masked):
     acc, row_max, row_sum = carry
     rows = pl.ds(j * block_k, block_k)
     x = _dot(a, b_ref[rows, :], trans_b=True)
-    mask = causal_block_mask(i * block_q, j * block_k, block_q, block_k)
-    s = jnp.where(mask, tile_logits(x, gamma, TRANSFORM), MASK_VALUE)
+    s = tile_logits(x, gamma, TRANSFORM)
+    if masked:  # only the blocks crossing the diagonal
+      s = jnp.where(causal_block_mask(i * block_q, j * block_k, block_q, block_k), s, MASK_VALUE)
     new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
     p = jnp.exp(s - new_max[:, None])
     rescale = jnp.exp(row_max - new_max)
@@ -58,17 +61,21 @@ def _forward_kernel(a_ref, b_ref, v_ref, gamma_ref, out_ref, lse_ref, *, block_q
   num_k = b_ref.shape[0] // block_k
   init = (jnp.zeros(a.shape, jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
-  acc, row_max, row_sum = jax.lax.fori_loop(0, key_blocks_up_to(i, block_q, block_k, num_k), key_step, init)
+  whole = unmasked_key_blocks(i, block_q, block_k, num_k)
+  carry = jax.lax.fori_loop(0, whole, functools.partial(key_step, masked=False), init)
+  acc, row_max, row_sum = jax.lax.fori_loop(whole, key_blocks_up_to(i, block_q, block_k, num_k),
+                                            functools.partial(key_step, masked=True), carry)
   out_ref[...] = (acc / row_sum[:, None]).astype(out_ref.dtype)
   lse_ref[...] = row_max + jnp.log(row_sum)
 
 
-def _tile_grads(a, b, v, dout, lse, delta, gamma, q_block, k_block, block_q, block_k):
-  """Recomputes one (block_q, block_k) tile; returns (p, ds, dx) for the three gradient products."""
+def _tile_grads(a, b, v, dout, lse, delta, gamma, q_block, k_block, block_q, block_k, masked):
+  """Recomputes one (block_q, block_k) tile; returns (p, ds * dg/dgamma, dx) for the gradient products."""
   x = _dot(a, b, trans_b=True)
   s, ds_dx, ds_dgamma = tile_logits_and_slopes(x, gamma, TRANSFORM)
-  mask = causal_block_mask(q_block * block_q, k_block * block_k, block_q, block_k)
-  p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+  p = jnp.exp(s - lse[:, None])
+  if masked:
+    p = jnp.where(causal_block_mask(q_block * block_q, k_block * block_k, block_q, block_k), p, 0.0)
   ds = p * (_dot(dout, v, trans_b=True) - delta[:, None])
   return p, ds * ds_dgamma, (ds * ds_dx).astype(a.dtype)
 
@@ -79,17 +86,20 @@ def _dkv_kernel(a_ref, b_ref, v_ref, gamma_ref, dout_ref, lse_ref, delta_ref, db
   b, v = b_ref[...], v_ref[...]
   gamma = gamma_ref[...]
 
-  def query_step(i, carry):
+  def query_step(i, carry, masked):
     db, dv = carry
     rows = pl.ds(i * block_q, block_q)
     a, dout = a_ref[rows, :], dout_ref[rows, :]
-    p, _, dx = _tile_grads(a, b, v, dout, lse_ref[rows], delta_ref[rows], gamma, i, j, block_q, block_k)
+    p, _, dx = _tile_grads(a, b, v, dout, lse_ref[rows], delta_ref[rows], gamma, i, j, block_q, block_k, masked)
     dv = dv + _dot(p.astype(dout.dtype), dout, trans_a=True)
     return db + _dot(dx, a, trans_a=True), dv
 
   num_q = a_ref.shape[0] // block_q
   zeros = jnp.zeros(b.shape, jnp.float32)
-  db, dv = jax.lax.fori_loop(first_query_block(j, block_q, block_k), num_q, query_step, (zeros, zeros))
+  whole_from = first_unmasked_query_block(j, block_q, block_k, num_q)
+  carry = jax.lax.fori_loop(first_query_block(j, block_q, block_k), whole_from,
+                            functools.partial(query_step, masked=True), (zeros, zeros))
+  db, dv = jax.lax.fori_loop(whole_from, num_q, functools.partial(query_step, masked=False), carry)
   db_ref[...] = db.astype(db_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -100,16 +110,19 @@ def _dq_kernel(a_ref, b_ref, v_ref, gamma_ref, dout_ref, lse_ref, delta_ref, da_
   a, dout, lse, delta = a_ref[...], dout_ref[...], lse_ref[...], delta_ref[...]
   gamma = gamma_ref[...]
 
-  def key_step(j, carry):
+  def key_step(j, carry, masked):
     da, dgamma = carry
     rows = pl.ds(j * block_k, block_k)
     b = b_ref[rows, :]
-    _, ds_gamma, dx = _tile_grads(a, b, v_ref[rows, :], dout, lse, delta, gamma, i, j, block_q, block_k)
+    _, ds_gamma, dx = _tile_grads(a, b, v_ref[rows, :], dout, lse, delta, gamma, i, j, block_q, block_k, masked)
     return da + _dot(dx, b), dgamma + jnp.sum(ds_gamma)
 
   num_k = b_ref.shape[0] // block_k
-  da, dgamma = jax.lax.fori_loop(0, key_blocks_up_to(i, block_q, block_k, num_k), key_step,
-                                 (jnp.zeros(a.shape, jnp.float32), jnp.float32(0.0)))
+  whole = unmasked_key_blocks(i, block_q, block_k, num_k)
+  carry = jax.lax.fori_loop(0, whole, functools.partial(key_step, masked=False),
+                            (jnp.zeros(a.shape, jnp.float32), jnp.float32(0.0)))
+  da, dgamma = jax.lax.fori_loop(whole, key_blocks_up_to(i, block_q, block_k, num_k),
+                                 functools.partial(key_step, masked=True), carry)
   da_ref[...] = da.astype(da_ref.dtype)
   dgamma_ref[...] = dgamma
 
