@@ -1,6 +1,5 @@
 """Sliding-window perplexity: each token scored once with the longest context; a uniform model scores V."""
 
-import json
 import math
 
 import jax.numpy as jnp
