@@ -8,6 +8,7 @@ import email
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -87,6 +88,22 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 240.0) -> No
     time.sleep(0.005)
 
 
+def tensorboard_tags(logdir: str) -> set[str]:
+  """Summary tags in the TFRecord event files of logdir (length, crc, Event proto, crc per record)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  tags = set()
+  for name in os.listdir(logdir):
+    with open(os.path.join(logdir, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      length = struct.unpack("<Q", data[offset:offset + 8])[0]
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      tags.update(value.tag for value in event.summary.value)
+      offset += 12 + length + 4
+  return tags
+
+
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
   """An uninterrupted 8-step run: its workdir and logged losses."""
@@ -102,7 +119,11 @@ def test_train_reports_validation_and_unigram_perplexity(reference):
   workdir, _, stdout = reference
   assert "unigram perplexity" in stdout and "validation perplexity" in stdout
   assert os.path.exists(os.path.join(workdir, "outputs", "plots", "loss.png"))
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  tags = tensorboard_tags(os.path.join(workdir, "tensorboard"))
+  assert {"train/loss", "train/ce", "train/topo", "train/geo", "train/quantum", "train/perplexity", "train/lr",
+          "train/grad_norm", "train/param_norm", "perf/tokens_per_s", "perf/step_time_s", "perf/data_wait_s",
+          "val/loss", "val/perplexity"} <= tags
+  assert any(tag.startswith("memory/") for tag in tags)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
 
 
