@@ -3,6 +3,10 @@
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import optax
 import pytest
@@ -16,6 +20,7 @@ from neon_qtg_jax.data.tokenizer import Tokenizer
 from neon_qtg_jax.evaluation import perplexity
 from neon_qtg_jax.inference import generate as generate_mode
 from neon_qtg_jax.inference.restore import load_model
+from neon_qtg_jax.inference.sampling import SamplingParams, generate
 from neon_qtg_jax.model import QTGModel
 from neon_qtg_jax.training.checkpointing import Checkpointer
 
@@ -30,7 +35,8 @@ def run_dir(tmp_path_factory):
   (root / "corpus.txt").write_text("\n\n".join(TEXT))
   config.data.update(dict(source="text", paths=str(root / "corpus.txt"), text_split="blank_line",
                           data_dir=str(root / "data"), val_fraction=0.2, max_length=16, stride=8))
-  config.model.update(dict(vocab_size=384, embed_dim=16, num_layers=1, num_heads=2, max_seq_len=32))
+  # d=64: the 128 x 128 kernels are large enough to be sharded over several devices
+  config.model.update(dict(vocab_size=384, embed_dim=64, num_layers=1, num_heads=4, max_seq_len=32))
   prepare_dataset(config, progress=False, num_processes=1)  # the tokenizer comes out smaller than 384 ids
   tokenizer = Tokenizer.load(config.data.data_dir)
   config.eval.update(dict(max_length=16, stride=8))
@@ -102,3 +108,27 @@ def test_generate_mode_names_a_missing_prompts_file(run_dir):
   args = dataclasses.replace(RunArgs(workdir=str(root / "work")), prompts_file=str(root / "nope.txt"))
   with pytest.raises(FileNotFoundError, match="nope.txt"):
     generate_mode.run(config, args)
+
+
+def test_a_checkpoint_restores_sharded_on_another_device_count(run_dir):
+  root, config, _, _ = run_dir
+  script = textwrap.dedent(f"""
+      import json, jax
+      from flax import nnx
+      from neon_qtg_jax.inference.restore import load_model
+      from neon_qtg_jax.inference.sampling import SamplingParams, generate
+      restored = load_model({str(root / "work")!r}, "best")
+      specs = sorted({{str(x.sharding.spec) for x in jax.tree.leaves(nnx.state(restored.model))}})
+      tokens = generate(restored.model, [[5, 6, 7], [8]], sampling_cfg=SamplingParams(temperature=0.0),
+                        max_new_tokens=4, eos_id=None, seed=0)
+      print(json.dumps({{"devices": jax.device_count(), "specs": specs, "tokens": tokens}}))
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  other = json.loads(run.stdout.strip().splitlines()[-1])
+  assert other["devices"] == 4 and any("fsdp" in spec for spec in other["specs"])
+  here = load_model(str(root / "work"), "best").model
+  greedy = SamplingParams(temperature=0.0)
+  assert other["tokens"] == generate(here, [[5, 6, 7], [8]], sampling_cfg=greedy, max_new_tokens=4, eos_id=None, seed=0)
