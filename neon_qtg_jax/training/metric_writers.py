@@ -56,8 +56,10 @@ class TensorBoardWriter(MetricWriter):
 
   def write_summaries(self, step, values, metadata=None):
     for key, value in values.items():
-      self._writer.add_scalar(key, _scalar(value), step) if np.ndim(value) == 0 else \
-          self._writer.add_histogram(key, np.asarray(value), step)
+      if np.ndim(value) == 0:
+        self._writer.add_scalar(key, _scalar(value), step)
+      else:
+        self._writer.add_histogram(key, np.asarray(value), step)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     for key, value in scalars.items():
