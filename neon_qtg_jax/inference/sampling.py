@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neon_qtg_jax.inference.decoding import DecodeCache, forward_cached, init_cache, left_pad
+from neon_qtg_jax.inference.decoding import DecodeCache, forward_cached, init_cache, left_pad, shard_cache
 from neon_qtg_jax.model.qtg import QTGModel
+from neon_qtg_jax.parallel.mesh import make_mesh
 
 PROMPT_BUCKET = 16  # prompt slots are rounded up to a multiple of this to reuse compilations
 NOT_GENERATED = -1  # output slot after a row stopped
@@ -156,6 +157,8 @@ def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, samplin
   lengths = jnp.asarray([len(p) for p in prompt_ids], jnp.int32)
   graphdef, state = nnx.split(model)
   cache = init_cache(model, len(prompt_ids), slots + max_new_tokens)
+  if jax.device_count() > 1:
+    cache = shard_cache(cache, make_mesh())
 
   began = time.perf_counter()
   logits, cache = _prefill(graphdef, state, cache, tokens, positions, valid)
