@@ -75,6 +75,7 @@ def test_eval_mode_scores_a_jsonl_file_and_counts_bad_lines(run_dir, capsys):
   assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
   assert result["bad_input"]["counts"] == {"malformed_json": 1}
   assert result["checkpoint_step"] == 3
+  assert (root / "ppl.png").stat().st_size > 0  # the per-token loss histogram
   assert "perplexity" in capsys.readouterr().out
 
 

@@ -37,6 +37,7 @@ def test_score_stream_counts_each_token_once():
 
   score = score_stream(fake_log_probs, tokens, max_length=32, stride=12, batch_size=3, progress=False)
   assert score.tokens == 202 and score.nll == pytest.approx(202.0)
+  assert score.loss_counts.sum() == 202
   assert set(seen) == {(3, 32)}  # one compiled shape: short windows and the last batch are padded
 
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.evaluation import mmlu
 from neon_qtg_jax.evaluation.perplexity import model_log_prob_fn
+from neon_qtg_jax.evaluation.plots import plot_subject_accuracy
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
 
 
@@ -66,9 +67,12 @@ def main(argv=None) -> int:
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "w") as f:
     json.dump(result, f, indent=2)
+  plot_path = os.path.splitext(output)[0] + ".png"
+  plot_subject_accuracy({s: v["accuracy"] for s, v in result["per_subject"].items()}, 0.25, plot_path,
+                        f"MMLU {args.k}-shot, checkpoint step {restored.step}: macro {result['macro_accuracy']:.3f}")
   print(f"MMLU {args.k}-shot ({args.scoring}): macro accuracy {result['macro_accuracy']:.4f}, "
         f"micro {result['micro_accuracy']:.4f} over {result['questions']} questions in {result['subjects']} "
-        f"subjects; {bad.count} bad rows skipped -> {output}")
+        f"subjects; {bad.count} bad rows skipped -> {output}, {plot_path}")
   return 0
 
 

@@ -27,10 +27,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from neon_qtg_jax.evaluation.plots import plot_token_losses
 from neon_qtg_jax.loss import target_log_probs
 from neon_qtg_jax.model.qtg import QTGModel
 
 LogProbFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # inputs, targets (B, W) -> log p (B, W)
+LOSS_BIN_EDGES = np.linspace(0.0, 20.0, 101)  # per-token loss histogram (nats); larger losses go in the last bin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Score:
   nll: float          # summed negative log-likelihood, nats
   tokens: int         # scored targets
   windows: int
+  loss_counts: np.ndarray | None = None  # tokens per LOSS_BIN_EDGES bin
 
   @property
   def loss(self) -> float:
@@ -87,6 +90,7 @@ def score_stream(log_prob_fn: LogProbFn, tokens: np.ndarray, *, max_length: int,
   """Sliding-window negative log-likelihood of a 1-D token stream."""
   plan = window_plan(len(tokens), max_length, stride)
   nll, count = 0.0, 0
+  loss_counts = np.zeros(len(LOSS_BIN_EDGES) - 1, np.int64)
   num_batches = -(-len(plan) // batch_size)
   bar = tqdm(_batches(tokens, plan, max_length, batch_size), total=num_batches, desc="perplexity",
              unit="batch", disable=not progress, file=sys.stdout)
@@ -94,8 +98,9 @@ def score_stream(log_prob_fn: LogProbFn, tokens: np.ndarray, *, max_length: int,
     logp = np.asarray(log_prob_fn(inputs, targets), np.float64)
     nll -= float(np.sum(np.where(scored, logp, 0.0)))
     count += int(scored.sum())
+    loss_counts += np.histogram(np.clip(-logp[scored], 0.0, LOSS_BIN_EDGES[-1]), LOSS_BIN_EDGES)[0]
     bar.set_postfix(loss=f"{nll / max(count, 1):.4f}")
-  return Score(nll, count, len(plan))
+  return Score(nll, count, len(plan), loss_counts)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -181,9 +186,12 @@ def run(config, args) -> int:
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "w") as f:
     json.dump(result, f, indent=2)
+  plot_path = os.path.splitext(output)[0] + ".png"
+  plot_token_losses(LOSS_BIN_EDGES, score.loss_counts, score.loss, plot_path,
+                    f"per-token loss, checkpoint step {restored.step}, {os.path.basename(source)}")
   bpb = f"{result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else "n/a"
   print(f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.3f}, bits/byte {bpb}, "
-        f"{result['tokens']} tokens -> {output}")
+        f"{result['tokens']} tokens -> {output} (histogram {plot_path})")
   counts = issues.get("counts", {}) if isinstance(issues, dict) else {}
   if counts:
     print(f"bad input skipped or repaired: {counts} (details in {output})")
