@@ -166,3 +166,18 @@ def test_keeps_last_k_plus_best_and_falls_back_from_a_corrupt_step(tmp_path, cap
   assert step == 4 and restored["meta"] == {"step": 4}
   assert "checkpoint" in caplog.text and "/5 is unreadable" in caplog.text
   saver.close()
+
+
+def test_dropout_keys_come_from_the_state_rng_and_step():
+  c = tiny_config()
+  c.model.dropout = 0.3
+  graphdef, state = ts.create_train_state(c, jax.random.PRNGKey(0))
+  step = jax.jit(ts.train_step_fn(c, graphdef))  # not donated: the same state is stepped twice
+  batch = random_batch(0, 4)
+  _, first = step(state, batch)
+  _, again = step(state, batch)
+  _, next_step = step(state.replace(step=state.step + 1), batch)
+  clean = ts.make_eval_step(c, graphdef)(state.params, batch)
+  assert float(first["loss"]) == float(again["loss"])  # reproducible, so a resumed run sees the same masks
+  assert float(first["loss"]) != float(next_step["loss"])  # a new mask every step
+  assert float(first["ce"]) != float(clean["ce"])  # dropout is on in training, off in evaluation
