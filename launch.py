@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# A training process owns its GPU: let XLA's allocator take 95% of it rather than the default 75%
+# (the 7b step needs more than 75% of an H200). An explicit setting in the environment wins.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import ml_collections
 from absl import app, flags

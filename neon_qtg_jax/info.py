@@ -96,8 +96,9 @@ def _activation_bytes_per_token_layer(m: ml_collections.ConfigDict, length: int)
 
 
 def training_memory(config: ml_collections.ConfigDict, num_params: int, num_devices: int = 1) -> dict[str, float]:
-  """Estimated bytes per device: fp32 params, grads and AdamW moments sharded over devices (FSDP);
-  activations of one microbatch under the configured remat policy, split over the batch."""
+  """Estimated bytes per device: fp32 params, grads (twice with accumulation) and AdamW moments
+  sharded over devices (FSDP); activations of one microbatch under the configured remat policy,
+  split over the batch."""
   m, t = config.model, config.training
   length = config.data.max_length
   tokens_per_device = t.batch_size * length / min(num_devices, t.batch_size)
@@ -107,9 +108,11 @@ def training_memory(config: ml_collections.ConfigDict, num_params: int, num_devi
   logits = 2 * 4 * m.vocab_size  # float32 logits and their gradient
   activations = tokens_per_device * (saved + one_layer_live + logits)
   shard = 1.0 / num_devices
+  # With accumulation the step holds the float32 gradient sum beside one microbatch's gradients.
+  grad_buffers = 2 if t.grad_accum_steps > 1 else 1
   out = {
       "params": 4.0 * num_params * shard,
-      "grads": 4.0 * num_params * shard,
+      "grads": 4.0 * grad_buffers * num_params * shard,
       "optimizer": 8.0 * num_params * shard,
       "activations": activations,
   }

@@ -158,7 +158,7 @@ def write_samples(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, par
   prompt_ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
   max_new = min(s.max_new_tokens, config.model.max_seq_len - max(len(p) for p in prompt_ids))
   outputs = generate(nnx.merge(graphdef, params), prompt_ids, sampling_cfg=s, max_new_tokens=max_new,
-                     eos_id=tokenizer.eos_id, seed=s.seed)
+                     eos_id=tokenizer.eos_id, seed=s.seed, valid_vocab=tokenizer.vocab_size)
   text = "\n\n".join(f"=== prompt {i}: {p!r}\n{p}{tokenizer.decode(o)}" for i, (p, o) in enumerate(zip(prompts, outputs)))
   path = os.path.join(workdir, "outputs", "samples", f"step_{step:07d}.txt")
   os.makedirs(os.path.dirname(path), exist_ok=True)
