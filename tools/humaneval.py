@@ -13,7 +13,6 @@ container you can afford to lose.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,17 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ml_collections
 
-from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.evaluation import humaneval
 from neon_qtg_jax.evaluation.sandbox import Limits
 from neon_qtg_jax.inference.generate import text_completer
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
+from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool, write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True, help="training run directory (or a checkpoint path)")
-  p.add_argument("--checkpoint", default="best", help="a step, 'best', 'latest' or a path")
+  add_checkpoint_args(p)
   p.add_argument("--allow_code_execution", action="store_true", help="required: runs model-written code")
   p.add_argument("--num_samples", type=int, default=1, help="completions per problem (n)")
   p.add_argument("--k", default="1", help="comma-separated k for pass@k (each <= num_samples)")
@@ -82,17 +80,11 @@ def main(argv=None) -> int:
       "outcomes": statuses, "network_isolation": sorted({o.network for o in outcomes}),
       "samples_file": samples_path, "per_task": scores["per_task"],
   }
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(output, result)
   print(" ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("pass@")) +
         f" over {len(problems)} problems x {args.num_samples} samples; outcomes {statuses} -> {output}")
   return 0
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (FileNotFoundError, DataError, ValueError, RuntimeError) as err:  # bad paths, data or endpoint: no traceback
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+  run_tool(main)

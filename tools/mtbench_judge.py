@@ -13,15 +13,14 @@ appended as they arrive and a rerun resumes where the last one stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.evaluation import mtbench, mtbench_judge
+from neon_qtg_jax.evaluation.tool_cli import run_tool, write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,8 +53,7 @@ def main(argv=None) -> int:
       "judge_model": args.judge_model, "judge_url": args.judge_url, "answers": os.path.abspath(args.answers),
       "judgments": os.path.abspath(output)}
   summary_path = os.path.splitext(output)[0] + "_summary.json"
-  with open(summary_path, "w") as f:
-    json.dump(summary, f, indent=2)
+  write_json(summary_path, summary)
   score = f"{summary['score']:.3f}" if summary["score"] is not None else "n/a"
   print(f"MT-Bench score {score} (turn 1 {summary['turn_1']}, turn 2 {summary['turn_2']}) from "
         f"{summary['judged_turns']} judged turns, {summary['unparsed_ratings']} without a rating -> {summary_path}")
@@ -63,8 +61,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (FileNotFoundError, DataError, ValueError, RuntimeError) as err:  # bad paths, data or endpoint: no traceback
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+  run_tool(main)
