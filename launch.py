@@ -11,10 +11,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from neon_qtg_jax import cli
 from neon_qtg_jax.config import ConfigError, default_config, validate
+from neon_qtg_jax.data.sources import DataError
 
 
 def reject_unknown_overrides(argv: list[str]) -> None:
@@ -49,6 +51,7 @@ _OUTPUT = flags.DEFINE_string("output", "", "Result file; empty: a default under
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax narrates every restore at INFO and WARNING
   config = _CONFIG.value
   try:
     validate(config)
@@ -58,7 +61,11 @@ def main(argv: list[str]) -> int:
   args = cli.RunArgs(workdir=_WORKDIR.value, resume_from=_RESUME_FROM.value, checkpoint=_CHECKPOINT.value,
                      info_format=_INFO_FORMAT.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
                      eval_data=_EVAL_DATA.value, output=_OUTPUT.value)
-  return cli.mode_function(_MODE.value)(config, args) or 0
+  try:
+    return cli.mode_function(_MODE.value)(config, args) or 0
+  except (FileNotFoundError, DataError) as err:  # a missing checkpoint or unusable data: one clear line
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
