@@ -8,6 +8,10 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -58,6 +62,19 @@ def test_restore_reads_the_checkpoint_parameters(run_dir):
   assert restored.step == 3
   for a, b in zip(nnx.state(model, nnx.Param).flat_state(), nnx.state(restored.model, nnx.Param).flat_state()):
     assert a[0] == b[0] and (a[1][...] == b[1][...]).all()
+
+
+def test_bf16_restore_halves_parameter_memory_and_keeps_the_predictions(run_dir):
+  root, config, _, model = run_dir
+  bf16 = ml_collections.ConfigDict(config.to_dict())
+  bf16.model.dtype = "bfloat16"
+  restored = load_model(str(root / "work"), "best", bf16).model
+  for (path, a), (_, b) in zip(nnx.state(model, nnx.Param).flat_state(), nnx.state(restored, nnx.Param).flat_state()):
+    assert b[...].dtype == jnp.bfloat16, path
+    np.testing.assert_array_equal(b[...], a[...].astype(jnp.bfloat16))
+  tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 384)
+  reference = jax.nn.log_softmax(model(tokens))
+  np.testing.assert_allclose(jax.nn.log_softmax(restored(tokens)), reference, atol=0.05)
 
 
 def test_eval_mode_scores_a_jsonl_file_and_counts_bad_lines(run_dir, capsys):
