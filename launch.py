@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from neon_qtg_jax import cli
 from neon_qtg_jax.config import ConfigError, default_config, validate
 from neon_qtg_jax.data.sources import DataError
+from neon_qtg_jax.training.backup import BackupError
 
 
 def reject_unknown_overrides(argv: list[str]) -> None:
@@ -39,8 +40,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/neon_qtg_tiny.py", 
                                           lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", sorted(cli.MODES), "What to run.")
 _WORKDIR = flags.DEFINE_string("workdir", cli.RunArgs.workdir, "Run directory: checkpoints, logs, samples.")
-_RESUME_FROM = flags.DEFINE_string("resume_from", "", "Train: resume from a step, 'best', 'latest' or a path.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "Eval/generate: a step, 'best', 'latest' or a path.")
+_RESUME_FROM = flags.DEFINE_string("resume_from", "", "Train: resume from a step, 'best', 'latest', 'backup' or a path.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "Eval/generate: a step, 'best', 'latest', a path or a URL.")
 _INFO_FORMAT = flags.DEFINE_enum("info_format", "text", ["text", "json"], "Info mode output format.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Generate: one prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with one prompt per line.")
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> int:
                      eval_data=_EVAL_DATA.value, output=_OUTPUT.value)
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
-  except (FileNotFoundError, DataError) as err:  # a missing checkpoint or unusable data: one clear line
+  except (FileNotFoundError, DataError, BackupError) as err:  # a missing checkpoint, unusable data: one line
     print(f"error: {err}", file=sys.stderr)
     return 2
 

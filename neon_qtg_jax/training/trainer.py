@@ -23,7 +23,7 @@ import psutil
 from flax import nnx
 
 from neon_qtg_jax import info, parallel
-from neon_qtg_jax.training import checkpointing, plots
+from neon_qtg_jax.training import backup, checkpointing, plots
 from neon_qtg_jax.training import train_step as ts
 from neon_qtg_jax.training.metric_writers import create_run_writer, read_jsonl
 from neon_qtg_jax.training.preemption import PreemptionFlag
@@ -122,6 +122,11 @@ def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: 
   if found is None:
     if named:
       raise RuntimeError(f"checkpoint {candidates[0]} in {source.directory} is unreadable (see the warning above)")
+    if config.training.backup_url:  # no local checkpoint reads: the backup's newest verified step, if any
+      workdir = os.path.dirname(checkpointer.directory)
+      fetched = backup.fetch_for_resume(config, args, workdir, local_unreadable=True)
+      if fetched.resume_from:
+        return restore_or_init(config, fetched, checkpointer, state, train_iter, mesh)
     log.warning("no readable checkpoint in %s: starting from step 0", source.directory)
     return state, Progress()
   step, restored = found
@@ -227,6 +232,7 @@ class WindowStats:
 def run(config: ml_collections.ConfigDict, args: Any) -> int:
   workdir = os.path.abspath(args.workdir)
   setup_logging(workdir)
+  args = backup.fetch_for_resume(config, args, workdir)
   t = config.training
   log.info("workdir %s; devices: %d x %s", workdir, jax.device_count(), jax.devices()[0].device_kind)
 
@@ -239,6 +245,8 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
   checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints)
   state, progress = restore_or_init(config, args, checkpointer, state, data.train_iter, mesh)
   start_step = int(jax.device_get(state.step))
+  backup.discard_fetched(workdir)
+  uploader = backup.start_uploader(config, workdir, start_step)
 
   train_step = ts.make_train_step(config, graphdef, mesh)
   eval_step = ts.make_eval_step(config, graphdef)
@@ -278,7 +286,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
       last = step == t.total_steps or out_of_time  # evaluate, sample and save before stopping
 
       if step % t.log_steps == 0 or last:
-        scalars = window.summary(config, peak)
+        scalars = window.summary(config, peak) | uploader.scalars()
         now = time.perf_counter()
         progress.train_seconds += now - window.started
         window.reset(now)
@@ -332,6 +340,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
 
     writer.flush()
     checkpointer.close()
+    uploader.close(60 * t.backup_wait_minutes)
   writer.close()
   kept = checkpointer.steps()
   plots.plot_loss_curves(read_jsonl(metrics_path), plot_path, unigram_perplexity=data.unigram_perplexity)
