@@ -138,8 +138,8 @@ def test_backup_resume_on_a_fresh_workdir_matches_the_uninterrupted_run(s3, data
 
 def test_backup_outage_training_goes_on_and_the_upload_completes(s3, data_dir, tmp_path):
   url, workdir = f"s3://{BUCKET}/outage", str(tmp_path / "run")
-  cmd, env = train_command(s3, data_dir, workdir, 1000, url, "--config.training.save_steps=50",
-                           "--config.training.eval_steps=500", "--config.training.log_steps=10")
+  cmd, env = train_command(s3, data_dir, workdir, 600, url, "--config.training.save_steps=100",
+                           "--config.training.eval_steps=300", "--config.training.log_steps=10")
   log_path = os.path.join(workdir, "outputs", "logs", "training.log")
 
   def log_text() -> str:
@@ -164,10 +164,10 @@ def test_backup_outage_training_goes_on_and_the_upload_completes(s3, data_dir, t
       process.kill()
   text = log_text()
   failed = text.index(f"backup to {url} failed")
-  assert re.search(r"INFO step \d+/1000", text[failed:]), "no training step was logged during the outage"
+  assert re.search(r"INFO step \d+/600", text[failed:]), "no training step was logged during the outage"
   assert "reachable again" in text and "every checkpoint is in" in text
   local = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
-  assert 1000 in local
+  assert 600 in local
   assert verified_steps(url, str(tmp_path / "check")) == local
   failures = [r["backup/failures"] for r in train_runs.read_jsonl(os.path.join(workdir, "outputs", "logs",
                                                                                 "metrics.jsonl"))

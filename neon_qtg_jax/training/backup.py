@@ -106,11 +106,14 @@ def upload_dir(local: str, remote: epath.Path, extra: dict[str, Any] | None = No
 
   The old index goes first, so a replaced step is never complete while its files change.
   """
+  names = _files(epath.Path(local))
+  if not names:
+    raise FileNotFoundError(2, "nothing to upload", local)
   _remove(remote / INDEX_FILE)
   _remove(remote)
   remote.mkdir(parents=True, exist_ok=True)
   files, total = {}, 0
-  for rel in _files(epath.Path(local)):
+  for rel in names:
     target = remote / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     size, sha = _copy(epath.Path(local) / rel, target)
@@ -398,10 +401,11 @@ class BackupUploader:
       try:
         size = upload_dir(step_dir, self.root / CHECKPOINTS / str(step),
                           {"step": step, "metrics": step_metrics(step_dir), "time": time.time()})
-      except FileNotFoundError:
-        if os.path.isdir(step_dir):
+      except FileNotFoundError as err:
+        if not str(err.filename or "").startswith(step_dir):
           raise
-        _remove(self.root / CHECKPOINTS / str(step))  # Orbax's keep policy deleted it meanwhile
+        log.info("backup: step %d was deleted locally (keep policy) during its upload; skipped", step)
+        _remove(self.root / CHECKPOINTS / str(step))
         continue
       elapsed = time.perf_counter() - start
       self._uploaded.add(step)
