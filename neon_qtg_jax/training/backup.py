@@ -291,10 +291,9 @@ def discard_fetched(workdir: str) -> None:
 def localize(url: str, which: str = "latest", cache_dir: str | None = None) -> str:
   """A local path for a checkpoint URL (eval, generate): url/checkpoints/{step}, or a backup root with `which`.
 
-  Verified downloads are cached under cache_dir (default $XDG_CACHE_HOME or ~/.cache, then
-  neon_qtg_jax/backup) by URL and
-  step, and reused when the backup's index is unchanged. The tokenizer goes into the run's
-  data.data_dir when that has none.
+  Verified downloads are cached under cache_dir (default: $XDG_CACHE_HOME or ~/.cache, then
+  neon_qtg_jax/backup) by URL and step, and reused while the step's index is unchanged. The
+  tokenizer goes into the run's data.data_dir when that has none.
   """
   cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   cache_dir = cache_dir or os.path.join(cache_home, "neon_qtg_jax", "backup")
@@ -308,7 +307,8 @@ def localize(url: str, which: str = "latest", cache_dir: str | None = None) -> s
   step = _order(root, steps, which)[0]
   index_text = (location(root) / CHECKPOINTS / str(step) / INDEX_FILE).read_text()
   marker = os.path.join(local_dir, f"{step}.index.json")
-  if not (os.path.exists(marker) and open(marker, encoding="utf-8").read() == index_text):
+  cached = os.path.exists(marker) and epath.Path(marker).read_text() == index_text
+  if not cached:
     step = fetch_checkpoint(root, local_dir, str(step) if which.isdigit() else which)
     with open(os.path.join(local_dir, f"{step}.index.json"), "w", encoding="utf-8") as f:
       f.write((location(root) / CHECKPOINTS / str(step) / INDEX_FILE).read_text())
