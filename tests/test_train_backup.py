@@ -165,6 +165,7 @@ def test_backup_outage_training_goes_on_and_the_upload_completes(s3, data_dir, t
   local = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
   assert 8 in local
   assert verified_steps(url, str(tmp_path / "check")) == local
+  assert {k.split("/")[2] for k in keys("outage/checkpoints/")} == {str(s) for s in local}  # no partial leftovers
   failures = [r["backup/failures"] for r in train_runs.read_jsonl(os.path.join(workdir, "outputs", "logs",
                                                                                 "metrics.jsonl"))
               if "backup/failures" in r]

@@ -347,6 +347,7 @@ class BackupUploader:
     self.status = BackupStatus()
     self._uploaded: set[int] = set()     # steps this uploader put in the backup (or found complete there)
     self._run_files_done = False
+    self._interrupted = False            # a sync failed: partial uploads may be left in the backup
     self._start_step = start_step
     self._lock = threading.Lock()
     self._stop = threading.Event()       # set by close(): one last sync, retried until it succeeds or...
@@ -423,6 +424,12 @@ class BackupUploader:
       _remove(self.root / CHECKPOINTS / str(step))
       self._uploaded.discard(step)
       log.info("backup: step %d deleted from %s (no longer kept locally)", step, self.url)
+    if self._interrupted:  # an upload cut short left files without an index: remove those of gone steps
+      for path in _fresh(self.root / CHECKPOINTS).iterdir():
+        if path.name.isdigit() and int(path.name) not in kept and not (path / INDEX_FILE).exists():
+          _remove(path)
+          log.info("backup: removed the unfinished upload %s", path)
+      self._interrupted = False
 
   def _loop(self) -> None:
     backoff = self.initial_backoff
@@ -431,6 +438,7 @@ class BackupUploader:
       try:
         self.sync_once()
       except Exception as err:  # noqa: BLE001 - any storage error: report, retry later, never stop training
+        self._interrupted = True
         with self._lock:
           self.status.failures += 1
           self.status.consecutive_failures += 1
