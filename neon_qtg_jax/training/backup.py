@@ -334,7 +334,7 @@ class BackupUploader:
   """Mirrors the finalized steps of a local Orbax checkpoint directory to the backup in a background thread.
 
   A step directory is final once Orbax renamed it to its step number. New steps are uploaded
-  oldest first; a step that Orbax's keep policy deleted locally is deleted from the backup after
+  newest first; a step that Orbax's keep policy deleted locally is deleted from the backup after
   it; a failed upload is logged and retried with exponential backoff. Training never waits for
   it, except in close(), which gives pending uploads a bounded time.
   """
@@ -394,7 +394,7 @@ class BackupUploader:
     local = self._local_steps()
     with self._lock:
       self.status.pending = len([s for s in local if s not in self._uploaded])
-    for step in local:
+    for step in sorted(local, reverse=True):  # newest first: after an outage the resume point goes up first
       if step in self._uploaded:
         continue
       step_dir = os.path.join(self.checkpoint_dir, str(step))
@@ -411,7 +411,7 @@ class BackupUploader:
       elapsed = time.perf_counter() - start
       self._uploaded.add(step)
       with self._lock:
-        self.status.last_step = step
+        self.status.last_step = max(self.status.last_step, step)
         self.status.megabytes += size / 2**20
         self.status.seconds += elapsed
         self.status.pending = len([s for s in self._local_steps() if s not in self._uploaded])
