@@ -208,6 +208,38 @@ def test_backup_index_rejects_partial_and_changed_steps(s3, tmp_path):
     backup.fetch_for_resume(config, RunArgs(resume_from="backup"), str(tmp_path / "workdir"))
 
 
+def test_backup_uploader_mirrors_the_kept_steps_to_a_directory(tmp_path):
+  local, target = tmp_path / "run" / "checkpoints", str(tmp_path / "nfs" / "backup")
+
+  def write_step(step: int, payload: bytes) -> None:
+    (local / str(step) / "params").mkdir(parents=True)
+    (local / str(step) / "params" / "a").write_bytes(payload)
+
+  def wait_until(predicate) -> None:
+    deadline = time.monotonic() + 30
+    while not predicate():
+      assert time.monotonic() < deadline, "the uploader did not get there in 30 s"
+      time.sleep(0.02)
+
+  write_step(2, b"two")
+  write_step(6, b"six of an abandoned branch")  # after the resumed step 4: stale, never uploaded
+  (tmp_path / "config.json").write_text("{}")
+  uploader = backup.BackupUploader(target, str(local), {"config.json": str(tmp_path / "config.json")},
+                                   start_step=4, poll_seconds=0.02)
+  wait_until(lambda: backup.backed_up_steps(target) == [2])  # newest first: 6 was passed over before 2
+  assert backup.backed_up_steps(target) == [2]
+  assert os.path.exists(os.path.join(target, "run", "config.json"))
+
+  shutil.rmtree(local / "6")
+  write_step(6, b"six written by this run")
+  wait_until(lambda: backup.backed_up_steps(target) == [2, 6])
+  assert open(os.path.join(target, "checkpoints", "6", "params", "a"), "rb").read() == b"six written by this run"
+  shutil.rmtree(local / "2")  # the keep policy deletes a step: so does the backup
+  wait_until(lambda: backup.backed_up_steps(target) == [6])
+  assert uploader.close(30)
+  assert uploader.scalars()["backup/last_step"] == 6 and uploader.scalars()["backup/failures"] == 0
+
+
 @pytest.mark.parametrize("url, message", [("http://host/x", "scheme http:// is not supported"),
                                           ("s3://", "valid bucket name"), ("s3://Bad_Bucket/x", "valid bucket")])
 def test_backup_url_is_validated(url, message):

@@ -349,6 +349,9 @@ class BackupUploader:
     self._run_files_done = False
     self._interrupted = False            # a sync failed: partial uploads may be left in the backup
     self._start_step = start_step
+    # Local steps after the one the run resumed from are stale (unreadable, or of an abandoned branch):
+    # never uploaded unless the run writes that step again (a new directory, a new mtime).
+    self._stale = {s: self._mtime(s) for s in self._local_steps() if s > start_step}
     self._lock = threading.Lock()
     self._stop = threading.Event()       # set by close(): one last sync, retried until it succeeds or...
     self._give_up = threading.Event()    # ...close() stops waiting
@@ -361,6 +364,23 @@ class BackupUploader:
     except FileNotFoundError:
       return []
 
+  def _current_steps(self) -> list[int]:
+    """The finalized local steps of this run: stale ones are left out until written again."""
+    out = []
+    for step in self._local_steps():
+      if step in self._stale:
+        if self._stale[step] == self._mtime(step):
+          continue
+        self._stale.pop(step, None)
+      out.append(step)
+    return out
+
+  def _mtime(self, step: int) -> int | None:
+    try:
+      return os.stat(os.path.join(self.checkpoint_dir, str(step))).st_mtime_ns
+    except FileNotFoundError:
+      return None
+
   def _upload_run_files(self) -> None:
     staging = os.path.join(os.path.dirname(self.checkpoint_dir), FETCH_DIR + ".run_files")
     shutil.rmtree(staging, ignore_errors=True)
@@ -368,7 +388,8 @@ class BackupUploader:
     for name, src in self.run_files.items():
       if os.path.exists(src):
         shutil.copy2(src, os.path.join(staging, name))
-    upload_dir(staging, self.root / RUN_FILES)
+    if os.listdir(staging):
+      upload_dir(staging, self.root / RUN_FILES)
     shutil.rmtree(staging, ignore_errors=True)
     self._run_files_done = True
 
@@ -389,9 +410,9 @@ class BackupUploader:
     if not self._run_files_done:
       self._upload_run_files()
       self._drop_abandoned()
-      self._uploaded |= set(backed_up_steps(self.url)) & set(self._local_steps())
+      self._uploaded |= set(backed_up_steps(self.url)) & set(self._current_steps())
       self.status.last_step = max(self._uploaded, default=-1)
-    local = self._local_steps()
+    local = self._current_steps()
     with self._lock:
       self.status.pending = len([s for s in local if s not in self._uploaded])
     for step in sorted(local, reverse=True):  # newest first: after an outage the resume point goes up first
@@ -414,9 +435,9 @@ class BackupUploader:
         self.status.last_step = max(self.status.last_step, step)
         self.status.megabytes += size / 2**20
         self.status.seconds += elapsed
-        self.status.pending = len([s for s in self._local_steps() if s not in self._uploaded])
+        self.status.pending = len([s for s in self._current_steps() if s not in self._uploaded])
       log.info("backup: step %d uploaded to %s (%.1f MB in %.1f s)", step, self.url, size / 2**20, elapsed)
-    kept = set(self._local_steps())
+    kept = set(self._current_steps())
     if not kept:
       return
     for step in sorted(self._uploaded - kept):  # every kept step is in the backup by now
@@ -473,11 +494,11 @@ class BackupUploader:
     self._stop.set()
     self._thread.join(timeout_s)
     self._give_up.set()
-    done = not self._thread.is_alive() and all(s in self._uploaded for s in self._local_steps())
+    done = not self._thread.is_alive() and all(s in self._uploaded for s in self._current_steps())
     if done:
       log.info("backup: every checkpoint is in %s (last step %d)", self.url, self.status.last_step)
     else:
-      missing = [s for s in self._local_steps() if s not in self._uploaded]
+      missing = [s for s in self._current_steps() if s not in self._uploaded]
       log.warning("backup: steps %s are not in %s after waiting %.0f s (training.backup_wait_minutes); "
                   "the next run with this workdir uploads them", missing, self.url, timeout_s)
     return done
