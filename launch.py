@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import traceback
 
 # A training process owns its GPU: let XLA's allocator take 95% of it rather than the default 75%
 # (the 7b step needs more than 75% of an H200). An explicit setting in the environment wins.
@@ -33,7 +35,34 @@ def reject_unknown_overrides(argv: list[str]) -> None:
       node = node[part]
 
 
+def check_config_file(argv: list[str], default: str) -> None:
+  """Exits 2 with one line when the --config file is missing or fails to load (config_flags would print a traceback)."""
+  path = default
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  path, *config_args = path.split(":")  # config_flags' "file.py:argument" form
+  if not os.path.isfile(path):
+    print(f"error: config file {path}: not found", file=sys.stderr)
+    sys.exit(2)
+  try:
+    spec = importlib.util.spec_from_file_location("_launch_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+      raise AttributeError("defines no get_config()")
+    module.get_config(*config_args)
+  except Exception as err:  # any error in the user's file: name it, its line and the reason
+    line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__)) if f.filename == path),
+                getattr(err, "lineno", None))
+    print(f"error: config file {path}{f', line {line}' if line else ''}: {type(err).__name__}: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 # config_flags applies --config.* overrides while the flag is defined, so check them first.
+check_config_file(sys.argv, "configs/neon_qtg_tiny.py")
 reject_unknown_overrides(sys.argv)
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/neon_qtg_tiny.py", "Config file (ml-collections).",
                                           lock_config=True)
