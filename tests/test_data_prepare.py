@@ -16,7 +16,7 @@ from neon_qtg_jax.data import prepare, sources
 from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.prepare import document_hash, prepare_dataset, validation_mask
 from neon_qtg_jax.data.sources import DataError
-from neon_qtg_jax.data.tokenizer import Tokenizer
+from neon_qtg_jax.data.tokenizer import Tokenizer, sample_sentences
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu naïve café".split()
 
@@ -76,6 +76,22 @@ def test_splits_hold_every_document_exactly_once(prepared):
     assert decoded == [t for t, m in zip(texts, mask) if m]
     assert manifest.documents[split] == int(mask.sum())
   assert 0 < manifest.documents["val"] < manifest.documents["train"]
+
+
+def test_tokenizer_sample_holds_train_documents_only(tmp_path, monkeypatch):
+  texts = write_corpus(tmp_path / "corpus", num_docs=40, seed=3)
+  seen = []
+
+  def recording_sample(documents, *args, **kwargs):
+    documents = list(documents)
+    seen.extend(doc.text for doc in documents)
+    return sample_sentences(documents, *args, **kwargs)
+
+  monkeypatch.setattr(prepare, "sample_sentences", recording_sample)
+  manifest = prepare_dataset(make_config(tmp_path, tmp_path / "corpus"), progress=False, num_processes=1)
+  val = validation_mask(np.array([document_hash(t) for t in texts], dtype=np.uint64), 0.25)
+  assert manifest.documents["val"] == int(val.sum()) > 0
+  assert sorted(seen) == sorted(t for t, m in zip(texts, val) if not m)
 
 
 def test_manifest_records_sources_counts_and_tokenizer(prepared):

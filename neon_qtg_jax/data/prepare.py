@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import tqdm
@@ -57,6 +57,13 @@ def document_hash(text: str) -> int:
 def validation_mask(hashes: np.ndarray, val_fraction: float) -> np.ndarray:
   """True for documents in the validation split: hash / 2**64 < val_fraction. hashes: uint64 (N,)."""
   return hashes < np.uint64(val_fraction * 2.0**64)
+
+
+def train_documents(documents: Iterable[src.Document], val_fraction: float) -> Iterator[src.Document]:
+  """The documents the split assigns to train (the tokenizer's sample must not see validation)."""
+  for doc in documents:
+    if not validation_mask(np.array([document_hash(doc.text)], dtype=np.uint64), val_fraction)[0]:
+      yield doc
 
 
 # Worker side. Each worker process loads the tokenizer once.
@@ -274,7 +281,7 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
   except DataError:
     _log(progress, f"tokenizer: sampling {d.tokenizer_sample_sentences} lines from {len(files)} file(s)")
     sample_issues = Issues()  # the full pass below counts bad input once
-    docs = src.documents_from_config(d, sample_issues)
+    docs = train_documents(src.documents_from_config(d, sample_issues), d.val_fraction)
     sentences = sample_sentences(docs, d.tokenizer_sample_sentences, seed=config.data.shuffle_seed,
                                  progress=progress)
     if not sentences:
