@@ -180,8 +180,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(data_dir, referenc
   result = run(data_dir, workdir, 8)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "/8 is unreadable" in result.stdout and "falling back" in result.stdout
+  aside = os.path.join(workdir, "checkpoints", "8.unreadable")
+  assert f"moved to {aside}, not deleted" in result.stdout
   assert f"resumed from {os.path.join(workdir, 'checkpoints')}/4" in result.stdout
   assert losses(workdir) == {s: expected[s] for s in (5, 6, 7, 8)}
+  # The unreadable step is kept as it was, beside the new step 8 and outside keep-K rotation.
+  assert os.path.isdir(os.path.join(aside, "params")) and os.path.isdir(os.path.join(workdir, "checkpoints", "8"))
+  assert any(open(os.path.join(d, f), "rb").read() == b"not a checkpoint"
+             for d, _, fs in os.walk(os.path.join(aside, "params")) for f in fs)
 
 
 @pytest.mark.slow  # ~20 s: its learning rate compiles a step of its own

@@ -215,14 +215,31 @@ class Checkpointer:
     return out
 
   def restore_latest_good(self, candidates: list[int], **kwargs) -> tuple[int, dict[str, Any]] | None:
-    """Tries the steps newest first; an unreadable one is logged as a warning and the previous one is used."""
+    """Tries the steps newest first; an unreadable one is moved aside (see move_aside) and the previous one used."""
     for step in sorted(candidates, reverse=True):
       try:
         return step, self.restore(step, **kwargs)
       except Exception as err:  # noqa: BLE001 - any read failure means: fall back to the previous step
-        log.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one",
-                    self.directory, step, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        kept = self.move_aside(step)
+        log.warning("checkpoint %s/%d is unreadable (%s); moved to %s, not deleted; falling back to the "
+                    "previous one", self.directory, step, reason, kept)
     return None
+
+  def move_aside(self, step: int) -> str:
+    """Renames step's directory to `{step}.unreadable` (then .1, .2, ...): kept for the user, out of Orbax's view.
+
+    Orbax lists only directories named by a step number, so the renamed one is never restored,
+    counted in keep-K rotation or deleted by it; a new save of the same step does not collide.
+    """
+    source = os.path.join(self.directory, str(step))
+    target, n = f"{source}.unreadable", 0
+    while os.path.exists(target):
+      n += 1
+      target = f"{source}.unreadable.{n}"
+    os.rename(source, target)
+    self.manager.reload()
+    return target
 
   def delete_after(self, step: int) -> None:
     """Removes checkpoints newer than `step` (resuming from an older step starts a new branch there)."""
