@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from neon_qtg_jax import cli
 from neon_qtg_jax.config import ConfigError, default_config, validate
 from neon_qtg_jax.data.sources import DataError
+from neon_qtg_jax.training.save_faults import CheckpointSaveError
 
 
 def reject_unknown_overrides(argv: list[str]) -> None:
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
                      eval_data=_EVAL_DATA.value, output=_OUTPUT.value)
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
-  except (FileNotFoundError, DataError) as err:  # a missing checkpoint or unusable data: one clear line
+  except (FileNotFoundError, DataError, CheckpointSaveError) as err:  # missing checkpoint, bad data, full disk
     print(f"error: {err}", file=sys.stderr)
     return 2
 

@@ -236,7 +236,8 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
 
   mesh = parallel.make_mesh()
   graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)
-  checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints)
+  checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints,
+                                            on_save_error=t.on_save_error)
   state, progress = restore_or_init(config, args, checkpointer, state, data.train_iter, mesh)
   start_step = int(jax.device_get(state.step))
 
