@@ -76,6 +76,7 @@ _PROMPT = flags.DEFINE_string("prompt", "", "Generate: one prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with one prompt per line.")
 _EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the validation split.")
 _OUTPUT = flags.DEFINE_string("output", "", "Result file; empty: a default under the workdir.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Eval: replace an earlier result of the same name.")
 
 
 def main(argv: list[str]) -> int:
@@ -90,10 +91,11 @@ def main(argv: list[str]) -> int:
     return 2
   args = cli.RunArgs(workdir=_WORKDIR.value, resume_from=_RESUME_FROM.value, checkpoint=_CHECKPOINT.value,
                      info_format=_INFO_FORMAT.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
-                     eval_data=_EVAL_DATA.value, output=_OUTPUT.value)
+                     eval_data=_EVAL_DATA.value, output=_OUTPUT.value,
+                     overwrite=_OVERWRITE.value)
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
-  except (FileNotFoundError, DataError, CheckpointSaveError) as err:  # missing checkpoint, bad data, full disk
+  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError) as err:  # one clear line
     print(f"error: {err}", file=sys.stderr)
     return 2
 

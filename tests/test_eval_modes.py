@@ -22,6 +22,7 @@ from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.prepare import prepare_dataset
 from neon_qtg_jax.data.tokenizer import Tokenizer
 from neon_qtg_jax.evaluation import perplexity
+from neon_qtg_jax.evaluation.result_files import ResultExistsError
 from neon_qtg_jax.inference import generate as generate_mode
 from neon_qtg_jax.inference.restore import load_model
 from neon_qtg_jax.inference.sampling import SamplingParams, generate
@@ -105,6 +106,24 @@ def test_eval_mode_scores_the_prepared_validation_split(run_dir):
   assert result["tokens"] == manifest.tokens["val"]  # every token after the leading EOS, once
   assert result["bytes"] == manifest.text_bytes["val"]
   assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / result["bytes"])
+
+
+def test_eval_results_are_named_after_the_data_and_never_overwritten(run_dir, tmp_path):
+  root, config, _, _ = run_dir
+  workdir = tmp_path / "work"
+  subprocess.run(["cp", "-r", str(root / "work"), str(workdir)], check=True)
+  data = tmp_path / "eval.jsonl"
+  data.write_text(json.dumps({"text": "def g(x):\n\treturn x"}) + "\n")
+  assert perplexity.run(config, RunArgs(workdir=str(workdir))) == 0
+  assert perplexity.run(config, RunArgs(workdir=str(workdir), eval_data=str(data))) == 0
+  names = sorted(os.listdir(workdir / "eval"))
+  assert names[0].startswith("perplexity_eval-") and names[2] == "perplexity_val_len16_stride8_step3.json"
+  assert len(names) == 4  # two JSON results, two histograms
+  first = (workdir / "eval" / names[2]).read_text()
+  with pytest.raises(ResultExistsError, match="already holds an earlier result; pass --overwrite"):
+    perplexity.run(config, RunArgs(workdir=str(workdir)))
+  assert (workdir / "eval" / names[2]).read_text() == first
+  assert perplexity.run(config, RunArgs(workdir=str(workdir), overwrite=True)) == 0
 
 
 def test_generate_mode_prints_text_speed_and_memory(run_dir, capsys):

@@ -24,6 +24,7 @@ import ml_collections
 
 from neon_qtg_jax.evaluation import humaneval
 from neon_qtg_jax.evaluation.sandbox import Limits, choose_isolation
+from neon_qtg_jax.evaluation.result_files import claim, result_path
 from neon_qtg_jax.inference.generate import text_completer
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
 from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool, write_json
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--memory_mb", type=int, default=1024, help="address-space limit per program")
   p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="programs run at once")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--output", default="", help="result JSON (default: WORKDIR/eval/humaneval_stepN.json)")
+  p.add_argument("--output", default="", help="result JSON (default: WORKDIR/eval/humaneval_n..._stepN.json)")
   return p.parse_args(argv)
 
 
@@ -68,13 +69,18 @@ def main(argv=None) -> int:
   if args.limit:
     problems = dict(list(problems.items())[:args.limit])
   restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint)
+  settings = {"n": args.num_samples, "t": args.temperature, "topk": args.top_k, "topp": args.top_p,
+              "tok": args.max_new_tokens, "seed": args.seed}
+  if args.limit:
+    settings["limit"] = args.limit
+  output = claim(args.output or result_path(args.workdir, "humaneval", "164", step=restored.step, settings=settings),
+                 args.overwrite)
+  samples_path = claim(os.path.splitext(output)[0] + "_samples.jsonl", args.overwrite)
   sampling = ml_collections.ConfigDict({"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p})
   complete = text_completer(restored.model, tokenizer, sampling, args.max_new_tokens, seed=args.seed)
   samples = humaneval.generate_samples(complete, problems, args.num_samples, args.batch_size)
   outcomes = humaneval.execute(problems, samples, allow_execution=True, limits=limits, workers=args.workers)
   scores = humaneval.pass_at_k(samples, outcomes, ks)
-  output = args.output or os.path.join(args.workdir, "eval", f"humaneval_step{restored.step}.json")
-  samples_path = os.path.splitext(output)[0] + "_samples.jsonl"
   humaneval.write_samples(samples_path, samples, outcomes)
   statuses = {}
   for o in outcomes:
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
       "filesystem_isolation": sorted({o.filesystem for o in outcomes}),
       "samples_file": samples_path, "per_task": scores["per_task"],
   }
-  write_json(output, result)
+  write_json(output, result, overwrite=args.overwrite)
   print(" ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("pass@")) +
         f" over {len(problems)} problems x {args.num_samples} samples; outcomes {statuses} -> {output}")
   return 0
