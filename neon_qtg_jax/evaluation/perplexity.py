@@ -185,7 +185,8 @@ def run(config, args) -> int:
                        stride=min(config.eval.stride, max_length), batch_size=config.training.batch_size)
   result = summary(score, text_bytes) | {
       "checkpoint_step": restored.step, "data": source, "max_length": max_length, "stride": config.eval.stride,
-      "workdir": os.path.abspath(args.workdir), "bad_input": issues,
+      "workdir": os.path.abspath(args.workdir), "bad_input": issues, "param_dtype": restored.param_dtype,
+      "compute_dtype": restored.model.cfg.dtype,
   }
   write_json(output, result, overwrite=args.overwrite)
   plot_path = os.path.splitext(output)[0] + ".png"
