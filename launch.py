@@ -77,6 +77,7 @@ _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with o
 _EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the validation split.")
 _OUTPUT = flags.DEFINE_string("output", "", "Result file; empty: a default under the workdir.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Eval: replace an earlier result of the same name.")
+_VERIFY = flags.DEFINE_bool("verify", False, "Prepare: read every data file against the manifest's checksums.")
 
 
 def main(argv: list[str]) -> int:
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
   args = cli.RunArgs(workdir=_WORKDIR.value, resume_from=_RESUME_FROM.value, checkpoint=_CHECKPOINT.value,
                      info_format=_INFO_FORMAT.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
                      eval_data=_EVAL_DATA.value, output=_OUTPUT.value,
-                     overwrite=_OVERWRITE.value)
+                     overwrite=_OVERWRITE.value, verify=_VERIFY.value)
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
   except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError) as err:  # one clear line

@@ -29,6 +29,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import tqdm
 
+from neon_qtg_jax.data import integrity
 from neon_qtg_jax.data import sources as src
 from neon_qtg_jax.data.manifest import MANIFEST_FILE, SETTINGS_FILE, SPLITS, Manifest, data_settings, token_dtype
 from neon_qtg_jax.data.sources import DataError, Issues
@@ -313,7 +314,8 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
       data_dir=data_dir, settings=settings, files=files, dtype=dtype.name, tokenizer=vars(tokenizer.info).copy(),
       documents=documents, tokens=tokens,
       text_bytes={s: int(stats["num_bytes"][stats["is_val"] == (s == "val")].sum()) for s in SPLITS},
-      num_shards=num_shards, issues=issues.to_dict(), timings=timings)
+      num_shards=num_shards, issues=issues.to_dict(), timings=timings,
+      checksums=integrity.directory_checksums(data_dir))
   timings["merge_s"], clock = time.perf_counter() - clock, time.perf_counter()
   from neon_qtg_jax.data.report import write_report
   write_report(manifest, progress=progress)
@@ -430,10 +432,14 @@ def _load_document_stats(data_dir: str) -> dict[str, np.ndarray]:
 
 
 def run(config, args) -> int:
-  """launch.py --mode=prepare: prepares config.data.data_dir and prints where everything went."""
-  del args
+  """launch.py --mode=prepare: prepares config.data.data_dir and prints where everything went; --verify checks it."""
   try:
     manifest = prepare_dataset(config)
+    if getattr(args, "verify", False):
+      clock = time.perf_counter()
+      checked = manifest.verify()
+      print(f"verified {len(manifest.checksums)} files, {checked / 2**20:.1f} MiB, in "
+            f"{time.perf_counter() - clock:.1f}s: every checksum matches the manifest")
   except DataError as err:
     print(f"error: {err}", file=sys.stderr)
     return 1
