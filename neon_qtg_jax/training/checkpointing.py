@@ -287,6 +287,11 @@ class Checkpointer:
     finally:
       self.pending = None
 
+  def check(self) -> None:
+    """Reports a finished asynchronous save's failure now (as in wait) without waiting for a running one."""
+    if self.pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
   def close(self) -> None:
     try:
       self.wait()

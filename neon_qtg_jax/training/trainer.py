@@ -279,6 +279,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
       last = step == t.total_steps or out_of_time  # evaluate, sample and save before stopping
 
       if step % t.log_steps == 0 or last:
+        checkpointer.check()  # a save that failed in the background (disk full) is reported here
         scalars = window.summary(config, peak)
         now = time.perf_counter()
         progress.train_seconds += now - window.started
