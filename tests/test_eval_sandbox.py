@@ -149,3 +149,17 @@ def test_auto_prefers_bubblewrap(monkeypatch):
 def test_this_machine_isolates():
   # CI installs bubblewrap (.ci/run); a machine where nothing isolates must not pass silently.
   assert sandbox.available_isolation(), "neither bubblewrap nor user namespaces work here"
+
+
+def test_humaneval_tool_refuses_before_loading_a_model(monkeypatch, tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "humaneval_tool", os.path.join(os.path.dirname(PROJECT_FILE), "tools", "humaneval.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  monkeypatch.setattr(sandbox, "available_isolation", lambda: ())
+  missing = str(tmp_path / "no_such_run")  # loading a model from here would raise FileNotFoundError
+  with pytest.raises(SandboxUnavailable, match="--unsafe_no_isolation"):
+    tool.main([f"--workdir={missing}", "--allow_code_execution"])
+  with pytest.raises(FileNotFoundError):  # with the unsafe flag it goes on to load the model
+    tool.main([f"--workdir={missing}", "--allow_code_execution", "--unsafe_no_isolation"])
