@@ -83,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.save_steps = 200
   t.save_interval_minutes = 10.0
   t.keep_checkpoints = 3
+  t.on_save_error = "stop"    # a checkpoint that cannot be written (disk full): "stop" the run or "continue"
   t.sample_steps = 200
   t.max_consecutive_nonfinite = 5
   t.max_train_minutes = 0.0   # 0: no wall-clock limit
@@ -194,6 +195,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.warmup_steps <= t.total_steps, "training.warmup_steps",
          f"must be <= training.total_steps={t.total_steps}", t.warmup_steps)
   _check(t.end_lr <= t.lr, "training.end_lr", f"must be <= training.lr={t.lr}", t.end_lr)
+  _check(t.on_save_error in ("stop", "continue"), "training.on_save_error", "must be 'stop' or 'continue'",
+         t.on_save_error)
 
   _check(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}", d.source)
   _check(d.text_split in TEXT_SPLITS, "data.text_split", f"must be one of {TEXT_SPLITS}", d.text_split)

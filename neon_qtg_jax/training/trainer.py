@@ -236,7 +236,8 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
 
   mesh = parallel.make_mesh()
   graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)
-  checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints)
+  checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints,
+                                            on_save_error=t.on_save_error)
   state, progress = restore_or_init(config, args, checkpointer, state, data.train_iter, mesh)
   start_step = int(jax.device_get(state.step))
 
@@ -278,6 +279,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
       last = step == t.total_steps or out_of_time  # evaluate, sample and save before stopping
 
       if step % t.log_steps == 0 or last:
+        checkpointer.check()  # a save that failed in the background (disk full) is reported here
         scalars = window.summary(config, peak)
         now = time.perf_counter()
         progress.train_seconds += now - window.started
