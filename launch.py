@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from neon_qtg_jax import cli
 from neon_qtg_jax.config import ConfigError, default_config, validate
 from neon_qtg_jax.data.sources import DataError
+from neon_qtg_jax.parallel import distributed
 
 
 def reject_unknown_overrides(argv: list[str]) -> None:
@@ -46,12 +47,21 @@ _PROMPT = flags.DEFINE_string("prompt", "", "Generate: one prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with one prompt per line.")
 _EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the validation split.")
 _OUTPUT = flags.DEFINE_string("output", "", "Result file; empty: a default under the workdir.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0 "
+                                   "(else from SLURM, Open MPI or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: how many processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's rank, 0..num_processes-1.")
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax narrates every restore at INFO and WARNING
+  try:  # first: joining the other processes must precede any use of a JAX backend
+    distributed.initialize(distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
+  except ValueError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
   config = _CONFIG.value
   try:
     validate(config)
@@ -63,7 +73,7 @@ def main(argv: list[str]) -> int:
                      eval_data=_EVAL_DATA.value, output=_OUTPUT.value)
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
-  except (FileNotFoundError, DataError) as err:  # a missing checkpoint or unusable data: one clear line
+  except (FileNotFoundError, DataError, ConfigError) as err:  # missing checkpoint, unusable data, bad mesh: one line
     print(f"error: {err}", file=sys.stderr)
     return 2
 

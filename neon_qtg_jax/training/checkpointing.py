@@ -26,6 +26,8 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from neon_qtg_jax.parallel.decisions import all_succeeded
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
@@ -217,11 +219,14 @@ class Checkpointer:
   def restore_latest_good(self, candidates: list[int], **kwargs) -> tuple[int, dict[str, Any]] | None:
     """Tries the steps newest first; an unreadable one is logged as a warning and the previous one is used."""
     for step in sorted(candidates, reverse=True):
+      restored = None
       try:
-        return step, self.restore(step, **kwargs)
+        restored = self.restore(step, **kwargs)
       except Exception as err:  # noqa: BLE001 - any read failure means: fall back to the previous step
         log.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one",
                     self.directory, step, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+      if all_succeeded(restored is not None):  # every process falls back together
+        return step, restored
     return None
 
   def delete_after(self, step: int) -> None:

@@ -1,0 +1,120 @@
+"""Multi-controller training: 2 processes x 2 host devices against 1 process x 4, one writer, SIGTERM, resume.
+
+Every process is a real `launch.py` subprocess joined through jax.distributed (gloo CPU
+collectives) on a free port of 127.0.0.1. The learning rate is constant, so losses at a step do
+not depend on training.total_steps.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from neon_qtg_jax.training.metric_writers import read_jsonl
+from tests.test_train_resume import ROOT, data_dir, overrides  # noqa: F401 - data_dir is a fixture
+
+MESH = {"parallel.data": 1, "parallel.fsdp": 2, "parallel.tensor": 2}  # over 4 devices
+TIMEOUT = 420
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def env(devices: int) -> dict[str, str]:
+  out = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    out.pop(name, None)
+  return out
+
+
+def command(data: str, workdir: str, total_steps: int, mesh: dict, *extra: str) -> list[str]:
+  values = overrides(data) | {"training.total_steps": total_steps, "training.save_steps": 3} | mesh
+  return ["nice", "-n", "5", sys.executable, os.path.join(ROOT, "launch.py"), "--config=configs/neon_qtg_tiny.py",
+          "--mode=train", f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in values.items()], *extra]
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+  records = read_jsonl(os.path.join(workdir, "outputs", "logs", "metrics.jsonl"))
+  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):  # noqa: F811
+  """One process with 4 devices on the (1, 2, 2) mesh, 8 steps uninterrupted."""
+  workdir = str(tmp_path_factory.mktemp("one_process"))
+  result = subprocess.run(command(data_dir, workdir, 8, MESH), cwd=ROOT, env=env(4), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "mesh data=1 x fsdp=2 x tensor=2 over 4 devices in 1 process(es)" in result.stdout
+  return train_losses(workdir)
+
+
+def test_distributed_two_processes_match_one_then_sigterm_saves_and_one_process_resumes(
+    data_dir, reference, tmp_path):  # noqa: F811
+  workdir = str(tmp_path)
+  port = free_port()
+  procs = [subprocess.Popen(command(data_dir, workdir, 1000, MESH, f"--coordinator_address=127.0.0.1:{port}",
+                                    "--num_processes=2", f"--process_id={i}"),
+                            cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    metrics = os.path.join(workdir, "outputs", "logs", "metrics.jsonl")
+    while not (os.path.exists(metrics) and max(train_losses(workdir), default=0) >= 4):
+      assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+      assert time.monotonic() < deadline, "timed out waiting for the two-process run"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # one process only: both must save the same step and exit 0
+    outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  stdout0, _ = outputs[0]
+  assert "mesh data=1 x fsdp=2 x tensor=2 over 4 devices in 2 process(es)" in stdout0
+  assert "(a preemption signal to another process)" in stdout0
+
+  two = train_losses(workdir)
+  stopped = max(two)
+  assert stopped < 8, "stopped too late to compare with the 8-step reference"
+  for step in range(1, stopped + 1):
+    assert abs(two[step] - reference[step]) < 1e-5, (step, two[step], reference[step])
+  # Both processes took part in the same final checkpoint (Orbax writes it once, Grain once per process).
+  step_dir = os.path.join(workdir, "checkpoints", str(stopped))
+  saved = sorted(name for name in os.listdir(os.path.join(step_dir, "data")) if name.endswith(".json"))
+  assert saved == ["process_0-of-2.json", "process_1-of-2.json"]
+  # One writer: every log line is process 0's, each step is recorded once, one TensorBoard file.
+  with open(os.path.join(workdir, "outputs", "logs", "training.log"), encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  assert lines and all("[process 0]" in line for line in lines)
+  steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "outputs", "logs", "metrics.jsonl"))
+           if "train/loss" in r]
+  assert steps == sorted(set(steps))
+  assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1
+
+  # One process with 2 devices and another mesh resumes from that checkpoint: the same next-step loss.
+  result = subprocess.run(command(data_dir, workdir, stopped + 1, {"parallel.fsdp": 2, "parallel.tensor": 1}),
+                          cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=TIMEOUT)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert f"resumed from {workdir}/checkpoints/{stopped}" in result.stdout
+  assert "under another process layout" in result.stdout
+  resumed = train_losses(workdir)[stopped + 1]
+  assert abs(resumed - reference[stopped + 1]) < 1e-5, (resumed, reference[stopped + 1])
+
+
+def test_batch_that_does_not_split_over_the_data_axes_is_a_config_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch.py"), "--config=configs/neon_qtg_tiny.py", "--mode=train",
+       f"--workdir={tmp_path}", "--config.training.batch_size=6", "--config.parallel.fsdp=4"],
+      cwd=ROOT, env=env(4), capture_output=True, text=True, timeout=TIMEOUT)
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert "'training.batch_size' = 6: must be divisible by the 4 devices" in result.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "outputs"))  # rejected before any work
