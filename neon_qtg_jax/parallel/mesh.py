@@ -52,11 +52,14 @@ def make_mesh(parallel_cfg: ml_collections.ConfigDict | None = None,
   parallel_cfg = parallel_cfg if parallel_cfg is not None else default_config().parallel
   devices = list(jax.devices() if devices is None else devices)
   ici, dcn = mesh_shape(parallel_cfg, len(devices))
-  if math.prod(dcn.values()) > 1:
+  num_nodes = math.prod(dcn.values())
+  if num_nodes > 1 and len({d.process_index for d in devices}) == num_nodes:  # one process per node
     array = mesh_utils.create_hybrid_device_mesh([ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES],
                                                  devices, process_is_granule=True)
     return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  return jax.make_mesh([ici[a] for a in MESH_AXES], MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+  # One node, or a stand-in for several (forced host devices in one process, the memory table):
+  # the same axis sizes without the node-major device order.
+  return jax.make_mesh([ici[a] * dcn[a] for a in MESH_AXES], MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 
 
