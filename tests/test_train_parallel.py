@@ -89,3 +89,22 @@ def test_two_host_devices_give_the_single_device_result():
   result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
+
+
+def test_mesh_sizes_resolve_and_bad_ones_name_the_field():
+  from neon_qtg_jax.config import ConfigError, validate
+  c = default_config()
+  c.parallel.update(data=1, fsdp=-1, tensor=2, dcn_fsdp=2)
+  assert parallel.mesh_shape(c.parallel, 16) == ({"data": 1, "fsdp": 4, "tensor": 2}, {"data": 1, "fsdp": 2,
+                                                                                        "tensor": 1})
+  c.parallel.update(fsdp=3)
+  with pytest.raises(ConfigError, match="'parallel.data' x 'parallel.fsdp' x 'parallel.tensor' = 1 x 3 x 2"):
+    parallel.mesh_shape(c.parallel, 16)
+  c = default_config()
+  c.parallel.tensor = 3  # the tiny model has 4 heads
+  with pytest.raises(ConfigError, match="'parallel.tensor' = 3: must divide model.num_heads=4"):
+    validate(c)
+  c = default_config()
+  c.parallel.rules = (("embed", ("fsdp", "model")),)
+  with pytest.raises(ConfigError, match="parallel.rules"):
+    validate(c)
