@@ -118,3 +118,33 @@ def test_batch_that_does_not_split_over_the_data_axes_is_a_config_error(tmp_path
   assert result.returncode == 2, result.stdout + result.stderr
   assert "'training.batch_size' = 6: must be divisible by the 4 devices" in result.stderr
   assert not os.path.exists(os.path.join(tmp_path, "outputs"))  # rejected before any work
+
+
+@pytest.mark.slow  # two more two-process runs: about 2 minutes on 2 busy cores
+def test_multiprocess_kill9_then_two_processes_resume_with_the_saved_data_position(data_dir, reference, tmp_path):  # noqa: F811
+  workdir = str(tmp_path)
+
+  def start(total_steps: int) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen(command(data_dir, workdir, total_steps, MESH, f"--coordinator_address=127.0.0.1:{port}",
+                                     "--num_processes=2", f"--process_id={i}"),
+                             cwd=ROOT, env=env(2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i in range(2)]
+
+  procs = start(1000)
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", "3")):
+      assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+      time.sleep(0.01)
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  saved = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+  assert saved < 7
+  procs = start(saved + 2)  # the same process layout: each process restores its own Grain position
+  assert [p.wait(timeout=TIMEOUT) for p in procs] == [0, 0]
+  logged = train_losses(workdir)
+  for step in (saved + 1, saved + 2):
+    assert abs(logged[step] - reference[step]) < 1e-5, (step, logged[step], reference[step])
