@@ -107,6 +107,9 @@ def test_distributed_two_processes_match_one_then_sigterm_saves_and_one_process_
   assert f"resumed from {workdir}/checkpoints/{stopped}" in result.stdout
   assert "under another process layout" in result.stdout
   resumed = train_losses(workdir)[stopped + 1]
+  print(f"2 processes x 2 devices, steps 1..{stopped}: {[two[s] for s in range(1, stopped + 1)]}")
+  print(f"1 process x 4 devices,   steps 1..{stopped + 1}: {[reference[s] for s in range(1, stopped + 2)]}")
+  print(f"after SIGTERM at step {stopped}, 1 process x 2 devices resumed: step {stopped + 1} loss {resumed}")
   assert abs(resumed - reference[stopped + 1]) < 1e-5, (resumed, reference[stopped + 1])
 
 
