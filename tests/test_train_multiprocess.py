@@ -151,3 +151,24 @@ def test_multiprocess_kill9_then_two_processes_resume_with_the_saved_data_positi
   logged = train_losses(workdir)
   for step in (saved + 1, saved + 2):
     assert abs(logged[step] - reference[step]) < 1e-5, (step, logged[step], reference[step])
+
+
+def test_distributed_process_group_from_flags_or_environment(monkeypatch):
+  from neon_qtg_jax.parallel import distributed
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID", "SLURM_NTASKS",
+               "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.resolve().num_processes == 1  # nothing set: a single process, no initialize
+  assert distributed.resolve("10.0.0.1:1234", 4, 3) == distributed.ProcessGroup("10.0.0.1:1234", 4, 3, "flags")
+  with pytest.raises(ValueError, match="give all three"):
+    distributed.resolve("10.0.0.1:1234", 4, 4)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "node0:5000")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "8")
+  monkeypatch.setenv("JAX_PROCESS_ID", "5")
+  assert distributed.resolve() == distributed.ProcessGroup("node0:5000", 8, 5, "environment")
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+  monkeypatch.setenv("SLURM_JOB_ID", "77")
+  monkeypatch.setenv("SLURM_NTASKS", "8")
+  monkeypatch.setenv("SLURM_PROCID", "2")
+  group = distributed.resolve()
+  assert (group.num_processes, group.process_id, group.source) == (8, 2, "SLURM")
