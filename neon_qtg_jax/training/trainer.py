@@ -153,10 +153,9 @@ def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: 
                         nonfinite_total=scalar("nonfinite_total"))
   if train_iter is not None and not same_layout:
     from neon_qtg_jax.data import loader  # pylint: disable=import-outside-toplevel
-    t = config.training
-    rows = t.batch_size * t.grad_accum_steps // inputs.process_rows(mesh, config.parallel.rules,
-                                                                    t.batch_size * t.grad_accum_steps)[1]
-    loader.skip_to_step(train_iter, int(meta["step"]), rows)
+    global_rows = config.training.batch_size * config.training.grad_accum_steps
+    _, count = inputs.process_rows(mesh, config.parallel.rules, global_rows)
+    loader.skip_to_step(train_iter, int(meta["step"]), global_rows // count)
     log.info("data position set from step %d: the checkpoint was written under another process layout",
              int(meta["step"]))
   if source is checkpointer:
@@ -353,8 +352,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
           last_saved_step, last_save_time = step, time.perf_counter()
 
       if (step % t.sample_steps == 0 or out_of_time) and jax.process_count() > 1:
-        log.warning("step %d: no samples during multi-process training; run --mode=generate on the checkpoint",
-                    step)
+        log.info("step %d: no samples during multi-process training; run --mode=generate on the checkpoint", step)
       elif step % t.sample_steps == 0 or out_of_time:
         text = write_samples(config, graphdef, state.params, data.tokenizer, workdir, step)
         writer.write_texts(step, {"samples": text.replace("\n", "  \n")})
