@@ -59,7 +59,13 @@ case "$mode" in
     done
     trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
     status=0
-    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    for pid in "${pids[@]}"; do
+      while true; do
+        wait "$pid" && rc=0 || rc=$?
+        kill -0 "$pid" 2>/dev/null || break  # still running: the wait was cut short by a trapped signal
+      done
+      ((rc == 0)) || status=$rc
+    done
     exit "$status"
     ;;
   host)
