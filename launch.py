@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from neon_qtg_jax import cli
 from neon_qtg_jax.config import ConfigError, default_config, validate
 from neon_qtg_jax.data.sources import DataError
+from neon_qtg_jax.parallel import distributed
 from neon_qtg_jax.training.save_faults import CheckpointSaveError
 
 
@@ -78,12 +79,21 @@ _EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; e
 _OUTPUT = flags.DEFINE_string("output", "", "Result file; empty: a default under the workdir.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Eval: replace an earlier result of the same name.")
 _VERIFY = flags.DEFINE_bool("verify", False, "Prepare: read every data file against the manifest's checksums.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0 "
+                                   "(else from SLURM, Open MPI or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: how many processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's rank, 0..num_processes-1.")
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax narrates every restore at INFO and WARNING
+  try:  # first: joining the other processes must precede any use of a JAX backend
+    distributed.initialize(distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
+  except ValueError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
   config = _CONFIG.value
   try:
     validate(config)
@@ -94,9 +104,10 @@ def main(argv: list[str]) -> int:
                      info_format=_INFO_FORMAT.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
                      eval_data=_EVAL_DATA.value, output=_OUTPUT.value,
                      overwrite=_OVERWRITE.value, verify=_VERIFY.value)
+  # A missing checkpoint, an existing result, unusable data, a failed save or a bad mesh: one clear line.
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
-  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError) as err:  # one clear line
+  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, ConfigError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
 

@@ -26,6 +26,7 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from neon_qtg_jax.parallel.decisions import all_succeeded
 from neon_qtg_jax.training.save_faults import CheckpointSaveError, free_space_warning
 
 log = logging.getLogger(__name__)
@@ -247,10 +248,14 @@ class Checkpointer:
   def restore_latest_good(self, candidates: list[int], **kwargs) -> tuple[int, dict[str, Any]] | None:
     """Tries the steps newest first; an unreadable one is moved aside (see move_aside) and the previous one used."""
     for step in sorted(candidates, reverse=True):
+      restored, reason = None, "unreadable on another process"
       try:
-        return step, self.restore(step, **kwargs)
+        restored = self.restore(step, **kwargs)
       except Exception as err:  # noqa: BLE001 - any read failure means: fall back to the previous step
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+      if all_succeeded(restored is not None):  # every process falls back together
+        return step, restored
+      if jax.process_index() == 0:  # one process renames the shared directory
         kept = self.move_aside(step)
         log.warning("checkpoint %s/%d is unreadable (%s); moved to %s, not deleted; falling back to the "
                     "previous one", self.directory, step, reason, kept)
