@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import traceback
 
 # A training process owns its GPU: let XLA's allocator take 95% of it rather than the default 75%
 # (the 7b step needs more than 75% of an H200). An explicit setting in the environment wins.
@@ -17,6 +19,8 @@ from ml_collections import config_flags
 from neon_qtg_jax import cli
 from neon_qtg_jax.config import ConfigError, default_config, validate
 from neon_qtg_jax.data.sources import DataError
+from neon_qtg_jax.parallel import distributed
+from neon_qtg_jax.training.save_faults import CheckpointSaveError
 from neon_qtg_jax.training.backup import BackupError
 
 
@@ -34,7 +38,34 @@ def reject_unknown_overrides(argv: list[str]) -> None:
       node = node[part]
 
 
+def check_config_file(argv: list[str], default: str) -> None:
+  """Exits 2 with one line when the --config file is missing or fails to load (config_flags would print a traceback)."""
+  path = default
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  path, *config_args = path.split(":")  # config_flags' "file.py:argument" form
+  if not os.path.isfile(path):
+    print(f"error: config file {path}: not found", file=sys.stderr)
+    sys.exit(2)
+  try:
+    spec = importlib.util.spec_from_file_location("_launch_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+      raise AttributeError("defines no get_config()")
+    module.get_config(*config_args)
+  except Exception as err:  # any error in the user's file: name it, its line and the reason
+    line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__)) if f.filename == path),
+                getattr(err, "lineno", None))
+    print(f"error: config file {path}{f', line {line}' if line else ''}: {type(err).__name__}: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 # config_flags applies --config.* overrides while the flag is defined, so check them first.
+check_config_file(sys.argv, "configs/neon_qtg_tiny.py")
 reject_unknown_overrides(sys.argv)
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/neon_qtg_tiny.py", "Config file (ml-collections).",
                                           lock_config=True)
@@ -47,12 +78,23 @@ _PROMPT = flags.DEFINE_string("prompt", "", "Generate: one prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with one prompt per line.")
 _EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the validation split.")
 _OUTPUT = flags.DEFINE_string("output", "", "Result file; empty: a default under the workdir.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Eval: replace an earlier result of the same name.")
+_VERIFY = flags.DEFINE_bool("verify", False, "Prepare: read every data file against the manifest's checksums.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0 "
+                                   "(else from SLURM, Open MPI or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: how many processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's rank, 0..num_processes-1.")
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax narrates every restore at INFO and WARNING
+  try:  # first: joining the other processes must precede any use of a JAX backend
+    distributed.initialize(distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
+  except ValueError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
   config = _CONFIG.value
   try:
     validate(config)
@@ -61,10 +103,12 @@ def main(argv: list[str]) -> int:
     return 2
   args = cli.RunArgs(workdir=_WORKDIR.value, resume_from=_RESUME_FROM.value, checkpoint=_CHECKPOINT.value,
                      info_format=_INFO_FORMAT.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
-                     eval_data=_EVAL_DATA.value, output=_OUTPUT.value)
+                     eval_data=_EVAL_DATA.value, output=_OUTPUT.value,
+                     overwrite=_OVERWRITE.value, verify=_VERIFY.value)
+  # A missing checkpoint, an existing result, unusable data, a failed save or a bad mesh: one clear line.
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
-  except (FileNotFoundError, DataError, BackupError) as err:  # a missing checkpoint, unusable data: one line
+  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, ConfigError, BackupError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
 

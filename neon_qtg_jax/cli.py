@@ -29,6 +29,8 @@ class RunArgs:
   prompts_file: str = ""
   eval_data: str = ""          # JSONL or text file for --mode=eval; empty: the prepared validation split
   output: str = ""             # result file; empty: a default under the workdir
+  overwrite: bool = False      # eval: replace an earlier result of the same name
+  verify: bool = False         # prepare: read every data file against the manifest's checksums
 
 
 def mode_function(mode: str) -> Callable[[ml_collections.ConfigDict, RunArgs], int | None]:

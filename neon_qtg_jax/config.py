@@ -24,6 +24,20 @@ DATA_SOURCES = ("stdlib", "openwebtext", "jsonl", "text")
 TEXT_SPLITS = ("file", "blank_line")
 
 
+# Logical axis -> mesh axes. Every parameter and the block-boundary activations name their axes
+# (model/qtg.py); unlisted names (length, head_dim, norm, qkv, act_embed) are never split.
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),   # rows of a batch
+    ("layers", ()),                # the stacked-layer axis: a scan reads one layer at a time
+    ("embed", ("fsdp",)),          # the 2d residual width of weights (FSDP: gathered per layer)
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),        # attention split by heads (QKV kernel, W_O input, gamma)
+    ("mlp", ("tensor",)),          # the FFN hidden axis
+    ("act_heads", ("tensor",)),
+)
+MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
+
+
 class ConfigError(ValueError):
   """A config value that cannot be used; the message names the field."""
 
@@ -85,6 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.save_steps = 200
   t.save_interval_minutes = 10.0
   t.keep_checkpoints = 3
+  t.on_save_error = "stop"    # a checkpoint that cannot be written (disk full): "stop" the run or "continue"
   t.sample_steps = 200
   t.max_consecutive_nonfinite = 5
   t.max_train_minutes = 0.0   # 0: no wall-clock limit
@@ -118,6 +133,14 @@ def default_config() -> ml_collections.ConfigDict:
   e = c.eval = ml_collections.ConfigDict()
   e.max_length = 128          # perplexity window (<= model.max_seq_len)
   e.stride = 64
+
+  p = c.parallel = ml_collections.ConfigDict()
+  p.data = 1                  # mesh sizes inside one node; -1 on one axis: what the device count leaves
+  p.fsdp = -1
+  p.tensor = 1
+  p.dcn_data = 1              # multipliers across nodes (DCN); 1 on a single host
+  p.dcn_fsdp = 1
+  p.rules = LOGICAL_AXIS_RULES
 
   i = c.info = ml_collections.ConfigDict()
   i.mfu = 0.5                 # assumed model FLOPs utilisation for time estimates
@@ -198,6 +221,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.warmup_steps <= t.total_steps, "training.warmup_steps",
          f"must be <= training.total_steps={t.total_steps}", t.warmup_steps)
   _check(t.end_lr <= t.lr, "training.end_lr", f"must be <= training.lr={t.lr}", t.end_lr)
+  _check(t.on_save_error in ("stop", "continue"), "training.on_save_error", "must be 'stop' or 'continue'",
+         t.on_save_error)
   positive("training", ("backup_wait_minutes",), strict=False)
   backup_problem = url_problem(t.backup_url)
   _check(backup_problem is None, "training.backup_url", str(backup_problem), t.backup_url)
@@ -224,5 +249,25 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(0 < e.stride <= e.max_length, "eval.stride", f"must be in (0, eval.max_length={e.max_length}]",
          e.stride)
   _check(0.0 < cfg.info.mfu <= 1.0, "info.mfu", "must be in (0, 1]", cfg.info.mfu)
+  _validate_parallel(cfg)
   _check(cfg.info.num_devices > 0, "info.num_devices", "must be > 0", cfg.info.num_devices)
   return cfg
+
+
+def _validate_parallel(cfg: ml_collections.ConfigDict) -> None:
+  """Mesh sizes and rules that are wrong whatever the device count (that is checked by parallel.mesh)."""
+  p, m = cfg.parallel, cfg.model
+  for name in MESH_AXIS_NAMES + ("dcn_data", "dcn_fsdp"):
+    _check(p[name] > 0 or (p[name] == -1 and name in MESH_AXIS_NAMES), f"parallel.{name}",
+           "must be > 0 (or -1 on one of data, fsdp, tensor)", p[name])
+  seen = set()
+  for entry in p.rules:
+    ok = (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], tuple)
+          and all(axis in MESH_AXIS_NAMES for axis in entry[1]) and entry[0] not in seen)
+    _check(ok, "parallel.rules", f"each rule is (logical name, tuple of mesh axes from {MESH_AXIS_NAMES}), "
+           "each name once", entry)
+    seen.add(entry[0])
+  if p.tensor > 0:
+    _check(m.num_heads % p.tensor == 0, "parallel.tensor", f"must divide model.num_heads={m.num_heads}", p.tensor)
+    _check(m.mlp_ratio * m.embed_dim % p.tensor == 0, "parallel.tensor",
+           f"must divide the FFN width model.mlp_ratio * model.embed_dim={m.mlp_ratio * m.embed_dim}", p.tensor)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from neon_qtg_jax.model import QTGModel
+from neon_qtg_jax.parallel.mesh import mesh_shape
 
 # Dense bf16 tensor-core peak (FLOP/s) and memory (bytes) per accelerator, from the vendors'
 # data sheets (SXM parts). float32 compute runs as TF32 at half the bf16 rate.
@@ -82,32 +83,43 @@ def flops_per_token(config: ml_collections.ConfigDict) -> dict[str, float]:
           "forward": forward, "train": 3.0 * forward}
 
 
-def _activation_bytes_per_token_layer(m: ml_collections.ConfigDict, length: int) -> dict[str, float]:
-  """Bytes saved for the backward pass per token and layer, for each remat policy (estimate)."""
+def _activation_bytes_per_token_layer(m: ml_collections.ConfigDict, length: int,
+                                      tensor: int = 1) -> dict[str, float]:
+  """Bytes saved for the backward pass per token and layer, for each remat policy (estimate).
+
+  Heads and the FFN hidden axis are split over `tensor` devices; the 2d-wide states are not.
+  """
   d, c = m.embed_dim, (2 if m.dtype == "bfloat16" else 4)
-  hidden = m.mlp_ratio * d
+  hidden, qkv, heads_out, heads = m.mlp_ratio * d / tensor, 3 * d / tensor, d / tensor, m.num_heads / tensor
   # No remat: norms, psi, f, qkv, sphere points, attention out, MLP in/out, residuals, and the
   # per-head softmax row (H x L floats per query, fp32) of the reference attention.
-  everything = (c * (2 * d * 4 + 3 * d + d + 2 * hidden) + 4 * (2 * d * 3 + 2 * d)
-                + 4 * m.num_heads * length + 4 * length)
-  dots = c * (2 * d + 3 * d + 2 * d + hidden + 2 * d) + 4 * 2 * d + 4 * m.num_heads * length
+  everything = (c * (2 * d * 4 + qkv + heads_out + 2 * hidden) + 4 * (2 * d * 3 + 2 * d)
+                + 4 * heads * length + 4 * length)
+  dots = c * (2 * d + qkv + 2 * d + hidden + 2 * d) + 4 * 2 * d + 4 * heads * length
   block_input = 4 * 2 * d
   return {"none": everything, "dots": dots, "dots_no_batch": dots, "block": block_input}
 
 
+def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """{data, fsdp, tensor}: the config's mesh over num_devices, in-node times across-node sizes."""
+  ici, dcn = mesh_shape(config.parallel, num_devices)
+  return {axis: ici[axis] * dcn[axis] for axis in ici}
+
+
 def training_memory(config: ml_collections.ConfigDict, num_params: int, num_devices: int = 1) -> dict[str, float]:
-  """Estimated bytes per device: fp32 params, grads (twice with accumulation) and AdamW moments
-  sharded over devices (FSDP); activations of one microbatch under the configured remat policy,
-  split over the batch."""
+  """Estimated bytes per device on the config's mesh: fp32 params, grads (twice with accumulation)
+  and AdamW moments sharded over fsdp x tensor (replicated over data); activations of one
+  microbatch under the configured remat policy, its rows split over data x fsdp."""
   m, t = config.model, config.training
   length = config.data.max_length
-  tokens_per_device = t.batch_size * length / min(num_devices, t.batch_size)
-  per_layer = _activation_bytes_per_token_layer(m, length)
+  sizes = mesh_sizes(config, num_devices)
+  tokens_per_device = t.batch_size * length / min(sizes["data"] * sizes["fsdp"], t.batch_size)
+  per_layer = _activation_bytes_per_token_layer(m, length, sizes["tensor"])
   saved = per_layer[m.remat] * m.num_layers
   one_layer_live = per_layer["none"]  # the layer being recomputed / differentiated
-  logits = 2 * 4 * m.vocab_size  # float32 logits and their gradient
+  logits = 2 * 4 * m.vocab_size / sizes["tensor"]  # float32 logits and their gradient, vocab split
   activations = tokens_per_device * (saved + one_layer_live + logits)
-  shard = 1.0 / num_devices
+  shard = 1.0 / (sizes["fsdp"] * sizes["tensor"])
   # With accumulation the step holds the float32 gradient sum beside one microbatch's gradients.
   grad_buffers = 2 if t.grad_accum_steps > 1 else 1
   out = {
@@ -147,6 +159,7 @@ def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "params_breakdown": breakdown,
       "params_per_block": spec_block_parameters(m),
       "num_devices": num_devices,
+      "mesh": mesh_sizes(config, num_devices),
       "tokens_per_step": tokens_per_step,
       "flops_per_token": flops,
       "flops_per_step": flops["train"] * tokens_per_step,
@@ -168,7 +181,8 @@ def format_text(info: dict[str, Any]) -> str:
   for name, count in info["params_breakdown"].items():
     lines.append(f"  {name:<26} {count:>15,} {100 * count / total:>8.2f}%")
   lines.append(f"  per block (spec: 28 d^2 + norms + gamma): {info['params_per_block']:,}")
-  lines += ["", f"training memory per device ({info['num_devices']} device(s), remat={info['remat']}, "
+  mesh = " x ".join(f"{axis}={size}" for axis, size in info["mesh"].items())
+  lines += ["", f"training memory per device ({info['num_devices']} device(s), mesh {mesh}, remat={info['remat']}, "
             f"fp32 params + AdamW, estimate):"]
   for name, value in info["memory_bytes_per_device"].items():
     lines.append(f"  {name:<12} {_gib(value):>14}")

@@ -105,3 +105,19 @@ def test_launch_names_unknown_override():
   result = _launch("--config=configs/neon_qtg_tiny.py", "--config.model.embed_size=64", "--mode=info")
   assert result.returncode != 0
   assert "--config.model.embed_size: unknown config field" in result.stderr
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "configs/missing.py: not found"),
+    ("def get_config(:\n", "line 1: SyntaxError"),
+    ("def get_config():\n  return 1 / 0\n", "line 2: ZeroDivisionError"),
+    ("x = 1\n", "defines no get_config()"),
+])
+def test_launch_reports_a_missing_or_broken_config_file_in_one_line(tmp_path, content, expected):
+  path = "configs/missing.py"
+  if content is not None:
+    path = str(tmp_path / "broken.py")
+    Path(path).write_text(content)
+  result = _launch(f"--config={path}", "--mode=info")
+  assert result.returncode == 2
+  assert result.stderr.strip().count("\n") == 0 and expected in result.stderr, result.stderr

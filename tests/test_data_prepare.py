@@ -16,7 +16,7 @@ from neon_qtg_jax.data import prepare, sources
 from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.prepare import document_hash, prepare_dataset, validation_mask
 from neon_qtg_jax.data.sources import DataError
-from neon_qtg_jax.data.tokenizer import Tokenizer
+from neon_qtg_jax.data.tokenizer import Tokenizer, sample_sentences
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu naïve café".split()
 
@@ -76,6 +76,68 @@ def test_splits_hold_every_document_exactly_once(prepared):
     assert decoded == [t for t, m in zip(texts, mask) if m]
     assert manifest.documents[split] == int(mask.sum())
   assert 0 < manifest.documents["val"] < manifest.documents["train"]
+
+
+def test_tokenizer_sample_holds_train_documents_only(tmp_path, monkeypatch):
+  texts = write_corpus(tmp_path / "corpus", num_docs=40, seed=3)
+  seen = []
+
+  def recording_sample(documents, *args, **kwargs):
+    documents = list(documents)
+    seen.extend(doc.text for doc in documents)
+    return sample_sentences(documents, *args, **kwargs)
+
+  monkeypatch.setattr(prepare, "sample_sentences", recording_sample)
+  manifest = prepare_dataset(make_config(tmp_path, tmp_path / "corpus"), progress=False, num_processes=1)
+  val = validation_mask(np.array([document_hash(t) for t in texts], dtype=np.uint64), 0.25)
+  assert manifest.documents["val"] == int(val.sum()) > 0
+  assert sorted(seen) == sorted(t for t, m in zip(texts, val) if not m)
+
+
+def _copy_prepared(prepared, tmp_path) -> str:
+  config, _, _ = prepared
+  copy = str(tmp_path / "data")
+  import shutil
+  shutil.copytree(config.data.data_dir, copy)
+  return copy
+
+
+@pytest.mark.parametrize("name", ["train.bin", "val.bin", "documents.npz"])
+def test_a_flipped_byte_is_an_error_naming_the_file(prepared, tmp_path, name):
+  copy = _copy_prepared(prepared, tmp_path)
+  manifest = Manifest.load(copy)
+  assert set(manifest.checksums) == {"train.bin", "val.bin", "documents.npz"}
+  path = pathlib.Path(copy, name)
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  path.write_bytes(bytes(data))
+  with pytest.raises(DataError, match=rf"{name}: bytes 0\.\.\d+ do not match the manifest's checksum"):
+    Manifest.load(copy)  # the fast check at every start: this file is one chunk
+
+
+def test_prepare_verify_reads_every_chunk(tmp_path, monkeypatch, capsys):
+  from neon_qtg_jax.cli import RunArgs
+  from neon_qtg_jax.data import integrity
+  monkeypatch.setattr(integrity, "CHUNK_BYTES", 64)  # many chunks: the fast check samples only some
+  write_corpus(tmp_path / "corpus", num_docs=40, seed=5)
+  config = make_config(tmp_path, tmp_path / "corpus")
+  manifest = prepare_dataset(config, progress=False, num_processes=1)
+  chunks = len(manifest.checksums["train.bin"]["crc32"])
+  assert chunks > 8
+  assert prepare.run(config, RunArgs(verify=True)) == 0
+  assert "every checksum matches the manifest" in capsys.readouterr().out
+  path = pathlib.Path(config.data.data_dir, "train.bin")
+  data = bytearray(path.read_bytes())
+  position = 64 * (chunks // 2) + 5  # a middle chunk
+  data[position] ^= 0x80
+  path.write_bytes(bytes(data))
+  with pytest.raises(DataError, match=rf"train.bin: bytes {64 * (chunks // 2)}\.\.{64 * (chunks // 2) + 63} do not"):
+    Manifest.load(config.data.data_dir).verify()
+  # The fast check at load samples the first, the last and random chunks: make it miss this one.
+  monkeypatch.setattr(integrity.random, "sample", lambda population, k: [])
+  Manifest.load(config.data.data_dir)
+  assert prepare.run(config, RunArgs(verify=True)) == 1
+  assert "train.bin: bytes" in capsys.readouterr().err
 
 
 def test_manifest_records_sources_counts_and_tokenizer(prepared):

@@ -1,7 +1,7 @@
 """HumanEval scoring and the sandbox: canonical solutions pass, empty completions fail, runaway code is stopped."""
 
-import os
 import socket
+import tempfile
 
 import pytest
 
@@ -80,9 +80,10 @@ def test_sandbox_blocks_the_network():
   assert "not allowed" in outcome.output or "unreachable" in outcome.output
 
 
-def test_sandbox_runs_in_a_private_temp_dir(tmp_path):
-  outcome = run_program("import os\nopen('left.txt', 'w').write('x')\nprint(os.getcwd())\n")
-  assert outcome.passed
-  private = outcome.output.strip().splitlines()[-1]
-  assert private != str(tmp_path) and "sandbox-" in private
-  assert not os.path.exists(private)  # deleted with everything the program wrote
+def test_sandbox_runs_in_a_private_dir_deleted_afterwards(tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where run_program makes its private dir
+  outcome = run_program("import os\nopen('left.txt', 'w').write('x')\nprint(os.getcwd(), os.listdir())\n")
+  assert outcome.passed, outcome.output
+  assert outcome.filesystem in ("bwrap", "namespaces")
+  assert outcome.output.strip().splitlines()[-1].startswith("/sandbox ")
+  assert list(tmp_path.iterdir()) == []  # deleted with everything the program wrote

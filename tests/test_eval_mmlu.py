@@ -88,6 +88,16 @@ def test_jsonl_layouts_and_shots_from_other_questions(tmp_path):
     mmlu.few_shot_examples(questions, None, 4)
 
 
+def test_limit_counts_scored_questions_and_draws_shots_from_the_rest():
+  # 5-shot with --limit=5 on a test-only layout: 5 questions scored per subject, shots from all 8.
+  questions = make_questions([2] * 8) + make_questions([2] * 6, subject="biology")
+  result = mmlu.evaluate(rigged_log_probs("C"), ByteTokenizer(), questions, None, k=5, limit=5, max_length=2048,
+                         batch_size=8, progress=False)
+  assert result["questions"] == 10 and result["shots_reduced_to_fit"] == 0
+  assert [p["origin"] for p in result["predictions"]] == [f"q{i}" for i in range(5)] * 2
+  assert result["per_subject"]["algebra"]["questions"] == 5
+
+
 def test_prompts_lose_shots_to_fit_the_window():
   questions = make_questions([0] * 6)
   result = mmlu.evaluate(rigged_log_probs("A"), ByteTokenizer(), questions, None, k=5, max_length=120,

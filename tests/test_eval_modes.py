@@ -22,6 +22,7 @@ from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.prepare import prepare_dataset
 from neon_qtg_jax.data.tokenizer import Tokenizer
 from neon_qtg_jax.evaluation import perplexity
+from neon_qtg_jax.evaluation.result_files import ResultExistsError
 from neon_qtg_jax.inference import generate as generate_mode
 from neon_qtg_jax.inference.restore import load_model
 from neon_qtg_jax.inference.sampling import SamplingParams, generate
@@ -68,7 +69,7 @@ def test_bf16_restore_halves_parameter_memory_and_keeps_the_predictions(run_dir)
   root, config, _, model = run_dir
   bf16 = ml_collections.ConfigDict(config.to_dict())
   bf16.model.dtype = "bfloat16"
-  restored = load_model(str(root / "work"), "best", bf16).model
+  restored = load_model(str(root / "work"), "best", bf16, param_dtype="compute").model
   for (path, a), (_, b) in zip(nnx.state(model, nnx.Param).flat_state(), nnx.state(restored, nnx.Param).flat_state()):
     assert b[...].dtype == jnp.bfloat16, path
     np.testing.assert_array_equal(b[...], a[...].astype(jnp.bfloat16))
@@ -105,6 +106,24 @@ def test_eval_mode_scores_the_prepared_validation_split(run_dir):
   assert result["tokens"] == manifest.tokens["val"]  # every token after the leading EOS, once
   assert result["bytes"] == manifest.text_bytes["val"]
   assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / result["bytes"])
+
+
+def test_eval_results_are_named_after_the_data_and_never_overwritten(run_dir, tmp_path):
+  root, config, _, _ = run_dir
+  workdir = tmp_path / "work"
+  subprocess.run(["cp", "-r", str(root / "work"), str(workdir)], check=True)
+  data = tmp_path / "eval.jsonl"
+  data.write_text(json.dumps({"text": "def g(x):\n\treturn x"}) + "\n")
+  assert perplexity.run(config, RunArgs(workdir=str(workdir))) == 0
+  assert perplexity.run(config, RunArgs(workdir=str(workdir), eval_data=str(data))) == 0
+  names = sorted(os.listdir(workdir / "eval"))
+  assert names[0].startswith("perplexity_eval-") and names[2] == "perplexity_val_len16_stride8_step3.json"
+  assert len(names) == 4  # two JSON results, two histograms
+  first = (workdir / "eval" / names[2]).read_text()
+  with pytest.raises(ResultExistsError, match="already holds an earlier result; pass --overwrite"):
+    perplexity.run(config, RunArgs(workdir=str(workdir)))
+  assert (workdir / "eval" / names[2]).read_text() == first
+  assert perplexity.run(config, RunArgs(workdir=str(workdir), overwrite=True)) == 0
 
 
 def test_generate_mode_prints_text_speed_and_memory(run_dir, capsys):
@@ -150,3 +169,40 @@ def test_a_checkpoint_restores_sharded_on_another_device_count(run_dir):
   here = load_model(str(root / "work"), "best").model
   greedy = SamplingParams(temperature=0.0)
   assert other["tokens"] == generate(here, [[5, 6, 7], [8]], sampling_cfg=greedy, max_new_tokens=4, eos_id=None, seed=0)
+
+
+def test_bf16_eval_scores_the_model_that_training_evaluated(run_dir, tmp_path, monkeypatch):
+  # A bf16 config: training holds float32 parameters and computes in bf16. --mode=eval must
+  # compute the same validation loss on the same windows (the training loop's eval batches).
+  from neon_qtg_jax.data import loader
+  from neon_qtg_jax.inference import restore
+  from neon_qtg_jax.training import train_step as ts
+  from neon_qtg_jax.training.trainer import evaluate
+
+  _, base, _, _ = run_dir
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.model.update(dict(dtype="bfloat16", use_bias=True))
+  config.training.update(dict(batch_size=4, eval_batches=2))
+  graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(0))
+  # A trained model's LayerNorm scales, biases and weights are not bf16-exact: perturb them so.
+  leaves, tree = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  checkpointer = Checkpointer(str(tmp_path / "work"), keep=2)
+  checkpointer.save(5, params=params, opt_state=state.opt_state, meta={"step": 5}, config=config, val_loss=1.0)
+  checkpointer.close()
+
+  batches = loader.eval_batches(config)
+  training = evaluate(ts.make_eval_step(config, graphdef), params, [jax.device_put(b) for b in batches])["ce"]
+  restored = load_model(str(tmp_path / "work"), "best", config)
+  log_probs = perplexity.model_log_prob_fn(restored.model)
+  loss = -float(np.mean([np.mean(log_probs(b["inputs"], b["targets"])) for b in batches]))
+  assert restored.param_dtype == "float32" and restored.model.cfg.dtype == "bfloat16"
+  assert abs(loss - training) < 1e-3, (loss, training)
+  print(f"training val ce {training:.6f}; --mode=eval's ce on the same windows {loss:.6f}")
+  # "auto" keeps float32 while it fits in half a device's memory, else uses the compute dtype (and says so)
+  abstract = nnx.state(nnx.eval_shape(lambda: QTGModel(config.model, rngs=nnx.Rngs(0))))
+  assert restore.choose_param_dtype(config.model, abstract, "auto") == jnp.float32
+  monkeypatch.setattr(restore, "device_memory_bytes", lambda: 1 << 10)
+  assert restore.choose_param_dtype(config.model, abstract, "auto") == jnp.bfloat16

@@ -7,6 +7,8 @@ import textwrap
 
 import jax
 import pytest
+from flax import nnx
+from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from neon_qtg_jax import parallel
@@ -16,21 +18,40 @@ from neon_qtg_jax.training import train_step as ts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_fsdp_spec_splits_the_largest_divisible_axis():
-  assert parallel.fsdp_spec((4, 1024, 3072), 8, skip_leading=1) == P(None, None, "fsdp")
-  assert parallel.fsdp_spec((30000, 6144), 8) == P("fsdp", None)
-  assert parallel.fsdp_spec((30001, 6144), 8) == P(None, "fsdp")
-  assert parallel.fsdp_spec((80, 16384), 8, skip_leading=1) == P(None, "fsdp")  # layer axis never split
-  assert parallel.fsdp_spec((4, 128), 2, skip_leading=1) == P()  # a tiny stacked norm stays replicated
-  assert parallel.fsdp_spec((30000, 6144), 1) == P()
-  assert parallel.fsdp_spec((7, 7 * 4099), 2) == P()  # nothing divisible
+def test_logical_names_map_to_mesh_axes_and_undivisible_dims_stay_whole():
+  mesh = AbstractMesh((1, 4, 2), parallel.MESH_AXES)
+  assert parallel.logical_to_mesh(("layers", "embed", None, "heads", "head_dim"), (40, 10240, 3, 40, 128),
+                                  mesh) == P(None, "fsdp", None, "tensor", None)
+  assert parallel.logical_to_mesh(("embed", "mlp"), (64, 6), mesh) == P("fsdp", "tensor")
+  assert parallel.logical_to_mesh(("embed", "mlp"), (6, 7), mesh) == P(None, None)  # 4 and 2 divide neither
+  assert parallel.logical_to_mesh(("batch", "length"), (8, 16), AbstractMesh((2, 4, 1), parallel.MESH_AXES)) == \
+      P(("data", "fsdp"), None)
+  # a mesh axis is used once per array: the second "embed" stays whole
+  assert parallel.logical_to_mesh(("embed", "embed"), (8, 8), mesh) == P("fsdp", None)
+
+
+def test_every_parameter_is_split_by_its_names_and_the_optimizer_state_follows():
+  c = default_config()
+  c.model.update(embed_dim=64, num_heads=4, vocab_size=256)
+  mesh = AbstractMesh((1, 2, 2), parallel.MESH_AXES)
+  shardings = ts.state_shardings(c, mesh)
+  specs = jax.tree.map(lambda s: s.spec, nnx.to_pure_dict(shardings.params))
+  blocks = specs["blocks"]
+  assert blocks["attn"]["w_qkv"]["kernel"] == P(None, "fsdp", None, "tensor", None)
+  assert blocks["attn"]["gamma_raw"] == P(None, "tensor")
+  assert blocks["w_o"]["kernel"] == P(None, "tensor", "fsdp")
+  assert blocks["w_1"]["kernel"] == P(None, "fsdp", "tensor") and blocks["w_2"]["kernel"] == P(None, "tensor", "fsdp")
+  assert blocks["w_psi"]["kernel"] == P(None, "fsdp", None) and blocks["ln1"]["scale"] == P(None, None)
+  assert specs["embed"]["tokens"]["embedding"] == P("tensor", "fsdp") and specs["head"]["kernel"] == P("fsdp", "tensor")
+  mu = shardings.opt_state[1][0].mu  # (clip state, (scale_by_adam state, weight decay, schedule))
+  assert jax.tree.map(lambda s: s.spec, nnx.to_pure_dict(mu)) == specs
 
 
 def test_state_shardings_cover_params_and_optimizer_on_one_device():
   c = default_config()
   mesh = parallel.make_mesh()
   shardings = ts.state_shardings(c, mesh)
-  assert mesh.axis_names == ("data", "fsdp") and mesh.size == jax.device_count()
+  assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.size == jax.device_count()
   assert len(jax.tree.leaves(shardings.opt_state)) == len(jax.tree.leaves(ts.abstract_train_state(c).opt_state))
 
 
@@ -50,7 +71,7 @@ def test_two_host_devices_give_the_single_device_result():
       batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
       results = []
       for n in (1, 2):
-        mesh = parallel.make_mesh(devices=jax.devices()[:n])
+        mesh = parallel.make_mesh(c.parallel, devices=jax.devices()[:n])
         graphdef, state = ts.create_train_state(c, jax.random.PRNGKey(0), mesh)
         step = ts.make_train_step(c, graphdef, mesh)
         for _ in range(2):
@@ -68,3 +89,22 @@ def test_two_host_devices_give_the_single_device_result():
   result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
+
+
+def test_mesh_sizes_resolve_and_bad_ones_name_the_field():
+  from neon_qtg_jax.config import ConfigError, validate
+  c = default_config()
+  c.parallel.update(data=1, fsdp=-1, tensor=2, dcn_fsdp=2)
+  assert parallel.mesh_shape(c.parallel, 16) == ({"data": 1, "fsdp": 4, "tensor": 2}, {"data": 1, "fsdp": 2,
+                                                                                        "tensor": 1})
+  c.parallel.update(fsdp=3)
+  with pytest.raises(ConfigError, match="'parallel.data' x 'parallel.fsdp' x 'parallel.tensor' = 1 x 3 x 2"):
+    parallel.mesh_shape(c.parallel, 16)
+  c = default_config()
+  c.parallel.tensor = 3  # the tiny model has 4 heads
+  with pytest.raises(ConfigError, match="'parallel.tensor' = 3: must divide model.num_heads=4"):
+    validate(c)
+  c = default_config()
+  c.parallel.rules = (("embed", ("fsdp", "model")),)
+  with pytest.raises(ConfigError, match="parallel.rules"):
+    validate(c)

@@ -180,8 +180,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(data_dir, referenc
   result = run(data_dir, workdir, 8)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "/8 is unreadable" in result.stdout and "falling back" in result.stdout
+  aside = os.path.join(workdir, "checkpoints", "8.unreadable")
+  assert f"moved to {aside}, not deleted" in result.stdout
   assert f"resumed from {os.path.join(workdir, 'checkpoints')}/4" in result.stdout
   assert losses(workdir) == {s: expected[s] for s in (5, 6, 7, 8)}
+  # The unreadable step is kept as it was, beside the new step 8 and outside keep-K rotation.
+  assert os.path.isdir(os.path.join(aside, "params")) and os.path.isdir(os.path.join(workdir, "checkpoints", "8"))
+  assert any(open(os.path.join(d, f), "rb").read() == b"not a checkpoint"
+             for d, _, fs in os.walk(os.path.join(aside, "params")) for f in fs)
 
 
 @pytest.mark.slow  # ~20 s: its learning rate compiles a step of its own
@@ -193,3 +199,31 @@ def test_repeated_nonfinite_steps_stop_the_run_with_a_clear_message(data_dir, tm
   assert "consecutive steps had a non-finite loss or gradient" in result.stdout
   assert "training.max_consecutive_nonfinite=3" in result.stdout
   assert os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def _file_size_limit(limit: int):
+  """preexec_fn: files over `limit` bytes cannot be written (EFBIG rather than the SIGXFSZ signal)."""
+  def apply():
+    import resource  # pylint: disable=import-outside-toplevel
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return apply
+
+
+@pytest.mark.parametrize("on_error", ["stop", pytest.param("continue", marks=pytest.mark.slow)])
+def test_a_full_disk_stops_or_continues_training_as_configured(data_dir, tmp_path, on_error):
+  # 100 kB per file: logs and plots fit, a checkpoint's parameter files do not. The failure of the
+  # asynchronous save is reported at the next log step or save, whichever finds it first.
+  workdir = str(tmp_path)
+  result = subprocess.run(command(data_dir, workdir, 8, f"--config.training.on_save_error={on_error}"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV,
+                          preexec_fn=_file_size_limit(100_000))
+  output = result.stdout + result.stderr
+  assert "checkpoint 4 could not be written" in output and "File too large" in output
+  if on_error == "stop":
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
+        line for line in result.stderr.splitlines() if "stopping (training.on_save_error='stop')" in line]
+  else:
+    assert result.returncode == 0, output
+    assert "training goes on" in output and sorted(losses(workdir)) == list(range(1, 9))

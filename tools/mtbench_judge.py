@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neon_qtg_jax.evaluation import mtbench, mtbench_judge
-from neon_qtg_jax.evaluation.tool_cli import run_tool, write_json
+from neon_qtg_jax.evaluation.result_files import claim
+from neon_qtg_jax.evaluation.tool_cli import add_overwrite_arg, run_tool, write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--judge_prompts", default="", help="judge_prompts.jsonl (default: the package's)")
   p.add_argument("--references", default="", help="reference answers JSONL (default: the package's gpt-4.jsonl)")
   p.add_argument("--timeout_s", type=float, default=120.0)
+  add_overwrite_arg(p)
   p.add_argument("--output", default="", help="judgments JSONL (default: next to the answers, "
                                               "../model_judgment/{judge_model}_single.jsonl)")
   return p.parse_args(argv)
@@ -44,6 +46,9 @@ def main(argv=None) -> int:
   answers = mtbench.read_jsonl(args.answers, ("question_id", "model_id", "choices"))
   default_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.answers))), "model_judgment")
   output = args.output or os.path.join(default_dir, f"{args.judge_model.replace('/', '_')}_single.jsonl")
+  model_ids = sorted({a["model_id"] for a in answers})
+  # The judgments file is shared by models (FastChat's layout, resumable); the summary is per model.
+  summary_path = claim(f"{os.path.splitext(output)[0]}_{'_'.join(model_ids)}_summary.json", args.overwrite)
   chat = mtbench_judge.openai_chat(args.judge_url, args.judge_model, os.environ.get(args.api_key_env),
                                    timeout_s=args.timeout_s)
   judgments = mtbench_judge.judge_answers(chat, args.judge_model, questions, answers, output,
@@ -52,8 +57,7 @@ def main(argv=None) -> int:
   summary = mtbench_judge.summarize(judgments, questions) | {
       "judge_model": args.judge_model, "judge_url": args.judge_url, "answers": os.path.abspath(args.answers),
       "judgments": os.path.abspath(output)}
-  summary_path = os.path.splitext(output)[0] + "_summary.json"
-  write_json(summary_path, summary)
+  write_json(summary_path, summary, overwrite=args.overwrite)
   score = f"{summary['score']:.3f}" if summary["score"] is not None else "n/a"
   print(f"MT-Bench score {score} (turn 1 {summary['turn_1']}, turn 2 {summary['turn_2']}) from "
         f"{summary['judged_turns']} judged turns, {summary['unparsed_ratings']} without a rating -> {summary_path}")

@@ -22,6 +22,7 @@ Never call next() before restoring: a started iterator has already consumed batc
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -99,11 +100,38 @@ def window_source(config, split: str, manifest: Manifest | None = None) -> Windo
                       name=f"{split} split, tokenizer {manifest.tokenizer['sha256'][:16]}")
 
 
+class RowBlockSampler:
+  """Block `shard_index` of `shard_count` of every global batch of one shuffled global sequence.
+
+  Local index i is row i % rows of batch i // rows, i.e. position (i // rows) * G + offset + i % rows
+  of the global sequence. Every process count reads the same global batches (without workers).
+  """
+
+  def __init__(self, num_records: int, seed: int, global_rows: int, shard_index: int, shard_count: int):
+    self._global = pygrain.IndexSampler(num_records=num_records, shuffle=True, num_epochs=None, seed=seed)
+    self.global_rows, self.rows = global_rows, global_rows // shard_count
+    self.offset = shard_index * self.rows
+    self._repr = (f"RowBlockSampler(num_records={num_records}, seed={seed}, global_rows={global_rows}, "
+                  f"block={shard_index} of {shard_count})")
+
+  def __len__(self) -> int:
+    return len(self._global)
+
+  def __repr__(self) -> str:
+    return self._repr  # Grain checks it on restore: a state saved under another process layout is refused
+
+  def __getitem__(self, index: int) -> pygrain.RecordMetadata:
+    position = (index // self.rows) * self.global_rows + self.offset + index % self.rows
+    record = self._global[position]
+    return pygrain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+
+
 def make_train_iterator(config, *, shard_index: int | None = None, shard_count: int | None = None,
                         read_options: pygrain.ReadOptions | None = None) -> grain.DataLoaderIterator:
   """Endless shuffled training batches for this process: {"inputs", "targets"} int32 (G / shard_count, L).
 
-  G = training.batch_size * training.grad_accum_steps rows per optimizer step across all processes.
+  G = training.batch_size * training.grad_accum_steps rows per optimizer step across all processes;
+  this process gets block shard_index of shard_count of each global batch (RowBlockSampler).
   Shuffling is seeded by data.shuffle_seed and differs per epoch. shard_index / shard_count
   default to jax.process_index() / jax.process_count(). read_options overrides the reader
   threads and buffer (benchmarks only).
@@ -122,9 +150,8 @@ def make_train_iterator(config, *, shard_index: int | None = None, shard_count: 
                     f"data.max_length={config.data.max_length}; too few for {shard_count} process(es)")
   if config.data.num_workers > 0 and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags; outside launch.py nobody parsed them
-  shard_options = pygrain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
-  sampler = pygrain.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=True,
-                                 num_epochs=None, seed=config.data.shuffle_seed)
+  shard_options = pygrain.NoSharding()  # the sampler picks this process's rows
+  sampler = RowBlockSampler(len(source), config.data.shuffle_seed, global_rows, shard_index, shard_count)
   rows = global_rows // shard_count
   # A window is one memmap slice: reader threads only add GIL contention and buffer polling
   # (with no worker processes Grain's default 16 threads / 500 records ran 7x slower; tools/bench_data.py).
@@ -144,6 +171,26 @@ def iterator_save_args(iterator: grain.DataLoaderIterator) -> Any:
 def iterator_restore_args(iterator: grain.DataLoaderIterator) -> Any:
   """Orbax args that set a freshly built, not yet started iterator to the saved position."""
   return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def has_iterator_state(step_dir: str, process_index: int, process_count: int) -> bool:
+  """Whether a checkpoint step holds the iterator state of this process under this process count."""
+  return os.path.exists(os.path.join(step_dir, "data", f"process_{process_index}-of-{process_count}.json"))
+
+
+def skip_to_step(iterator: grain.DataLoaderIterator, steps: int, rows: int) -> None:
+  """Sets a fresh iterator of `rows` per batch to where it is after `steps` batches.
+
+  For a resume under another process layout, whose saved per-process positions do not apply.
+
+  Only without worker processes (then local index i is row i % rows of batch i // rows).
+  """
+  state = json.loads(iterator.get_state())
+  if state["worker_count"]:
+    raise DataError(f"cannot resume the data position under another process layout with data.num_workers="
+                    f"{state['worker_count']}; resume with the saved layout or data.num_workers=0")
+  state["last_seen_indices"] = {"0": steps * rows - 1}
+  iterator.set_state(json.dumps(state).encode())
 
 
 def eval_batches(config, split: str = "val", num_batches: int | None = None,

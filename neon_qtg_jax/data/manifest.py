@@ -8,7 +8,8 @@ Layout of data_dir:
   shards/NNNNNN.meta.npz            per-document statistics of a shard; written last = shard done
   train.bin, val.bin                each split's tokens as one flat array (EOS after every document)
   documents.npz                     per-document statistics of the whole corpus (for the report)
-  manifest.json                     this record; written last = directory complete
+  manifest.json                     this record (with a CRC-32 per 4 MiB chunk of the files above,
+                                    data/integrity.py); written last = directory complete
   report.json, lengths.png          the data validation report
 
 Token arrays are raw little-endian uint16 (uint32 when the vocabulary exceeds 65535), read as
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from neon_qtg_jax.data import integrity
 from neon_qtg_jax.data.sources import DataError
 
 MANIFEST_FILE = "manifest.json"
@@ -69,6 +71,7 @@ class Manifest:
   num_shards: int
   issues: dict[str, Any]           # Issues.to_dict()
   timings: dict[str, float]        # seconds per phase of the run that finished the directory
+  checksums: dict[str, Any] = dataclasses.field(default_factory=dict)  # file -> integrity.file_checksums
 
   def split_path(self, split: str) -> str:
     if split not in SPLITS:
@@ -98,7 +101,7 @@ class Manifest:
     with open(path) as f:
       body = json.load(f)
     fields = {f.name for f in dataclasses.fields(cls)} - {"data_dir"}
-    if set(body) != fields or body.get("settings", {}).get("format_version") != FORMAT_VERSION:
+    if set(body) | {"checksums"} != fields or body.get("settings", {}).get("format_version") != FORMAT_VERSION:
       raise DataError(f"{path}: written by another version of neon_qtg_jax (fields {sorted(set(body) ^ fields)} "
                       f"differ); prepare again into an empty data.data_dir")
     manifest = cls(data_dir=data_dir, **body)
@@ -109,4 +112,12 @@ class Manifest:
       if size != expected:
         raise DataError(f"{split_path}: {size} bytes, manifest says {expected}; the directory is damaged, "
                         f"prepare again into an empty data.data_dir")
+    integrity.verify(data_dir, manifest.checksums, full=False)  # older manifests have none to check
     return manifest
+
+  def verify(self) -> int:
+    """Reads every recorded file whole against its checksums; returns the bytes checked. DataError on damage."""
+    if not self.checksums:
+      raise DataError(f"{os.path.join(self.data_dir, MANIFEST_FILE)}: no checksums recorded (prepared by an older "
+                      "version); prepare again into an empty data.data_dir to get them")
+    return integrity.verify(self.data_dir, self.checksums, full=True)

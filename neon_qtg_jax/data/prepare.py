@@ -24,11 +24,12 @@ import os
 import shutil
 import sys
 import time
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import tqdm
 
+from neon_qtg_jax.data import integrity
 from neon_qtg_jax.data import sources as src
 from neon_qtg_jax.data.manifest import MANIFEST_FILE, SETTINGS_FILE, SPLITS, Manifest, data_settings, token_dtype
 from neon_qtg_jax.data.sources import DataError, Issues
@@ -57,6 +58,13 @@ def document_hash(text: str) -> int:
 def validation_mask(hashes: np.ndarray, val_fraction: float) -> np.ndarray:
   """True for documents in the validation split: hash / 2**64 < val_fraction. hashes: uint64 (N,)."""
   return hashes < np.uint64(val_fraction * 2.0**64)
+
+
+def train_documents(documents: Iterable[src.Document], val_fraction: float) -> Iterator[src.Document]:
+  """The documents the split assigns to train (the tokenizer's sample must not see validation)."""
+  for doc in documents:
+    if not validation_mask(np.array([document_hash(doc.text)], dtype=np.uint64), val_fraction)[0]:
+      yield doc
 
 
 # Worker side. Each worker process loads the tokenizer once.
@@ -274,7 +282,7 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
   except DataError:
     _log(progress, f"tokenizer: sampling {d.tokenizer_sample_sentences} lines from {len(files)} file(s)")
     sample_issues = Issues()  # the full pass below counts bad input once
-    docs = src.documents_from_config(d, sample_issues)
+    docs = train_documents(src.documents_from_config(d, sample_issues), d.val_fraction)
     sentences = sample_sentences(docs, d.tokenizer_sample_sentences, seed=config.data.shuffle_seed,
                                  progress=progress)
     if not sentences:
@@ -306,7 +314,8 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
       data_dir=data_dir, settings=settings, files=files, dtype=dtype.name, tokenizer=vars(tokenizer.info).copy(),
       documents=documents, tokens=tokens,
       text_bytes={s: int(stats["num_bytes"][stats["is_val"] == (s == "val")].sum()) for s in SPLITS},
-      num_shards=num_shards, issues=issues.to_dict(), timings=timings)
+      num_shards=num_shards, issues=issues.to_dict(), timings=timings,
+      checksums=integrity.directory_checksums(data_dir))
   timings["merge_s"], clock = time.perf_counter() - clock, time.perf_counter()
   from neon_qtg_jax.data.report import write_report
   write_report(manifest, progress=progress)
@@ -423,10 +432,14 @@ def _load_document_stats(data_dir: str) -> dict[str, np.ndarray]:
 
 
 def run(config, args) -> int:
-  """launch.py --mode=prepare: prepares config.data.data_dir and prints where everything went."""
-  del args
+  """launch.py --mode=prepare: prepares config.data.data_dir and prints where everything went; --verify checks it."""
   try:
     manifest = prepare_dataset(config)
+    if getattr(args, "verify", False):
+      clock = time.perf_counter()
+      checked = manifest.verify()
+      print(f"verified {len(manifest.checksums)} files, {checked / 2**20:.1f} MiB, in "
+            f"{time.perf_counter() - clock:.1f}s: every checksum matches the manifest")
   except DataError as err:
     print(f"error: {err}", file=sys.stderr)
     return 1

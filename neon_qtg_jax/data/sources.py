@@ -157,6 +157,9 @@ def read_jsonl_file(path: str, *, field: str = "text", issues: Issues) -> Iterat
       except json.JSONDecodeError as err:
         issues.add(MALFORMED_JSON, where, err.msg)
         continue
+      except (ValueError, RecursionError) as err:  # a number past Python's digit limit, nesting past the stack
+        issues.add(MALFORMED_JSON, where, f"{type(err).__name__}: {str(err)[:80]}")
+        continue
       if not isinstance(record, dict) or field not in record:
         issues.add(MISSING_FIELD, where, f"no field {field!r}")
         continue
@@ -166,6 +169,12 @@ def read_jsonl_file(path: str, *, field: str = "text", issues: Issues) -> Iterat
         continue
       if _keep(text, where, issues):
         yield Document(text, where)
+
+
+def _check_tar_end(tar: tarfile.TarFile, where: str, issues: Issues) -> None:
+  """A streamed tar cut exactly at a member boundary reads as complete: report a missing end-of-archive block."""
+  if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+    issues.add(TRUNCATED_ARCHIVE, where, f"no end-of-archive block after byte {tar.offset}: members may be missing")
 
 
 def read_document_tar(fileobj: IO[bytes], where: str, issues: Issues, *, mode: str = "r|xz") -> Iterator[Document]:
@@ -184,6 +193,7 @@ def read_document_tar(fileobj: IO[bytes], where: str, issues: Issues, *, mode: s
         text = clean_openwebtext(_decode(data, name, issues))
         if _keep(text, name, issues):
           yield Document(text, name)
+      _check_tar_end(tar, where, issues)
   except (EOFError, lzma.LZMAError, tarfile.TarError, OSError) as err:
     issues.add(TRUNCATED_ARCHIVE, where, f"{type(err).__name__}: {err}")
 
@@ -205,6 +215,7 @@ def iter_openwebtext_members(path: str, issues: Issues) -> Iterator[tuple[str, b
           issues.add(UNEXPECTED_MEMBER, where, "not an .xz member; skipped")
           continue
         yield where, outer.extractfile(info).read()
+      _check_tar_end(outer, path, issues)
   except (FileNotFoundError, IsADirectoryError) as err:
     issues.add(MISSING_FILE, path, str(err.strerror))
   except PermissionError as err:

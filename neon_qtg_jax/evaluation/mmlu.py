@@ -175,6 +175,17 @@ def few_shot_examples(questions: list[Question], dev: dict[str, list[Question]] 
   return shots
 
 
+def first_per_subject(questions: list[Question], limit: int) -> list[int]:
+  """Indices of the first `limit` questions of each subject, in order (limit 0: all)."""
+  seen: dict[str, int] = {}
+  kept = []
+  for i, q in enumerate(questions):
+    seen[q.subject] = seen.get(q.subject, 0) + 1
+    if not limit or seen[q.subject] <= limit:
+      kept.append(i)
+  return kept
+
+
 def format_question(q: Question, with_answer: bool) -> str:
   lines = [q.question] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices)]
   return "\n".join(lines) + "\nAnswer:" + (f" {LETTERS[q.answer]}\n\n" if with_answer else "")
@@ -204,13 +215,19 @@ def fitting_prompt(tokenizer: TextEncoder, q: Question, shots: list[Question], s
 
 def evaluate(log_prob_fn: LogProbFn, tokenizer: TextEncoder, questions: list[Question],
              dev: dict[str, list[Question]] | None, *, k: int, scoring: str = "letter", max_length: int,
-             batch_size: int, progress: bool = True) -> dict[str, Any]:
-  """Accuracy per subject, macro (mean over subjects) and micro (over questions), and each prediction."""
+             batch_size: int, limit: int = 0, progress: bool = True) -> dict[str, Any]:
+  """Accuracy per subject, macro (mean over subjects) and micro (over questions), and each prediction.
+
+  limit > 0 scores the first `limit` questions of each subject; without a dev split their shots
+  still come from all of the subject's questions.
+  """
   if scoring not in SCORING:
     raise ValueError(f"scoring={scoring!r}: must be one of {SCORING}")
   if not questions:
     raise ValueError("no MMLU questions to evaluate")
   shots = few_shot_examples(questions, dev, k)
+  scored = first_per_subject(questions, limit)
+  questions, shots = [questions[i] for i in scored], [shots[i] for i in scored]
   sequences, reduced = [], 0
   for q, examples in zip(questions, shots):
     prompt, used = fitting_prompt(tokenizer, q, examples, scoring, max_length)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -158,6 +157,8 @@ def validation_stream(data_dir: str, eos_id: int) -> tuple[np.ndarray, int, dict
 def run(config, args) -> int:
   """--mode=eval: perplexity of a checkpoint on the validation split or on --eval_data; writes a JSON result."""
   from neon_qtg_jax.data.tokenizer import Tokenizer
+  from neon_qtg_jax.evaluation.result_files import claim, data_tag, result_path
+  from neon_qtg_jax.evaluation.tool_cli import write_json
   from neon_qtg_jax.inference.restore import load_model
 
   restored = load_model(args.workdir, args.checkpoint, config)
@@ -174,18 +175,20 @@ def run(config, args) -> int:
     tokens, text_bytes, issues = validation_stream(data_dir, tokenizer.eos_id)
     source = f"{os.path.abspath(data_dir)} (val split)"
   max_length = min(config.eval.max_length, restored.model.cfg.max_seq_len)
+  settings = {"len": max_length, "stride": config.eval.stride}
+  output = args.output or result_path(args.workdir, "perplexity", data_tag(args.eval_data, "val"),
+                                      step=restored.step, settings=settings)
+  claim(output, args.overwrite)  # before the work, not after it
   print(f"scoring {len(tokens) - 1} tokens of {source} with checkpoint step {restored.step}, "
         f"windows of {max_length} at stride {config.eval.stride}")
   score = score_stream(model_log_prob_fn(restored.model), tokens, max_length=max_length,
                        stride=min(config.eval.stride, max_length), batch_size=config.training.batch_size)
   result = summary(score, text_bytes) | {
       "checkpoint_step": restored.step, "data": source, "max_length": max_length, "stride": config.eval.stride,
-      "workdir": os.path.abspath(args.workdir), "bad_input": issues,
+      "workdir": os.path.abspath(args.workdir), "bad_input": issues, "param_dtype": restored.param_dtype,
+      "compute_dtype": restored.model.cfg.dtype,
   }
-  output = args.output or os.path.join(args.workdir, "eval", f"perplexity_step{restored.step}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(output, result, overwrite=args.overwrite)
   plot_path = os.path.splitext(output)[0] + ".png"
   plot_token_losses(LOSS_BIN_EDGES, score.loss_counts, score.loss, plot_path,
                     f"per-token loss, checkpoint step {restored.step}, {os.path.basename(source)}")

@@ -58,7 +58,7 @@ def run(config, args) -> int:
   from neon_qtg_jax.data.tokenizer import Tokenizer
   from neon_qtg_jax.inference.restore import load_model
 
-  restored = load_model(args.workdir, args.checkpoint, config)
+  restored = load_model(args.workdir, args.checkpoint, config, param_dtype="auto")  # bf16 only where fp32 won't fit
   tokenizer = Tokenizer.load(restored.run_config.data.data_dir)
   sampling = config.sampling
   max_new = min(sampling.max_new_tokens, restored.model.cfg.max_seq_len - 1)

@@ -5,12 +5,20 @@ model it was trained as); the fields that only choose how the model is computed 
 kernels, remat, scan) come from the config of the current run. Parameters are restored
 straight into the FSDP shardings of a mesh over the current devices, so a checkpoint written
 on 8 GPUs restores on one CPU and the other way round; the optimizer state is never read.
+
+Parameters keep training's dtype (float32; the forward pass computes in `model.dtype` exactly
+as the training step does), so evaluation scores the model that training evaluated.
+param_dtype="compute" stores them in the compute dtype instead (bf16: half the memory, at the
+cost of rounding LayerNorm scales, biases and every weight); "auto" does that only when the
+float32 parameters would take more than half of a device's memory, and logs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+
+import psutil
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +37,40 @@ EXECUTION_FIELDS = ("dtype", "attention_impl", "blockwise_min_len", "block_q", "
                     "dropout")
 
 
+PARAM_DTYPES = ("float32", "compute", "auto")
+
+
 @dataclasses.dataclass
 class Restored:
   model: QTGModel
   step: int
   run_config: ml_collections.ConfigDict  # the config saved with the checkpoint
+  param_dtype: str = "float32"           # the dtype the parameters were restored in
+
+
+def device_memory_bytes() -> int:
+  """Memory of one device: the accelerator's allocator limit, or the host's available memory on CPU."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return int(stats.get("bytes_limit") or psutil.virtual_memory().available)
+
+
+def choose_param_dtype(model_cfg: ml_collections.ConfigDict, state: nnx.State, policy: str) -> jnp.dtype:
+  """float32 (training's), the compute dtype, or ("auto") float32 unless it takes over half a device's memory."""
+  if policy not in PARAM_DTYPES:
+    raise ValueError(f"param_dtype={policy!r}: must be one of {PARAM_DTYPES}")
+  compute = jnp.dtype(model_cfg.dtype)
+  if policy == "float32" or compute == jnp.float32:
+    return jnp.dtype(jnp.float32)
+  if policy == "compute":
+    return compute
+  need = 4 * sum(x.size for x in jax.tree.leaves(state))
+  available = device_memory_bytes()
+  if need <= available // 2:
+    return jnp.dtype(jnp.float32)
+  log.warning("parameters restored in %s, not training's float32 (%.1f GiB would take over half of %.1f GiB "
+              "per device): outputs differ slightly from the trained model's", compute.name, need / 2**30,
+              available / 2**30)
+  return compute
 
 
 def inference_model_config(run_config: ml_collections.ConfigDict,
@@ -51,21 +88,21 @@ def inference_model_config(run_config: ml_collections.ConfigDict,
   return model_cfg
 
 
-def abstract_model(model_cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(model_cfg: ml_collections.ConfigDict, param_dtype: str = "float32"
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
   """Graph and shape-only state of the model, each parameter carrying its FSDP sharding on all devices.
 
-  Parameters take the compute dtype (`model.dtype`): inference needs no float32 master copy, so
-  a bf16 model restores at half the memory (Orbax casts while reading).
+  param_dtype: see PARAM_DTYPES and choose_param_dtype (Orbax casts while reading).
   """
   graphdef, state = nnx.split(nnx.eval_shape(lambda: QTGModel(model_cfg, rngs=nnx.Rngs(0))))
   shardings = param_shardings(state, make_mesh())
-  dtype = jnp.dtype(model_cfg.dtype)
+  dtype = choose_param_dtype(model_cfg, state, param_dtype)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), state, shardings)
   return graphdef, state
 
 
 def load_model(workdir_or_path: str, which: str | int = "best",
-               config: ml_collections.ConfigDict | None = None) -> Restored:
+               config: ml_collections.ConfigDict | None = None, param_dtype: str = "float32") -> Restored:
   """Restores the parameters of one checkpoint into a ready model.
 
   workdir_or_path: a run directory, its checkpoints/ directory or one step directory;
@@ -73,9 +110,10 @@ def load_model(workdir_or_path: str, which: str | int = "best",
   naming the directory when there is no such checkpoint.
   """
   run_config = checkpointing.load_run_config(workdir_or_path, which)
-  graphdef, abstract_state = abstract_model(inference_model_config(run_config, config))
+  graphdef, abstract_state = abstract_model(inference_model_config(run_config, config), param_dtype)
   params, step = checkpointing.restore_params(workdir_or_path, which, abstract_state)
-  return Restored(nnx.merge(graphdef, params), step, run_config)
+  dtype = jax.tree.leaves(abstract_state)[0].dtype.name
+  return Restored(nnx.merge(graphdef, params), step, run_config, dtype)
 
 
 def load_model_and_tokenizer(workdir_or_path: str, which: str | int = "best",

@@ -17,8 +17,13 @@ from flax import nnx
 
 from neon_qtg_jax import ops
 from neon_qtg_jax.ops.dispatch import resolve_impl
+from neon_qtg_jax.parallel.sharding import constrain
 
 Aux = dict[str, jax.Array]
+Axes = tuple[str | None, ...]
+# The residual stream at block boundaries: rows split over the batch axes, full width on every
+# tensor shard (the TopoFilter distances and the amplitude norm need all 2d components).
+RESIDUAL_AXES: Axes = ("batch", "length", "act_embed")
 
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "block": None,  # save only the block inputs; recompute everything inside
@@ -49,17 +54,28 @@ def amplitude_normalize(x: jax.Array, eps: float) -> jax.Array:
   return x / jnp.maximum(norm, eps)
 
 
+def axes(*names: str | None) -> dict[str, Any]:
+  """nnx Variable metadata naming a parameter's logical axes (mapped to the mesh by parallel.rules).
+
+  eager_sharding=False: the names only describe; the train step places the arrays on its mesh.
+  """
+  return {"out_sharding": names, "eager_sharding": False}
+
+
 def _norm(cfg: ml_collections.ConfigDict, width: int, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.norm == "rmsnorm":
-    return nnx.RMSNorm(width, epsilon=cfg.norm_eps, dtype=jnp.float32, rngs=rngs)
-  return nnx.LayerNorm(width, epsilon=cfg.norm_eps, dtype=jnp.float32, rngs=rngs)
+    return nnx.RMSNorm(width, epsilon=cfg.norm_eps, dtype=jnp.float32, scale_metadata=axes("norm"), rngs=rngs)
+  return nnx.LayerNorm(width, epsilon=cfg.norm_eps, dtype=jnp.float32, scale_metadata=axes("norm"),
+                       bias_metadata=axes("norm"), rngs=rngs)
 
 
 def _linear(cfg: ml_collections.ConfigDict, fan_in: int, fan_out: int, std: float, rngs: nnx.Rngs,
-            out_dtype: jnp.dtype | None = None) -> nnx.Linear:
+            names: Axes, out_dtype: jnp.dtype | None = None) -> nnx.Linear:
+  """fan_in -> fan_out; `names` are the kernel's two logical axes (the bias takes the second)."""
   return nnx.Linear(fan_in, fan_out, use_bias=cfg.use_bias, dtype=compute_dtype(cfg),
                     param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std),
-                    preferred_element_type=out_dtype, rngs=rngs)
+                    preferred_element_type=out_dtype, kernel_metadata=axes(*names),
+                    bias_metadata=axes(names[-1]), rngs=rngs)
 
 
 class QEmbed(nnx.Module):
@@ -69,8 +85,10 @@ class QEmbed(nnx.Module):
     width = 2 * cfg.embed_dim
     self.eps = cfg.eps
     self.tokens = nnx.Embed(cfg.vocab_size, width, param_dtype=jnp.float32,
-                            embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
-    self.positions = nnx.Param(nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.max_seq_len, width)))
+                            embedding_init=nnx.initializers.normal(cfg.init_std),
+                            embedding_metadata=axes("vocab", "embed"), rngs=rngs)
+    self.positions = nnx.Param(nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.max_seq_len, width)),
+                               **axes(None, "embed"))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     x = self.tokens(tokens) + self.positions[...][positions]
@@ -117,9 +135,15 @@ class GeoAttention(nnx.Module):
     self.impl = cfg.attention_impl
     self.blockwise_min_len = cfg.blockwise_min_len
     self.block_q, self.block_k = cfg.block_q, cfg.block_k
-    self.w_qkv = _linear(cfg, 2 * d, 3 * d, cfg.init_std, rngs)
+    # Head-shaped (2d, 3, H, hd): split over "tensor" by heads, each shard holds whole q, k, v heads.
+    self.w_qkv = nnx.LinearGeneral(2 * d, (3, cfg.num_heads, self.head_dim), use_bias=cfg.use_bias,
+                                   dtype=compute_dtype(cfg), param_dtype=jnp.float32,
+                                   kernel_init=nnx.initializers.normal(cfg.init_std),
+                                   kernel_metadata=axes("embed", None, "heads", "head_dim"),
+                                   bias_metadata=axes(None, "heads", "head_dim"), rngs=rngs)
     if self.kind == "geo":
-      self.gamma_raw = nnx.Param(jnp.full((cfg.num_heads,), inverse_softplus(cfg.gamma), jnp.float32))
+      self.gamma_raw = nnx.Param(jnp.full((cfg.num_heads,), inverse_softplus(cfg.gamma), jnp.float32),
+                                 **axes("heads"))
 
   def gamma(self) -> jax.Array | None:
     """Per-head positive scale (H,) float32, or None for dot-product attention."""
@@ -130,8 +154,7 @@ class GeoAttention(nnx.Module):
 
   def project(self, f: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """f (B, L, 2d) -> q, k, v each (B, L, H, hd)."""
-    b, length, _ = f.shape
-    qkv = self.w_qkv(f).reshape(b, length, 3, self.num_heads, self.head_dim)
+    qkv = constrain(self.w_qkv(f), ("batch", "length", None, "act_heads", None))
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
   def __call__(self, f: jax.Array) -> jax.Array:
@@ -152,13 +175,14 @@ class Block(nnx.Module):
     self.use_topofilter = cfg.topofilter
     self.activation = jax.nn.gelu if cfg.activation == "gelu" else jax.nn.relu
     self.ln1 = _norm(cfg, 2 * d, rngs)
-    self.w_psi = _linear(cfg, 2 * d, 2 * d, cfg.init_std, rngs)
+    # psi keeps its full width on every tensor shard (see RESIDUAL_AXES): only the input is FSDP-split.
+    self.w_psi = _linear(cfg, 2 * d, 2 * d, cfg.init_std, rngs, ("embed", None))
     self.topo = TopoFilter(cfg)
     self.attn = GeoAttention(cfg, rngs=rngs)
-    self.w_o = _linear(cfg, d, 2 * d, out_std, rngs)
+    self.w_o = _linear(cfg, d, 2 * d, out_std, rngs, ("heads", "embed"))
     self.ln2 = _norm(cfg, 2 * d, rngs)
-    self.w_1 = _linear(cfg, 2 * d, cfg.mlp_ratio * d, cfg.init_std, rngs)
-    self.w_2 = _linear(cfg, cfg.mlp_ratio * d, 2 * d, out_std, rngs)
+    self.w_1 = _linear(cfg, 2 * d, cfg.mlp_ratio * d, cfg.init_std, rngs, ("embed", "mlp"))
+    self.w_2 = _linear(cfg, cfg.mlp_ratio * d, 2 * d, out_std, rngs, ("mlp", "embed"))
 
   def filtered_states(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """h (B, L, 2d) -> (f (B, L, 2d) compute dtype, s (B, L) float32; zeros without the filter)."""
@@ -193,7 +217,7 @@ class QTGModel(nnx.Module):
     self.embed = QEmbed(cfg, rngs=rngs)
 
     @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(layer_rngs: nnx.Rngs) -> Block:
       return Block(cfg, rngs=layer_rngs)
 
@@ -201,11 +225,12 @@ class QTGModel(nnx.Module):
     # whether the forward pass scans or unrolls the layers.
     self.blocks = make_blocks(rngs)
     self.ln_f = _norm(cfg, 2 * d, rngs)
-    self.head = _linear(cfg, 2 * d, cfg.vocab_size, cfg.init_std, rngs, out_dtype=jnp.float32)
+    self.head = _linear(cfg, 2 * d, cfg.vocab_size, cfg.init_std, rngs, ("embed", "vocab"), out_dtype=jnp.float32)
 
   def _layer_fn(self) -> Callable[[nnx.GraphDef, Any, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]:
     def apply_layer(graphdef, layer_state, h, key):
-      return nnx.merge(graphdef, layer_state)(h, key)
+      h, s = nnx.merge(graphdef, layer_state)(h, key)
+      return constrain(h, RESIDUAL_AXES), s
 
     if self.cfg.remat == "none":
       return apply_layer
@@ -236,7 +261,7 @@ class QTGModel(nnx.Module):
     embed_key = block_key = None
     if dropout_key is not None:
       embed_key, block_key = jax.random.split(dropout_key)
-    h = dropout(self.embed(tokens, positions), self.cfg.dropout, embed_key)
+    h = constrain(dropout(self.embed(tokens, positions), self.cfg.dropout, embed_key), RESIDUAL_AXES)
     h, s = self.run_blocks(h, block_key)
     logits = self.head(self.ln_f(h)).astype(jnp.float32)
     if return_aux:

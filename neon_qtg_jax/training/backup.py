@@ -18,6 +18,7 @@ from the run config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -239,7 +240,7 @@ def fetch_data_files(url: str, data_dir: str) -> bool:
   remote = location(url) / RUN_FILES
   if not (remote / INDEX_FILE).exists():
     return False
-  fetched = os.path.join(os.path.abspath(data_dir) + ".from_backup")
+  fetched = f"{os.path.abspath(data_dir)}.from_backup.{os.getpid()}"  # one per process: several may share data_dir
   download_dir(remote, fetched, DATA_RESTORE_FILES)
   os.makedirs(data_dir, exist_ok=True)
   for name in os.listdir(fetched):
@@ -267,7 +268,7 @@ def fetch_for_resume(config: Any, args: Any, workdir: str, *, local_unreadable: 
   has_local = os.path.isdir(local) and any(n.isdigit() for n in os.listdir(local))
   if not explicit and (args.resume_from or (has_local and not local_unreadable)):
     return args
-  target = os.path.join(workdir, FETCH_DIR)
+  target = _fetch_target(workdir)
   shutil.rmtree(target, ignore_errors=True)
   try:
     fetch_data_files(url, config.data.data_dir)
@@ -283,9 +284,19 @@ def fetch_for_resume(config: Any, args: Any, workdir: str, *, local_unreadable: 
   return dataclasses.replace(args, resume_from=os.path.join(target, str(step)))
 
 
+def _fetch_target(workdir: str) -> str:
+  """Where this process puts a fetched step: each process of a multi-process run its own copy."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return os.path.join(workdir, FETCH_DIR)
+  return os.path.join(workdir, FETCH_DIR, f"process_{jax.process_index()}")
+
+
 def discard_fetched(workdir: str) -> None:
   """Removes the step fetched for the resume once it is restored (the run's own checkpoints follow)."""
-  shutil.rmtree(os.path.join(workdir, FETCH_DIR), ignore_errors=True)
+  shutil.rmtree(_fetch_target(workdir), ignore_errors=True)
+  with contextlib.suppress(OSError):
+    os.rmdir(os.path.join(workdir, FETCH_DIR))  # once every process removed its copy
 
 
 def localize(url: str, which: str = "latest", cache_dir: str | None = None) -> str:

@@ -26,12 +26,19 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from neon_qtg_jax.parallel.decisions import all_succeeded
+from neon_qtg_jax.training.save_faults import CheckpointSaveError, free_space_warning
 from neon_qtg_jax.training import backup
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "val_loss"
+
+
+def checkpoint_nbytes(*trees: Any) -> int:
+  """Bytes of the arrays in `trees` (an upper bound of the checkpoint's size on disk before compression)."""
+  return sum(getattr(x, "nbytes", 0) for tree in trees for x in jax.tree.leaves(tree))
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -176,9 +183,24 @@ def load_run_config(workdir_or_path: str, which: str | int = "latest") -> ml_col
 class Checkpointer:
   """Saves and restores full training checkpoints in one directory (a run's checkpoints/)."""
 
-  def __init__(self, directory: str, keep: int):
+  def __init__(self, directory: str, keep: int, on_save_error: str = "stop"):
     self.directory = os.path.abspath(directory)
     self.manager = make_manager(self.directory, keep=keep)
+    self.on_save_error = on_save_error  # "stop": raise CheckpointSaveError; "continue": log it and go on
+    self.pending: int | None = None     # the step whose asynchronous save may still be running
+
+  def _save_failed(self, step: int | None, err: Exception) -> None:
+    """Raises (or with on_save_error="continue", logs) a clear error for a failed save of `step`."""
+    intact = [s for s in self.steps() if s != step]
+    reason = str(err).splitlines()[0] if str(err) else ""
+    if len(reason) > 400:  # TensorStore's messages put the OS reason ("File too large") last
+      reason = f"{reason[:150]} ... {reason[-250:]}"
+    message = (f"checkpoint {step} could not be written to {self.directory} ({type(err).__name__}: {reason}); "
+               f"earlier checkpoints {intact} are intact")
+    if self.on_save_error == "continue":
+      log.error("%s; training goes on (training.on_save_error='continue')", message)
+      return
+    raise CheckpointSaveError(message + "; stopping (training.on_save_error='stop')") from err
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -196,7 +218,15 @@ class Checkpointer:
     if data_args is not None:
       items["data"] = data_args
     metrics = {BEST_METRIC: float(val_loss)} if val_loss is not None else None
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    warning = free_space_warning(self.directory, checkpoint_nbytes(params, opt_state))
+    if warning:
+      log.warning("before checkpoint %d: %s", step, warning)
+    self.wait()  # a failed previous save is reported with its own step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+      self.pending = step
+    except Exception as err:  # noqa: BLE001 - Orbax and TensorStore raise ValueError, OSError, ...
+      self._save_failed(step, err)
 
   def restore(self, step: int, *, params: nnx.State, opt_state: Any,
               data_args: ocp.args.CheckpointArgs | None = None) -> dict[str, Any]:
@@ -224,14 +254,35 @@ class Checkpointer:
     return out
 
   def restore_latest_good(self, candidates: list[int], **kwargs) -> tuple[int, dict[str, Any]] | None:
-    """Tries the steps newest first; an unreadable one is logged as a warning and the previous one is used."""
+    """Tries the steps newest first; an unreadable one is moved aside (see move_aside) and the previous one used."""
     for step in sorted(candidates, reverse=True):
+      restored, reason = None, "unreadable on another process"
       try:
-        return step, self.restore(step, **kwargs)
+        restored = self.restore(step, **kwargs)
       except Exception as err:  # noqa: BLE001 - any read failure means: fall back to the previous step
-        log.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one",
-                    self.directory, step, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+      if all_succeeded(restored is not None):  # every process falls back together
+        return step, restored
+      if jax.process_index() == 0:  # one process renames the shared directory
+        kept = self.move_aside(step)
+        log.warning("checkpoint %s/%d is unreadable (%s); moved to %s, not deleted; falling back to the "
+                    "previous one", self.directory, step, reason, kept)
     return None
+
+  def move_aside(self, step: int) -> str:
+    """Renames step's directory to `{step}.unreadable` (then .1, .2, ...): kept for the user, out of Orbax's view.
+
+    Orbax lists only directories named by a step number, so the renamed one is never restored,
+    counted in keep-K rotation or deleted by it; a new save of the same step does not collide.
+    """
+    source = os.path.join(self.directory, str(step))
+    target, n = f"{source}.unreadable", 0
+    while os.path.exists(target):
+      n += 1
+      target = f"{source}.unreadable.{n}"
+    os.rename(source, target)
+    self.manager.reload()
+    return target
 
   def delete_after(self, step: int) -> None:
     """Removes checkpoints newer than `step` (resuming from an older step starts a new branch there)."""
@@ -241,8 +292,21 @@ class Checkpointer:
         self.manager.delete(later)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the running save; its failure is raised (or logged) as CheckpointSaveError naming the step."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as err:  # noqa: BLE001
+      self._save_failed(self.pending, err)
+    finally:
+      self.pending = None
+
+  def check(self) -> None:
+    """Reports a finished asynchronous save's failure now (as in wait) without waiting for a running one."""
+    if self.pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

@@ -55,14 +55,14 @@ def abstract_inputs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                        ts.abstract_train_state(config), shardings)
   t = config.training
   rows = t.batch_size * t.grad_accum_steps
-  batch_sharding = parallel.batch_sharding(mesh, rows)
+  batch_sharding = parallel.batch_sharding(mesh, config.parallel.rules)
   token = jax.ShapeDtypeStruct((rows, config.data.max_length), jax.numpy.int32, sharding=batch_sharding)
   return state, {"inputs": token, "targets": token}
 
 
 def analyze(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> MemoryReport:
   """Lowers and compiles the train step for `config` on the current devices; returns the analysis."""
-  mesh = mesh or parallel.make_mesh()
+  mesh = mesh or parallel.make_mesh(config.parallel)
   step = ts.make_train_step(config, ts.model_graphdef(config), mesh)
   began = time.perf_counter()
   compiled = step.lower(*abstract_inputs(config, mesh)).compile()

@@ -24,7 +24,10 @@ def _layer_axes(path: tuple[Any, ...]) -> int:
 
 def weight_decay_mask(params: Any) -> Any:
   """True for matrices (kernels, embedding and position tables); False for norms, gamma and biases."""
-  return jax.tree_util.tree_map_with_path(lambda path, x: x.ndim - _layer_axes(path) >= 2, params)
+  def decays(path, x) -> bool:
+    name = [p.key for p in path if hasattr(p, "key")][-1]  # the parameter's own name
+    return x.ndim - _layer_axes(path) >= 2 and name != "bias"  # the QKV bias is head-shaped (3, H, hd)
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(training_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:

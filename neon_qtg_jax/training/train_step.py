@@ -60,19 +60,23 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
 
 
 def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
-  """FSDP shardings for every leaf of the train state (parameters and optimizer moments alike)."""
+  """Shardings for every leaf of the train state from the parameters' logical axes and parallel.rules.
+
+  The optimizer moments carry the parameters' axis names, so they are split like the parameters.
+  """
   abstract = abstract_train_state(config)
   replicated = parallel.replicated(mesh)
+  rules = config.parallel.rules
   return abstract.replace(
       step=replicated, rng=replicated, nonfinite_streak=replicated, nonfinite_peak=replicated,
-      nonfinite_total=replicated, params=parallel.param_shardings(abstract.params, mesh),
-      opt_state=parallel.param_shardings(abstract.opt_state, mesh))
+      nonfinite_total=replicated, params=parallel.param_shardings(abstract.params, mesh, rules),
+      opt_state=parallel.param_shardings(abstract.opt_state, mesh, rules))
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
                        mesh: Mesh | None = None) -> tuple[nnx.GraphDef, TrainState]:
   """Initialises parameters and optimizer state directly in their shards: (graphdef, TrainState)."""
-  mesh = mesh or parallel.make_mesh()
+  mesh = mesh or parallel.make_mesh(config.parallel)
   init = jax.jit(lambda key: _init_state(config, key), out_shardings=state_shardings(config, mesh))
   return model_graphdef(config), init(rng)
 
@@ -170,23 +174,41 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     mesh: Mesh | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """jit-compiled train step with the state donated; works on abstract inputs for .lower()."""
-  mesh = mesh or parallel.make_mesh()
-  t = config.training
+  """jit-compiled train step with the state donated; works on abstract inputs for .lower().
+
+  Batch rows are split over the "batch" rule's mesh axes (parallel.check_batch rejects a batch
+  that does not divide); activations are constrained by logical names while the step traces.
+  """
+  mesh = mesh or parallel.make_mesh(config.parallel)
+  rules = config.parallel.rules
   shardings = state_shardings(config, mesh)
-  batch_sharding = parallel.batch_sharding(mesh, t.batch_size * t.grad_accum_steps)
-  micro = parallel.batch_sharding(mesh, t.batch_size)
-  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *micro.spec))
-  return jax.jit(train_step_fn(config, graphdef, micro_sharding), donate_argnums=(0,),
-                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, parallel.replicated(mesh)))
+  step = train_step_fn(config, graphdef, parallel.batch_sharding(mesh, rules, leading=1))
+
+  def sharded_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    with parallel.activation_sharding(mesh, rules):
+      return step(state, batch)
+
+  return jax.jit(sharded_step, donate_argnums=(0,), in_shardings=(shardings, parallel.batch_sharding(mesh, rules)),
+                 out_shardings=(shardings, parallel.replicated(mesh)))
 
 
-def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef) -> Callable[[nnx.State, Batch], Metrics]:
-  """jit-compiled evaluation of one batch without dropout: every loss term and the perplexity."""
+def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                   mesh: Mesh | None = None) -> Callable[[nnx.State, Batch], Metrics]:
+  """jit-compiled evaluation of one batch without dropout: every loss term and the perplexity.
+
+  With a mesh, activations follow parallel.rules and the scalars come back replicated (readable
+  on every process).
+  """
   weights = LossWeights.from_config(config.training)
 
   def evaluate(params: nnx.State, batch: Batch) -> Metrics:
     _, terms = loss_fn(graphdef, params, batch, weights, None)
     return {k: terms[k] for k in LOSS_TERMS}
 
-  return jax.jit(evaluate)
+  if mesh is None:
+    return jax.jit(evaluate)
+
+  def sharded_evaluate(params: nnx.State, batch: Batch) -> Metrics:
+    with parallel.activation_sharding(mesh, config.parallel.rules):
+      return evaluate(params, batch)
+  return jax.jit(sharded_evaluate, out_shardings=parallel.replicated(mesh))

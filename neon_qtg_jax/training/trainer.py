@@ -23,9 +23,10 @@ import psutil
 from flax import nnx
 
 from neon_qtg_jax import info, parallel
+from neon_qtg_jax.parallel import decisions, inputs
 from neon_qtg_jax.training import backup, checkpointing, plots
 from neon_qtg_jax.training import train_step as ts
-from neon_qtg_jax.training.metric_writers import create_run_writer, read_jsonl
+from neon_qtg_jax.training.metric_writers import create_run_writer, metric_writers, read_jsonl
 from neon_qtg_jax.training.preemption import PreemptionFlag
 
 log = logging.getLogger("neon_qtg_jax")
@@ -34,17 +35,25 @@ EXIT_OK, EXIT_NONFINITE = 0, 1
 
 
 def setup_logging(workdir: str) -> str:
-  """Console (stdout) and {workdir}/outputs/logs/training.log for every neon_qtg_jax logger; returns the log path."""
+  """Console (stdout) and {workdir}/outputs/logs/training.log for every neon_qtg_jax logger; returns the log path.
+
+  Only process 0 writes the file; the other processes print warnings and errors to stderr.
+  """
   path = os.path.join(workdir, "outputs", "logs", "training.log")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+  writer = decisions.is_writer()
+  if writer:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  prefix = "" if jax.process_count() == 1 else f"[process {jax.process_index()}] "
+  formatter = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%Y-%m-%d %H:%M:%S")
   for handler in list(log.handlers):
     log.removeHandler(handler)
     handler.close()
-  for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(path, encoding="utf-8")):
+  handlers = ((logging.StreamHandler(sys.stdout), logging.FileHandler(path, encoding="utf-8")) if writer
+              else (logging.StreamHandler(sys.stderr),))
+  for handler in handlers:
     handler.setFormatter(formatter)
     log.addHandler(handler)
-  log.setLevel(logging.INFO)
+  log.setLevel(logging.INFO if writer else logging.WARNING)
   log.propagate = False
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every save at INFO through absl
   return path
@@ -58,8 +67,11 @@ class RunData:
   unigram_perplexity: float
 
 
-def load_data(config: ml_collections.ConfigDict) -> RunData:
-  """Prepares the dataset when its shards are missing, then opens the training and validation data."""
+def load_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunData:
+  """Prepares the dataset when its shards are missing, then opens the training and validation data.
+
+  The training iterator yields this process's rows of each global batch (parallel.inputs).
+  """
   from neon_qtg_jax.data import loader, prepare  # pylint: disable=import-outside-toplevel
   from neon_qtg_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
   prepare.prepare_dataset(config, progress=True)
@@ -68,7 +80,10 @@ def load_data(config: ml_collections.ConfigDict) -> RunData:
                                       config.model.vocab_size)
   batches = loader.eval_batches(config, split="val", num_batches=config.training.eval_batches,
                                 batch_size=config.training.batch_size)
-  return RunData(loader.make_train_iterator(config), [jax.device_put(b) for b in batches], tokenizer, unigram)
+  rules = config.parallel.rules
+  index, count = inputs.process_rows(mesh, rules, config.training.batch_size * config.training.grad_accum_steps)
+  return RunData(loader.make_train_iterator(config, shard_index=index, shard_count=count),
+                 [inputs.replicated_batch(b, mesh, rules) for b in batches], tokenizer, unigram)
 
 
 def iterator_args(train_iter: Any, save: bool) -> Any:
@@ -116,7 +131,8 @@ def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: 
   if not candidates:
     log.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
     return state, Progress()
-  data_args = iterator_args(train_iter, save=False) if train_iter is not None else None
+  same_layout = loader_has_state(os.path.join(source.directory, str(max(candidates))))
+  data_args = iterator_args(train_iter, save=False) if train_iter is not None and same_layout else None
   found = source.restore_latest_good(candidates, params=state.params, opt_state=state.opt_state,
                                      data_args=data_args)
   if found is None:
@@ -140,10 +156,22 @@ def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: 
                         rng=jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated),
                         nonfinite_streak=scalar("nonfinite_streak"), nonfinite_peak=scalar("nonfinite_peak"),
                         nonfinite_total=scalar("nonfinite_total"))
+  if train_iter is not None and not same_layout:
+    from neon_qtg_jax.data import loader  # pylint: disable=import-outside-toplevel
+    global_rows = config.training.batch_size * config.training.grad_accum_steps
+    _, count = inputs.process_rows(mesh, config.parallel.rules, global_rows)
+    loader.skip_to_step(train_iter, int(meta["step"]), global_rows // count)
+    log.info("data position set from step %d: the checkpoint was written under another process layout",
+             int(meta["step"]))
   if source is checkpointer:
     checkpointer.delete_after(step)
   log.info("resumed from %s/%d", source.directory, step)
   return state, Progress(best_val_loss=meta["best_val_loss"], train_seconds=meta["train_seconds"])
+
+
+def loader_has_state(step_dir: str) -> bool:
+  from neon_qtg_jax.data import loader  # pylint: disable=import-outside-toplevel
+  return loader.has_iterator_state(step_dir, jax.process_index(), jax.process_count())
 
 
 def evaluate(eval_step: Any, params: nnx.State, batches: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -231,26 +259,31 @@ class WindowStats:
 
 def run(config: ml_collections.ConfigDict, args: Any) -> int:
   workdir = os.path.abspath(args.workdir)
+  mesh = parallel.make_mesh(config.parallel)
+  inputs.check_batch(config, mesh)  # a ConfigError before any work
   setup_logging(workdir)
   args = backup.fetch_for_resume(config, args, workdir)
   t = config.training
-  log.info("workdir %s; devices: %d x %s", workdir, jax.device_count(), jax.devices()[0].device_kind)
+  log.info("workdir %s; devices: %d x %s; mesh %s", workdir, jax.device_count(), jax.devices()[0].device_kind,
+           parallel.describe(mesh))
 
-  data = load_data(config)
+  data = load_data(config, mesh)
   log.info("data ready: %d validation batches; unigram perplexity of the validation split: %.2f",
            len(data.eval_batches), data.unigram_perplexity)
 
-  mesh = parallel.make_mesh()
   graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)
-  checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints)
+  checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints,
+                                            on_save_error=t.on_save_error)
   state, progress = restore_or_init(config, args, checkpointer, state, data.train_iter, mesh)
   start_step = int(jax.device_get(state.step))
   backup.discard_fetched(workdir)
   uploader = backup.start_uploader(config, workdir, start_step)
 
   train_step = ts.make_train_step(config, graphdef, mesh)
-  eval_step = ts.make_eval_step(config, graphdef)
-  writer = create_run_writer(workdir)
+  eval_step = ts.make_eval_step(config, graphdef, mesh)
+  writer = create_run_writer(workdir) if decisions.is_writer() else metric_writers.MultiWriter([])
+  plot_loss_curves = plots.plot_loss_curves if decisions.is_writer() else lambda *a, **k: None
+  global_rows = t.batch_size * t.grad_accum_steps
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flat(config).items()})
   peak = info.peak_flops(jax.devices()[0].device_kind, config.model.dtype)
@@ -273,7 +306,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
     step = start_step
     while step < t.total_steps:
       fetch_start = time.perf_counter()
-      batch = next(data.train_iter)
+      batch = inputs.global_batch(next(data.train_iter), mesh, config.parallel.rules, global_rows)
       window.data_wait += time.perf_counter() - fetch_start
       state, metrics = train_step(state, batch)
       window.metrics.append(metrics)
@@ -282,10 +315,16 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
         jax.block_until_ready(metrics)
         log.info("first step (compilation included) took %.1f s", time.perf_counter() - window.started)
         window.started, window.untimed, window.data_wait = time.perf_counter(), 1, 0.0
-      out_of_time = t.max_train_minutes > 0 and time.perf_counter() - run_start >= 60 * t.max_train_minutes
+      # One all-gather per step: every process stops and saves at the same step (decisions.agree).
+      agreed = decisions.agree({
+          "preempted": preemption.requested,
+          "out_of_time": t.max_train_minutes > 0 and time.perf_counter() - run_start >= 60 * t.max_train_minutes,
+          "save_interval": time.perf_counter() - last_save_time >= 60 * t.save_interval_minutes})
+      out_of_time = agreed["out_of_time"]
       last = step == t.total_steps or out_of_time  # evaluate, sample and save before stopping
 
       if step % t.log_steps == 0 or last:
+        checkpointer.check()  # a save that failed in the background (disk full) is reported here
         scalars = window.summary(config, peak) | uploader.scalars()
         now = time.perf_counter()
         progress.train_seconds += now - window.started
@@ -317,22 +356,23 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
         last_eval = (step, scores["perplexity"])
         log.info("eval step %d | val loss %.4f | val ce %.4f | val ppl %.2f (unigram %.2f)%s", step, val_loss,
                  scores["ce"], scores["perplexity"], data.unigram_perplexity, " | new best" if improved else "")
-        plots.plot_loss_curves(read_jsonl(metrics_path), plot_path, unigram_perplexity=data.unigram_perplexity)
+        plot_loss_curves(read_jsonl(metrics_path), plot_path, unigram_perplexity=data.unigram_perplexity)
         if improved and step % t.save_steps:
           save(step, val_loss)  # keeps the best model on disk even between regular saves
           last_saved_step, last_save_time = step, time.perf_counter()
 
-      if step % t.sample_steps == 0 or out_of_time:
+      if (step % t.sample_steps == 0 or out_of_time) and jax.process_count() > 1:
+        log.info("step %d: no samples during multi-process training; run --mode=generate on the checkpoint", step)
+      elif step % t.sample_steps == 0 or out_of_time:
         text = write_samples(config, graphdef, state.params, data.tokenizer, workdir, step)
         writer.write_texts(step, {"samples": text.replace("\n", "  \n")})
 
-      due = (step % t.save_steps == 0 or last or preemption.requested
-             or time.perf_counter() - last_save_time >= 60 * t.save_interval_minutes)
+      due = step % t.save_steps == 0 or last or agreed["preempted"] or agreed["save_interval"]
       if due and step != last_saved_step:
         save(step, val_loss)
         last_saved_step, last_save_time = step, time.perf_counter()
-      if preemption.requested:
-        stop_reason = f"{preemption.signal_name}"
+      if agreed["preempted"]:
+        stop_reason = preemption.signal_name or "a preemption signal to another process"
         break
       if out_of_time:
         stop_reason = f"training.max_train_minutes={t.max_train_minutes} reached"
@@ -343,7 +383,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
     uploader.close(60 * t.backup_wait_minutes)
   writer.close()
   kept = checkpointer.steps()
-  plots.plot_loss_curves(read_jsonl(metrics_path), plot_path, unigram_perplexity=data.unigram_perplexity)
+  plot_loss_curves(read_jsonl(metrics_path), plot_path, unigram_perplexity=data.unigram_perplexity)
   log.info("stopped at step %d (%s); checkpoints %s in %s; loss curves %s", step, stop_reason,
            kept, checkpointer.directory, plot_path)
   if last_eval is not None:
