@@ -21,6 +21,7 @@ from neon_qtg_jax.config import ConfigError, default_config, validate
 from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.parallel import distributed
 from neon_qtg_jax.training.save_faults import CheckpointSaveError
+from neon_qtg_jax.training.backup import BackupError
 
 
 def reject_unknown_overrides(argv: list[str]) -> None:
@@ -70,8 +71,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/neon_qtg_tiny.py", 
                                           lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", sorted(cli.MODES), "What to run.")
 _WORKDIR = flags.DEFINE_string("workdir", cli.RunArgs.workdir, "Run directory: checkpoints, logs, samples.")
-_RESUME_FROM = flags.DEFINE_string("resume_from", "", "Train: resume from a step, 'best', 'latest' or a path.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "Eval/generate: a step, 'best', 'latest' or a path.")
+_RESUME_FROM = flags.DEFINE_string("resume_from", "", "Train: a step, 'best', 'latest', 'backup' or a path.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "Eval/generate: a step, 'best', 'latest', a path or a URL.")
 _INFO_FORMAT = flags.DEFINE_enum("info_format", "text", ["text", "json"], "Info mode output format.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Generate: one prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with one prompt per line.")
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> int:
   # A missing checkpoint, an existing result, unusable data, a failed save or a bad mesh: one clear line.
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
-  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, ConfigError) as err:
+  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, ConfigError, BackupError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
 

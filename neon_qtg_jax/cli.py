@@ -22,8 +22,8 @@ MODES: dict[str, str] = {
 @dataclasses.dataclass(frozen=True)
 class RunArgs:
   workdir: str = "runs/default"
-  resume_from: str = ""        # a step number, "best", "latest" or a checkpoint path
-  checkpoint: str = "best"     # what eval/generate restore: a step, "best", "latest" or a path
+  resume_from: str = ""        # a step number, "best", "latest", "backup" or a checkpoint path
+  checkpoint: str = "best"     # what eval/generate restore: a step, "best", "latest", a path or a backup URL
   info_format: str = "text"    # "text" or "json"
   prompt: str = ""
   prompts_file: str = ""

@@ -12,6 +12,8 @@ from typing import Any
 
 import ml_collections
 
+from neon_qtg_jax.training.backup import url_problem
+
 ATTENTION_KINDS = ("geo", "dot")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "pallas")
 REMAT_POLICIES = ("none", "block", "dots", "dots_no_batch")
@@ -101,6 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.sample_steps = 200
   t.max_consecutive_nonfinite = 5
   t.max_train_minutes = 0.0   # 0: no wall-clock limit
+  t.backup_url = ""           # s3://bucket/prefix, gs://bucket/prefix or a directory; empty: no backup
+  t.backup_wait_minutes = 10.0  # how long the end of a run waits for pending backup uploads
 
   d = c.data = ml_collections.ConfigDict()
   d.source = "stdlib"
@@ -219,6 +223,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.end_lr <= t.lr, "training.end_lr", f"must be <= training.lr={t.lr}", t.end_lr)
   _check(t.on_save_error in ("stop", "continue"), "training.on_save_error", "must be 'stop' or 'continue'",
          t.on_save_error)
+  positive("training", ("backup_wait_minutes",), strict=False)
+  backup_problem = url_problem(t.backup_url)
+  _check(backup_problem is None, "training.backup_url", str(backup_problem), t.backup_url)
 
   _check(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}", d.source)
   _check(d.text_split in TEXT_SPLITS, "data.text_split", f"must be one of {TEXT_SPLITS}", d.text_split)

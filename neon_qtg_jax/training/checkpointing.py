@@ -28,6 +28,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from neon_qtg_jax.parallel.decisions import all_succeeded
 from neon_qtg_jax.training.save_faults import CheckpointSaveError, free_space_warning
+from neon_qtg_jax.training import backup
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,16 @@ def _manager_directory(workdir_or_path: str) -> tuple[str, int | None]:
 def resolve(workdir_or_path: str, which: str | int = "latest") -> CheckpointRef:
   """Finds one checkpoint. which: a step number, "best", "latest" or a path (then workdir_or_path is ignored).
 
+  A backup URL (s3://bucket/run, or .../checkpoints/{step}) as either argument is downloaded first
+  (backup.localize) and its checksums checked.
+
   Raises FileNotFoundError naming the directory when nothing matches.
   """
   which = str(which)
+  if backup.is_url(which):  # a backup URL: a verified local copy of the step
+    which = backup.localize(which)
+  elif backup.is_url(workdir_or_path):
+    workdir_or_path = backup.localize(workdir_or_path, which)
   if which not in ("best", "latest") and not which.isdigit():
     directory, step = _manager_directory(which)
     if step is None:

@@ -24,7 +24,7 @@ from flax import nnx
 
 from neon_qtg_jax import info, parallel
 from neon_qtg_jax.parallel import decisions, inputs
-from neon_qtg_jax.training import checkpointing, plots
+from neon_qtg_jax.training import backup, checkpointing, plots
 from neon_qtg_jax.training import train_step as ts
 from neon_qtg_jax.training.metric_writers import create_run_writer, metric_writers, read_jsonl
 from neon_qtg_jax.training.preemption import PreemptionFlag
@@ -138,6 +138,11 @@ def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: 
   if found is None:
     if named:
       raise RuntimeError(f"checkpoint {candidates[0]} in {source.directory} is unreadable (see the warning above)")
+    if config.training.backup_url:  # no local checkpoint reads: the backup's newest verified step, if any
+      workdir = os.path.dirname(checkpointer.directory)
+      fetched = backup.fetch_for_resume(config, args, workdir, local_unreadable=True)
+      if fetched.resume_from:
+        return restore_or_init(config, fetched, checkpointer, state, train_iter, mesh)
     log.warning("no readable checkpoint in %s: starting from step 0", source.directory)
     return state, Progress()
   step, restored = found
@@ -257,6 +262,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
   mesh = parallel.make_mesh(config.parallel)
   inputs.check_batch(config, mesh)  # a ConfigError before any work
   setup_logging(workdir)
+  args = backup.fetch_for_resume(config, args, workdir)
   t = config.training
   log.info("workdir %s; devices: %d x %s; mesh %s", workdir, jax.device_count(), jax.devices()[0].device_kind,
            parallel.describe(mesh))
@@ -270,6 +276,8 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
                                             on_save_error=t.on_save_error)
   state, progress = restore_or_init(config, args, checkpointer, state, data.train_iter, mesh)
   start_step = int(jax.device_get(state.step))
+  backup.discard_fetched(workdir)
+  uploader = backup.start_uploader(config, workdir, start_step)
 
   train_step = ts.make_train_step(config, graphdef, mesh)
   eval_step = ts.make_eval_step(config, graphdef, mesh)
@@ -317,7 +325,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
 
       if step % t.log_steps == 0 or last:
         checkpointer.check()  # a save that failed in the background (disk full) is reported here
-        scalars = window.summary(config, peak)
+        scalars = window.summary(config, peak) | uploader.scalars()
         now = time.perf_counter()
         progress.train_seconds += now - window.started
         window.reset(now)
@@ -372,6 +380,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
 
     writer.flush()
     checkpointer.close()
+    uploader.close(60 * t.backup_wait_minutes)
   writer.close()
   kept = checkpointer.steps()
   plot_loss_curves(read_jsonl(metrics_path), plot_path, unigram_perplexity=data.unigram_perplexity)
