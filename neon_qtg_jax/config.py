@@ -72,7 +72,6 @@ def default_config() -> ml_collections.ConfigDict:
   t.adam_eps = 1e-8
   t.weight_decay = 0.01
   t.max_grad_norm = 1.0
-  t.grad_dtype = "float32"    # dtype of each microbatch's matmul-kernel gradients; "bfloat16" needs model.dtype bfloat16
   t.mu_dtype = "float32"      # AdamW first moment; the second moment stays float32
   t.batch_size = 16           # per optimizer step, across all devices, per microbatch
   t.grad_accum_steps = 1      # microbatches per optimizer step
@@ -195,9 +194,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "must be < 1", t.beta1 if t.beta1 >= 1 else t.beta2)
   _check(t.warmup_steps <= t.total_steps, "training.warmup_steps",
          f"must be <= training.total_steps={t.total_steps}", t.warmup_steps)
-  _check(t.grad_dtype in DTYPES, "training.grad_dtype", f"must be one of {DTYPES}", t.grad_dtype)
-  _check(t.grad_dtype in ("float32", m.dtype), "training.grad_dtype",
-         f"must be 'float32' or the compute dtype model.dtype={m.dtype!r}", t.grad_dtype)
   _check(t.mu_dtype in DTYPES, "training.mu_dtype", f"must be one of {DTYPES}", t.mu_dtype)
   _check(t.end_lr <= t.lr, "training.end_lr", f"must be <= training.lr={t.lr}", t.end_lr)
 

@@ -95,47 +95,22 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, weights: Lo
   return terms["loss"], terms
 
 
-def _is_kernel(path: tuple[Any, ...]) -> bool:
-  """True for an nnx.Linear kernel: the path ends in ("kernel", "value") inside an nnx.State."""
-  return "kernel" in [getattr(p, "key", getattr(p, "name", None)) for p in path[-2:]]
-
-
-def cast_kernels(params: nnx.State, dtype: str) -> nnx.State:
-  """The matmul kernels in `dtype`, everything else unchanged.
-
-  The Linear layers cast their float32 kernels to the compute dtype before every matmul, so with
-  `dtype` equal to model.dtype the forward pass is unchanged and only the kernel gradients come
-  out in the compute dtype (they were computed in it and widened to float32 by the cast's transpose).
-  """
-  if dtype == "float32":
-    return params
-  return jax.tree_util.tree_map_with_path(lambda p, x: x.astype(dtype) if _is_kernel(p) else x, params)
-
-
 def accumulated_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, weights: LossWeights,
                       num_micro: int, dropout_key: jax.Array | None,
-                      micro_sharding: jax.sharding.Sharding | None = None,
-                      grad_dtype: str = "float32") -> tuple[nnx.State, Metrics]:
-  """Mean float32 gradient and loss terms over `num_micro` microbatches of the (num_micro * b, L) batch.
+                      micro_sharding: jax.sharding.Sharding | None = None) -> tuple[nnx.State, Metrics]:
+  """Mean gradient and loss terms over `num_micro` microbatches of the (num_micro * b, L) batch.
 
-  The microbatches run one after another in a lax.scan, summing into one float32 gradient, so
-  peak activation memory is that of one microbatch. Each microbatch's kernel gradients are taken
-  in `grad_dtype` (training.grad_dtype), which halves that buffer in bfloat16.
+  The microbatches run one after another in a lax.scan, summing float32 gradients, so peak
+  activation memory is that of one microbatch.
   """
-  value_and_grad = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-
-  def grad_fn(graphdef, params, batch, weights, key):
-    return value_and_grad(graphdef, cast_kernels(params, grad_dtype), batch, weights, key)
-
-  def widen(grads):
-    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
 
   def micro_key(i):
     return None if dropout_key is None else jax.random.fold_in(dropout_key, i)
 
   if num_micro == 1:
     (_, terms), grads = grad_fn(graphdef, params, batch, weights, micro_key(0))
-    return widen(grads), {k: terms[k] for k in LOSS_TERMS}
+    return grads, {k: terms[k] for k in LOSS_TERMS}
 
   def split(x):
     x = x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
@@ -148,7 +123,7 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, w
     grad_sum, term_sum = carry
     micro_batch, i = xs
     (_, terms), grads = grad_fn(graphdef, params, micro_batch, weights, micro_key(i))
-    grad_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grad_sum, grads)
+    grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
     term_sum = {k: term_sum[k] + terms[k] for k in LOSS_TERMS}
     return (grad_sum, term_sum), None
 
@@ -171,7 +146,7 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     step_key = jax.random.fold_in(state.rng, state.step) if use_dropout else None
     grads, terms = accumulated_grads(graphdef, state.params, batch, weights, t.grad_accum_steps, step_key,
-                                     micro_sharding, t.grad_dtype)
+                                     micro_sharding)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
