@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,21 +109,25 @@ def _resume_candidates(config: ml_collections.ConfigDict, args: Any, checkpointe
 
 
 def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: checkpointing.Checkpointer,
-                    state: ts.TrainState, train_iter: Any, mesh: jax.sharding.Mesh
-                    ) -> tuple[ts.TrainState, Progress]:
-  """Resumes from --resume_from or the newest readable checkpoint of the workdir; else keeps `state`."""
+                    target: ts.TrainState, train_iter: Any, mesh: jax.sharding.Mesh,
+                    init: Callable[[], ts.TrainState]) -> tuple[ts.TrainState, Progress]:
+  """Resumes from --resume_from or the newest readable checkpoint of the workdir; else returns `init()`.
+
+  `target` is the abstract, sharded state (ShapeDtypeStructs): Orbax reads every array straight
+  into its shards, so a resume never holds a freshly initialised state beside the restored one.
+  """
   source, candidates, named = _resume_candidates(config, args, checkpointer)
   if not candidates:
     log.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
-    return state, Progress()
+    return init(), Progress()
   data_args = iterator_args(train_iter, save=False) if train_iter is not None else None
-  found = source.restore_latest_good(candidates, params=state.params, opt_state=state.opt_state,
+  found = source.restore_latest_good(candidates, params=target.params, opt_state=target.opt_state,
                                      data_args=data_args)
   if found is None:
     if named:
       raise RuntimeError(f"checkpoint {candidates[0]} in {source.directory} is unreadable (see the warning above)")
     log.warning("no readable checkpoint in %s: starting from step 0", source.directory)
-    return state, Progress()
+    return init(), Progress()
   step, restored = found
   meta = restored["meta"]
   replicated = parallel.replicated(mesh)
@@ -131,7 +135,7 @@ def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: 
   def scalar(name: str) -> jax.Array:
     return jax.device_put(jnp.asarray(meta[name], jnp.int32), replicated)
 
-  state = state.replace(step=scalar("step"), params=restored["params"], opt_state=restored["opt_state"],
+  state = target.replace(step=scalar("step"), params=restored["params"], opt_state=restored["opt_state"],
                         rng=jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated),
                         nonfinite_streak=scalar("nonfinite_streak"), nonfinite_peak=scalar("nonfinite_peak"),
                         nonfinite_total=scalar("nonfinite_total"))
@@ -235,9 +239,11 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
            len(data.eval_batches), data.unigram_perplexity)
 
   mesh = parallel.make_mesh()
-  graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)
+  graphdef = ts.model_graphdef(config)
   checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints)
-  state, progress = restore_or_init(config, args, checkpointer, state, data.train_iter, mesh)
+  state, progress = restore_or_init(config, args, checkpointer, ts.sharded_abstract_state(config, mesh),
+                                    data.train_iter, mesh,
+                                    lambda: ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)[1])
   start_step = int(jax.device_get(state.step))
 
   train_step = ts.make_train_step(config, graphdef, mesh)
