@@ -29,6 +29,7 @@ class RunArgs:
   prompts_file: str = ""
   eval_data: str = ""          # JSONL or text file for --mode=eval; empty: the prepared validation split
   output: str = ""             # result file; empty: a default under the workdir
+  target: str = ""             # memory_test: compile for e.g. "h200:8" (parallel/targets); empty: local devices
 
 
 def mode_function(mode: str) -> Callable[[ml_collections.ConfigDict, RunArgs], int | None]:
