@@ -10,6 +10,10 @@ import traceback
 # A training process owns its GPU: let XLA's allocator take 95% of it rather than the default 75%
 # (the 7b step needs more than 75% of an H200). An explicit setting in the environment wins.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+# --target compiles with XLA's compile-only GPU client; the CUDA plugin registers it only when it
+# does not probe for a driver, so keep JAX on the CPU (nothing runs on a compile target anyway).
+if any(arg.startswith("--target") for arg in sys.argv[1:]):
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import ml_collections
 from absl import app, flags
@@ -77,6 +81,8 @@ _INFO_FORMAT = flags.DEFINE_enum("info_format", "text", ["text", "json"], "Info 
 _PROMPT = flags.DEFINE_string("prompt", "", "Generate: one prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with one prompt per line.")
 _EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the validation split.")
+_TARGET = flags.DEFINE_string("target", "", "memory_test: compile for NAME:DEVICES, e.g. h200:1 or h200:8 "
+                              "(8 per host); empty: the local devices.")
 _OUTPUT = flags.DEFINE_string("output", "", "Result file; empty: a default under the workdir.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Eval: replace an earlier result of the same name.")
 _VERIFY = flags.DEFINE_bool("verify", False, "Prepare: read every data file against the manifest's checksums.")
@@ -104,7 +110,7 @@ def main(argv: list[str]) -> int:
   args = cli.RunArgs(workdir=_WORKDIR.value, resume_from=_RESUME_FROM.value, checkpoint=_CHECKPOINT.value,
                      info_format=_INFO_FORMAT.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
                      eval_data=_EVAL_DATA.value, output=_OUTPUT.value,
-                     overwrite=_OVERWRITE.value, verify=_VERIFY.value)
+                     overwrite=_OVERWRITE.value, verify=_VERIFY.value, target=_TARGET.value)
   # A missing checkpoint, an existing result, unusable data, a failed save or a bad mesh: one clear line.
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0

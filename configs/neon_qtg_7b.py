@@ -23,6 +23,7 @@ def get_config():
   t.total_steps = 200000
   t.weight_decay = 0.01
   t.max_grad_norm = 1.0
+  t.mu_dtype = "bfloat16"  # 12.5 GiB less on the H200 (docs/PERFORMANCE.md, "7b on one H200")
   t.batch_size = 4
   t.grad_accum_steps = 8
   t.log_steps = 10

@@ -31,6 +31,7 @@ class RunArgs:
   output: str = ""             # result file; empty: a default under the workdir
   overwrite: bool = False      # eval: replace an earlier result of the same name
   verify: bool = False         # prepare: read every data file against the manifest's checksums
+  target: str = ""             # memory_test: compile for e.g. "h200:8" (parallel/targets); empty: local devices
 
 
 def mode_function(mode: str) -> Callable[[ml_collections.ConfigDict, RunArgs], int | None]:

@@ -88,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.adam_eps = 1e-8
   t.weight_decay = 0.01
   t.max_grad_norm = 1.0
+  t.mu_dtype = "float32"      # AdamW first moment; the second moment stays float32
   t.batch_size = 16           # per optimizer step, across all devices, per microbatch
   t.grad_accum_steps = 1      # microbatches per optimizer step
   t.lambda_topo = 0.1
@@ -220,6 +221,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "must be < 1", t.beta1 if t.beta1 >= 1 else t.beta2)
   _check(t.warmup_steps <= t.total_steps, "training.warmup_steps",
          f"must be <= training.total_steps={t.total_steps}", t.warmup_steps)
+  _check(t.mu_dtype in DTYPES, "training.mu_dtype", f"must be one of {DTYPES}", t.mu_dtype)
   _check(t.end_lr <= t.lr, "training.end_lr", f"must be <= training.lr={t.lr}", t.end_lr)
   _check(t.on_save_error in ("stop", "continue"), "training.on_save_error", "must be 'stop' or 'continue'",
          t.on_save_error)

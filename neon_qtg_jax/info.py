@@ -16,13 +16,15 @@ import numpy as np
 from flax import nnx
 
 from neon_qtg_jax.model import QTGModel
+from neon_qtg_jax.parallel import targets
 from neon_qtg_jax.parallel.mesh import mesh_shape
 
-# Dense bf16 tensor-core peak (FLOP/s) and memory (bytes) per accelerator, from the vendors'
-# data sheets (SXM parts). float32 compute runs as TF32 at half the bf16 rate.
+# Dense bf16 tensor-core peak (FLOP/s) per accelerator from the vendors' data sheets (SXM parts),
+# and memory in bytes as the CUDA driver reports it: "80 GB" is 79.6 GiB, "141 GB" is 140.4 GiB
+# (the H200's is parallel/targets/h200.txtpb's). float32 compute runs as TF32 at half the bf16 rate.
 ACCELERATORS: dict[str, dict[str, float]] = {
-    "H100": {"peak_bf16": 989e12, "memory": 80 * 2**30},
-    "H200": {"peak_bf16": 989e12, "memory": 141 * 2**30},
+    "H100": {"peak_bf16": 989e12, "memory": 81559 * 2**20},
+    "H200": {"peak_bf16": 989e12, "memory": 143771 * 2**20},
 }
 _DEVICE_KIND_KEYS = {"h200": "H200", "h100": "H100", "a100": "A100"}
 _PEAK_BY_KIND = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -122,10 +124,11 @@ def training_memory(config: ml_collections.ConfigDict, num_params: int, num_devi
   shard = 1.0 / (sizes["fsdp"] * sizes["tensor"])
   # With accumulation the step holds the float32 gradient sum beside one microbatch's gradients.
   grad_buffers = 2 if t.grad_accum_steps > 1 else 1
+  mu_bytes = 2.0 if t.mu_dtype == "bfloat16" else 4.0
   out = {
       "params": 4.0 * num_params * shard,
       "grads": 4.0 * grad_buffers * num_params * shard,
-      "optimizer": 8.0 * num_params * shard,
+      "optimizer": (mu_bytes + 4.0) * num_params * shard,
       "activations": activations,
   }
   out["total"] = sum(out.values())
@@ -142,6 +145,7 @@ def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
   tokens_per_step = t.batch_size * t.grad_accum_steps * config.data.max_length
   memory = training_memory(config, total, num_devices)
   estimates = {}
+  fraction = targets.gpu_allocator_fraction()
   for name, spec in ACCELERATORS.items():
     peak = spec["peak_bf16"] if m.dtype == "bfloat16" else spec["peak_bf16"] / 2
     step_seconds = flops["train"] * tokens_per_step / (num_devices * peak * config.info.mfu)
@@ -150,8 +154,9 @@ def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "step_seconds": step_seconds,
         "days_for_total_steps": step_seconds * t.total_steps / 86400,
         "tokens_per_second": tokens_per_step / step_seconds,
-        "memory_fits": memory["total"] <= spec["memory"],
+        "memory_fits": memory["total"] <= fraction * spec["memory"],
         "device_memory_bytes": spec["memory"],
+        "allocator_fraction": fraction,  # XLA_PYTHON_CLIENT_MEM_FRACTION: the share XLA may allocate
     }
   return {
       "name": config.name,
@@ -193,10 +198,13 @@ def format_text(info: dict[str, Any]) -> str:
   lines.append(f"  per step     {info['flops_per_step']:.4e}  ({info['tokens_per_step']:,} tokens per step)")
   lines += ["", f"estimated at {100 * info['mfu_assumed']:.0f}% MFU ({info['dtype']} compute):"]
   for name, est in info["estimates"].items():
-    fits = "fits" if est["memory_fits"] else "does NOT fit"
+    fits = "fits" if est["memory_fits"] else "does not fit"
+    usable = est["allocator_fraction"] * est["device_memory_bytes"]
     lines.append(f"  {name}: {est['step_seconds']:.3f} s/step, {est['tokens_per_second']:,.0f} tokens/s, "
                  f"{est['days_for_total_steps']:.1f} days for total_steps; memory {fits} in "
-                 f"{_gib(est['device_memory_bytes'])}")
+                 f"{_gib(usable)} ({est['allocator_fraction']:.0%} of {_gib(est['device_memory_bytes'])} = "
+                 f"{est['device_memory_bytes'] / 1e9:.1f} GB)")
+  lines.append("  (estimates; --mode=memory_test --target=h200:N gives XLA's own figure for the H200)")
   return "\n".join(lines)
 
 

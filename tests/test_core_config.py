@@ -53,6 +53,7 @@ def _set(config, path, value):
     ("training.warmup_steps", 10_000, "<= training.total_steps"),
     ("sampling.top_p", 0.0, "(0, 1]"),
     ("data.stride", 1000, "<= data.max_length"),
+    ("training.mu_dtype", "float16", "must be one of"),
 ])
 def test_bad_values_are_rejected_naming_the_field(path, value, needle):
   config = default_config()

@@ -175,8 +175,7 @@ def section_attention(smoke: bool) -> list[dict]:
 def _train_config(smoke: bool, impl: str, accum: int):
   from neon_qtg_jax import info
   from neon_qtg_jax.config import default_config, validate
-  from neon_qtg_jax.training import memory_test
-  import jax
+  from neon_qtg_jax.parallel import targets
 
   if smoke:
     config = default_config()
@@ -186,7 +185,7 @@ def _train_config(smoke: bool, impl: str, accum: int):
   config = _load_config("neon_qtg_7b")
   config.training.grad_accum_steps = accum
   config.model.attention_impl = impl
-  capacity = memory_test.device_memory_bytes(jax.devices()[0])
+  capacity = targets.local_target().device_bytes  # the allocator's limit
   note = ""
   for layers in (24, 20, 16, 12, 8, 4):  # the most layers the analytic estimate fits in 90% of memory
     config.model.num_layers = layers

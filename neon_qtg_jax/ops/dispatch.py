@@ -12,6 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import jax
 import jax.numpy as jnp
 
@@ -28,8 +32,22 @@ def resolve_impl(impl: str, length: int, blockwise_min_len: int) -> str:
   return impl
 
 
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+  """Traces inside pick implementations for `platform` ("gpu", "cpu"): the compile target, not this host."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
 def on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
+  """Whether the program being traced will run on a GPU: the compile target's platform, else the default backend."""
+  return (_TARGET_PLATFORM.get() or jax.default_backend()) == "gpu"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, gamma: jax.Array | None, *, kind: str,

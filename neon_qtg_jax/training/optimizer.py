@@ -35,5 +35,5 @@ def make_optimizer(training_cfg: ml_collections.ConfigDict) -> optax.GradientTra
   return optax.chain(
       optax.clip_by_global_norm(t.max_grad_norm),
       optax.adamw(learning_rate_schedule(t), b1=t.beta1, b2=t.beta2, eps=t.adam_eps,
-                  weight_decay=t.weight_decay, mask=weight_decay_mask),
+                  weight_decay=t.weight_decay, mask=weight_decay_mask, mu_dtype=t.mu_dtype),
   )

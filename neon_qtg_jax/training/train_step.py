@@ -73,6 +73,12 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState
       opt_state=parallel.param_shardings(abstract.opt_state, mesh, rules))
 
 
+def sharded_abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+  """TrainState of ShapeDtypeStructs carrying their shardings: a restore target, or a compile input."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_train_state(config), state_shardings(config, mesh))
+
+
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
                        mesh: Mesh | None = None) -> tuple[nnx.GraphDef, TrainState]:
   """Initialises parameters and optimizer state directly in their shards: (graphdef, TrainState)."""

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -124,16 +124,20 @@ def _resume_candidates(config: ml_collections.ConfigDict, args: Any, checkpointe
 
 
 def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: checkpointing.Checkpointer,
-                    state: ts.TrainState, train_iter: Any, mesh: jax.sharding.Mesh
-                    ) -> tuple[ts.TrainState, Progress]:
-  """Resumes from --resume_from or the newest readable checkpoint of the workdir; else keeps `state`."""
+                    target: ts.TrainState, train_iter: Any, mesh: jax.sharding.Mesh,
+                    init: Callable[[], ts.TrainState]) -> tuple[ts.TrainState, Progress]:
+  """Resumes from --resume_from or the newest readable checkpoint of the workdir; else returns `init()`.
+
+  `target` is the abstract, sharded state (ShapeDtypeStructs): Orbax reads every array straight
+  into its shards, so a resume never holds a freshly initialised state beside the restored one.
+  """
   source, candidates, named = _resume_candidates(config, args, checkpointer)
   if not candidates:
     log.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
-    return state, Progress()
+    return init(), Progress()
   same_layout = loader_has_state(os.path.join(source.directory, str(max(candidates))))
   data_args = iterator_args(train_iter, save=False) if train_iter is not None and same_layout else None
-  found = source.restore_latest_good(candidates, params=state.params, opt_state=state.opt_state,
+  found = source.restore_latest_good(candidates, params=target.params, opt_state=target.opt_state,
                                      data_args=data_args)
   if found is None:
     if named:
@@ -142,9 +146,9 @@ def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: 
       workdir = os.path.dirname(checkpointer.directory)
       fetched = backup.fetch_for_resume(config, args, workdir, local_unreadable=True)
       if fetched.resume_from:
-        return restore_or_init(config, fetched, checkpointer, state, train_iter, mesh)
+        return restore_or_init(config, fetched, checkpointer, target, train_iter, mesh, init)
     log.warning("no readable checkpoint in %s: starting from step 0", source.directory)
-    return state, Progress()
+    return init(), Progress()
   step, restored = found
   meta = restored["meta"]
   replicated = parallel.replicated(mesh)
@@ -152,7 +156,7 @@ def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: 
   def scalar(name: str) -> jax.Array:
     return jax.device_put(jnp.asarray(meta[name], jnp.int32), replicated)
 
-  state = state.replace(step=scalar("step"), params=restored["params"], opt_state=restored["opt_state"],
+  state = target.replace(step=scalar("step"), params=restored["params"], opt_state=restored["opt_state"],
                         rng=jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated),
                         nonfinite_streak=scalar("nonfinite_streak"), nonfinite_peak=scalar("nonfinite_peak"),
                         nonfinite_total=scalar("nonfinite_total"))
@@ -271,10 +275,12 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
   log.info("data ready: %d validation batches; unigram perplexity of the validation split: %.2f",
            len(data.eval_batches), data.unigram_perplexity)
 
-  graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)
+  graphdef = ts.model_graphdef(config)
   checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints,
                                             on_save_error=t.on_save_error)
-  state, progress = restore_or_init(config, args, checkpointer, state, data.train_iter, mesh)
+  state, progress = restore_or_init(config, args, checkpointer, ts.sharded_abstract_state(config, mesh),
+                                    data.train_iter, mesh,
+                                    lambda: ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)[1])
   start_step = int(jax.device_get(state.step))
   backup.discard_fetched(workdir)
   uploader = backup.start_uploader(config, workdir, start_step)
