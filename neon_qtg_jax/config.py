@@ -45,6 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.dropout = 0.0
   m.attention = "geo"         # "geo" (Fisher-Rao) or "dot" (plain GPT)
   m.topofilter = True         # False: f = psi, no s_t
+  m.w_psi = True              # the 2d x 2d W_psi before the filter; False: psi = LN_1(h) (GPT block)
+  m.amplitude_embedding = True  # unit-norm embedding; False: plain token + position sum (GPT)
   m.topo_k = 1                # mean of the k smallest causal distances
   m.topo_stop_grad = False    # stop gradients through s_t
   m.norm = "layernorm"
