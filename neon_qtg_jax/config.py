@@ -19,7 +19,7 @@ NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "relu")
 DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("stdlib", "openwebtext", "jsonl", "text")
-TEXT_SPLITS = ("file", "blank_line")
+TEXT_SPLITS = ("file", "blank_line", "percent_line")
 
 
 class ConfigError(ValueError):
@@ -93,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.source = "stdlib"
   d.paths = ""                # comma-separated files, dirs or globs (not for stdlib)
   d.text_field = "text"
-  d.text_split = "file"       # one document per file, or split on blank lines
+  d.text_split = "file"       # one document per file, or split on blank lines or "%" lines
   d.data_dir = "data/stdlib"  # prepared shards, tokenizer and manifest
   d.max_length = 128          # window length in tokens (<= model.max_seq_len)
   d.stride = 64
