@@ -40,7 +40,7 @@ def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0
     return {"difference": difference, "low": difference, "high": difference, "df": float("inf")}
   df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
   half = scipy_stats.t.ppf(0.5 + confidence / 2, df) * se
-  return {"difference": difference, "low": difference - half, "high": difference + half, "df": df}
+  return {"difference": difference, "low": float(difference - half), "high": float(difference + half), "df": df}
 
 
 def verdict(interval: dict[str, float] | None, lower_is_better: bool = True) -> str:
