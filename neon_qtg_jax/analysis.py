@@ -52,6 +52,16 @@ def layer_traces(model: QTGModel, tokens: jax.Array) -> dict[str, np.ndarray]:
   return {k: np.asarray(jax.device_get(jnp.stack(v))) for k, v in traces.items() if v}
 
 
+def normalized_entropy(probs: np.ndarray) -> np.ndarray:
+  """Mean over windows and query positions t >= 1 of H(row) / log(t + 1): 1 is uniform attention over the
+  prefix, 0 attends to one token. probs (layers, B, H, L, L) -> (layers, H)."""
+  logp = np.log(np.where(probs > 0, probs, 1.0))
+  entropy = -np.sum(probs * logp, axis=-1)  # (layers, B, H, L)
+  length = probs.shape[-1]
+  uniform = np.log(np.arange(1, length + 1, dtype=np.float64))
+  return np.mean(entropy[..., 1:] / uniform[1:], axis=(1, 3))
+
+
 def embedding_norms(model: QTGModel, tokens: np.ndarray) -> dict[str, np.ndarray]:
   """Norms of the embedding table rows (V,), of the position rows (max_seq_len,), and of the summed
   embedding E[tok] + P[t] before the amplitude normalisation, for the given tokens (B, L)."""

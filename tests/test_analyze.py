@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from neon_qtg_jax import ops
-from neon_qtg_jax.analysis import attention_probs, layer_traces
+from neon_qtg_jax.analysis import attention_probs, layer_traces, normalized_entropy
 from neon_qtg_jax.config import default_config
 from neon_qtg_jax.data.prepare import prepare_dataset
 from neon_qtg_jax.model import QTGModel
@@ -48,6 +48,10 @@ def test_traced_attention_is_causal_and_reproduces_the_layer_output(overrides):
   np.testing.assert_allclose(mine, layer.attn(f), atol=1e-5)
   np.testing.assert_allclose(traces["s"][0], s, atol=1e-6)
   assert ("gamma" in traces) == (overrides == {})
+  entropy = normalized_entropy(traces["attention"])
+  assert entropy.shape == (2, 2) and np.all((entropy > 0) & (entropy <= 1 + 1e-6))
+  uniform = np.tril(np.ones((1, 1, 1, 5, 5))) / np.arange(1, 6)[:, None]
+  np.testing.assert_allclose(normalized_entropy(uniform), 1.0)
 
 
 def test_analyze_writes_the_pictures_and_tensorboard_images(tmp_path):
@@ -68,6 +72,6 @@ def test_analyze_writes_the_pictures_and_tensorboard_images(tmp_path):
   checkpointer.manager.close()
   assert analyze.main([f"--workdir={tmp_path / 'run'}", "--windows=2"]) == 0
   names = sorted(p.name for p in (tmp_path / "run" / "analysis").iterdir())
-  assert names == ["attention.png", "embedding.png", "gamma.png", "persistence.png"]
+  assert names == ["attention.png", "embedding.png", "gamma.png", "persistence.png", "summary.json"]
   assert list((tmp_path / "run" / "tensorboard").iterdir())
   assert analyze.main([f"--workdir={tmp_path / 'missing'}"]) == 2

@@ -10,6 +10,7 @@ the same images in the run's TensorBoard (tag analysis/*, at the checkpoint's st
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
 import numpy as np  # noqa: E402
 
-from neon_qtg_jax.analysis import embedding_norms, layer_traces  # noqa: E402
+from neon_qtg_jax.analysis import embedding_norms, layer_traces, normalized_entropy  # noqa: E402
 from neon_qtg_jax.data.sources import DataError  # noqa: E402
 
 
@@ -62,6 +63,8 @@ def plot_gamma(gamma: np.ndarray, path: str) -> np.ndarray:
   for (i, j), value in np.ndenumerate(gamma):
     ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < gamma.mean() else "black",
             fontsize=8)
+  ax.set_xticks(range(gamma.shape[1]))
+  ax.set_yticks(range(gamma.shape[0]))
   ax.set_xlabel("head")
   ax.set_ylabel("layer")
   ax.set_title("learned Fisher-Rao gamma", fontsize=9)
@@ -127,6 +130,16 @@ def analyze(workdir: str, checkpoint: str, windows: int, out_dir: str) -> list[s
                                              os.path.join(out_dir, "persistence.png"))
   images["embedding"] = plot_embedding(embedding_norms(model, tokens), cfg.amplitude_embedding,
                                        os.path.join(out_dir, "embedding.png"))
+  entropy = normalized_entropy(traces["attention"])
+  summary = {"checkpoint_step": restored.step, "windows": int(tokens.shape[0]),
+             "attention_normalized_entropy": entropy.round(4).tolist(),
+             "gamma": traces["gamma"].round(4).tolist() if "gamma" in traces else None,
+             "topofilter_mean_weight": traces["w"].mean(axis=(1, 2)).round(4).tolist() if cfg.topofilter else None}
+  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
+  print("attention entropy / log(t+1) per layer (heads): "
+        + "; ".join(f"L{i}: " + ", ".join(f"{e:.2f}" for e in row) for i, row in enumerate(entropy))
+        + " (1: uniform over the prefix)")
   writer = TensorBoardWriter(os.path.join(workdir, "tensorboard"))
   writer.write_images(restored.step, {f"analysis/{name}": image[None] for name, image in images.items()})
   writer.close()

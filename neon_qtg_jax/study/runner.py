@@ -63,6 +63,7 @@ def train_and_score(run: Run, workdir: str) -> dict[str, Any]:
     code = perplexity.run(config, RunArgs(workdir=workdir, checkpoint="latest", output=eval_path))
     if code:
       raise RuntimeError(f"{run.key}: --mode=eval exited with code {code} (log: {console})")
+    gamma = learned_gamma(workdir)
   with open(eval_path, encoding="utf-8") as f:
     final = json.load(f)
   summary = info.summarize(config)
@@ -86,7 +87,7 @@ def train_and_score(run: Run, workdir: str) -> dict[str, Any]:
                 "tokens": final["tokens"], "checkpoint_step": final["checkpoint_step"]},
       "best_val_ce": best["val_ce"] if best else None, "best_val_step": best["step"] if best else None,
       "best_val_perplexity": math.exp(best["val_ce"]) if best else None,
-      "gamma": learned_gamma(workdir), "curve": curve,
+      "gamma": gamma, "curve": curve,
   }
 
 
