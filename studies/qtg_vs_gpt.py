@@ -53,6 +53,8 @@ def get_study():
           "eval.stride": 128,
       },
       "baseline": "gpt",
+      "headline": "qtg",
+      "pictures": [("tiny_stdlib", "gpt"), ("tiny_stdlib", "qtg")],  # tools/analyze.py output in the report
       "groups": [
           {"name": "tiny_stdlib", "title": "Tiny shape, Python standard library corpus",
            "budget": tiny_budget, "overrides": {},

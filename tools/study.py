@@ -22,6 +22,19 @@ from neon_qtg_jax.config import ConfigError  # noqa: E402
 from neon_qtg_jax.study import report, runner, spec  # noqa: E402
 
 
+def analyze_first_seeds(records: list[dict]) -> None:
+  """tools/analyze.py on the lowest finished seed of each variant, unless its analysis/summary.json exists."""
+  import analyze  # pylint: disable=import-outside-toplevel  # tools/analyze.py, beside this file
+  first: dict[tuple[str, str], dict] = {}
+  for record in sorted(records, key=lambda r: r["seed"]):
+    first.setdefault((record["group"], record["variant"]), record)
+  for record in first.values():
+    out_dir = os.path.join(record["workdir"], "analysis")
+    if not os.path.exists(os.path.join(out_dir, "summary.json")):
+      print(f"analyze: {record['key']}")
+      analyze.analyze(record["workdir"], "latest", 8, out_dir)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--study", required=True, help="a study file (Python module with get_study())")
@@ -30,6 +43,8 @@ def main(argv=None) -> int:
   p.add_argument("--report_only", action="store_true", help="run nothing; report the finished runs")
   p.add_argument("--list", action="store_true", help="print the runs in order with their steps and exit")
   p.add_argument("--max_hours", type=float, default=0.0, help="start no new run after this long (0: no limit)")
+  p.add_argument("--analyze", action="store_true",
+                 help="run tools/analyze.py on the first seed of every finished variant (once; kept in its workdir)")
   args = p.parse_args(argv)
   try:
     study = spec.load_study(args.study)
@@ -53,9 +68,13 @@ def main(argv=None) -> int:
           records.append(json.load(f))
   else:
     records, failures = runner.run_all(runs, args.out, stop_after_seconds=3600 * args.max_hours)
+  if args.analyze:
+    analyze_first_seeds(records)
   command = f"python tools/study.py --study={args.study} --out={args.out}"
   if args.publish:
     command += f" --publish={args.publish}"
+  if args.analyze:
+    command += " --analyze"
   result = report.write_report(study, records, failures, len(runs), args.out, command, args.publish)
   print(f"study: {result['runs_finished']}/{result['runs_planned']} runs finished; "
         f"{os.path.join(args.out, 'study.json')}, {os.path.join(args.out, 'report.md')}"

@@ -26,6 +26,16 @@ def machine() -> dict[str, Any]:
           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "cpu_count": os.cpu_count()}
 
 
+def _analysis(record: dict[str, Any]) -> dict[str, Any] | None:
+  """The run's analysis/summary.json from tools/analyze.py, when it has been made."""
+  import json  # pylint: disable=import-outside-toplevel
+  path = os.path.join(record["workdir"], "analysis", "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def _variant_summary(records: list[dict[str, Any]], baseline: list[dict[str, Any]], is_baseline: bool
                      ) -> dict[str, Any]:
   out: dict[str, Any] = {"seeds": [r["seed"] for r in records]}
@@ -36,6 +46,9 @@ def _variant_summary(records: list[dict[str, Any]], baseline: list[dict[str, Any
   for field in ("params", "non_embedding_params", "train_flops_per_token", "steps", "tokens", "train_flops"):
     out[field] = first[field]
   out["train_seconds_mean"] = stats.mean_std([r["train_seconds"] for r in records])[0]
+  entropies = [np.asarray(a["attention_normalized_entropy"]) for a in map(_analysis, records) if a]
+  out["attention_entropy_per_layer"] = (np.mean([e.mean(axis=1) for e in entropies], axis=0).round(3).tolist()
+                                        if entropies else None)
   gammas = [np.asarray(r["gamma"]) for r in records if r.get("gamma") is not None]
   out["gamma_mean"] = np.mean(gammas, axis=0).round(3).tolist() if gammas else None
   if not is_baseline:
@@ -79,6 +92,8 @@ def _curves(records: list[dict[str, Any]], x: str) -> tuple[np.ndarray, np.ndarr
 def plot_group(group: dict[str, Any], records: list[dict[str, Any]], out_dir: str, baseline: str) -> list[str]:
   """Two PNGs per group: validation CE against tokens and FLOPs (mean, seed band), and the final comparison."""
   paths = []
+  if not any(r["group"] == group["name"] for r in records):
+    return paths
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for variant in group["variants"]:
     mine = [r for r in records if r["group"] == group["name"] and r["variant"] == variant["name"]]
@@ -132,6 +147,20 @@ def plot_group(group: dict[str, Any], records: list[dict[str, Any]], out_dir: st
   return paths
 
 
+def copy_analysis_pictures(study: dict[str, Any], records: list[dict[str, Any]], plot_dir: str) -> list[str]:
+  """The analysis PNGs of the first seed of each (group, variant) in study["pictures"], as GROUP__VARIANT_NAME.png."""
+  names = []
+  for group, variant in study.get("pictures", []):
+    mine = sorted((r for r in records if r["group"] == group and r["variant"] == variant), key=lambda r: r["seed"])
+    source = os.path.join(mine[0]["workdir"], "analysis") if mine else ""
+    for picture in ("attention", "persistence"):
+      path = os.path.join(source, f"{picture}.png")
+      if mine and os.path.exists(path):
+        names.append(f"{group}__{variant}_{picture}.png")
+        shutil.copy(path, os.path.join(plot_dir, names[-1]))
+  return names
+
+
 def write_tensorboard(records: list[dict[str, Any]], study_dir: str) -> str:
   """Mean validation CE per variant as TensorBoard scalars against tokens and against GFLOPs."""
   from neon_qtg_jax.training.metric_writers import TensorBoardWriter  # pylint: disable=import-outside-toplevel
@@ -157,6 +186,34 @@ def _fmt_interval(interval: dict[str, float] | None) -> str:
   return f"{interval['difference']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
 
 
+def _fmt_mean(variant: dict[str, Any], metric: str, digits: int) -> str:
+  """mean ± std over seeds; the mean alone for one seed."""
+  value = variant[metric]
+  if variant["seeds_done"] < 2:
+    return f"{value['mean']:.{digits}f}"
+  return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+
+
+def main_table(study_json: dict[str, Any]) -> list[str]:
+  """One row per group: the baseline against the study's headline variant."""
+  study = study_json["study"]
+  baseline, headline = study["baseline"], study.get("headline")
+  if headline is None:
+    return []
+  lines = [f"| group | `{baseline}` bits/byte | `{headline}` bits/byte | difference [95% CI] | reading | seeds |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for group in study_json["groups"]:
+    variants = {v["name"]: v for v in group["variants"]}
+    base, head = variants.get(baseline, {}), variants.get(headline, {})
+    if not base.get("seeds_done") or not head.get("seeds_done"):
+      lines.append(f"| {group['title']} | | | | not run yet | |")
+      continue
+    lines.append(f"| {group['title']} | {_fmt_mean(base, 'bits_per_byte', 4)} | {_fmt_mean(head, 'bits_per_byte', 4)} "
+                 f"| {_fmt_interval(head.get('vs_baseline_bits_per_byte'))} | {head['verdict']} "
+                 f"| {base['seeds_done']} + {head['seeds_done']} |")
+  return lines
+
+
 def _budget_text(budget: dict[str, Any]) -> str:
   if budget["kind"] == "tokens":
     return f"equal tokens: {budget['steps']} steps for every variant"
@@ -174,12 +231,11 @@ def group_table(group: dict[str, Any], baseline: str) -> list[str]:
     if not v.get("seeds_done"):
       lines.append(f"| {v['label']} | | | | | 0/{v['seeds_planned']} | not run yet | | | | |")
       continue
-    b, p = v["bits_per_byte"], v["perplexity"]
     reading = "baseline" if v["name"] == baseline else v["verdict"]
     lines.append(
         f"| {v['label']} | {v['params']:,} ({v['non_embedding_params']:,}) | {v['steps']} | {v['tokens'] / 1e6:.2f}M "
-        f"| {v['train_flops']:.2e} | {v['seeds_done']}/{v['seeds_planned']} | {b['mean']:.4f} ± {b['std']:.4f} "
-        f"| {p['mean']:.2f} ± {p['std']:.2f} | {_fmt_interval(v.get('vs_baseline_bits_per_byte'))} | {reading} "
+        f"| {v['train_flops']:.2e} | {v['seeds_done']}/{v['seeds_planned']} | {_fmt_mean(v, 'bits_per_byte', 4)} "
+        f"| {_fmt_mean(v, 'perplexity', 2)} | {_fmt_interval(v.get('vs_baseline_bits_per_byte'))} | {reading} "
         f"| {v['train_seconds_mean']:.0f} s |")
   return lines
 
@@ -218,6 +274,10 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
             "validation split (bits per byte of the original text). Differences are against "
             f"`{baseline}` in the same group: Welch's 95% interval over seeds; an interval that includes 0 "
             "is reported as no measurable difference.", ""]
+  headline = main_table(study_json)
+  if headline:
+    lines += ["## Main result", "", f"`{study['headline']}` against `{baseline}` in every group "
+              "(final validation bits per byte, mean ± std over seeds; lower is better):", ""] + headline + [""]
   for group in study_json["groups"]:
     lines += [f"## {group['title']}", "", f"Budget: {_budget_text(group['budget'])}.", ""]
     if group["overrides"]:
@@ -230,6 +290,17 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
     findings = _findings(group, baseline)
     if findings:
       lines += ["Reading:", ""] + findings + [""]
+    entropies = [v for v in group["variants"] if v.get("attention_entropy_per_layer")]
+    if entropies:
+      lines += ["Attention entropy relative to uniform attention over the prefix (1: uniform, 0: one token), "
+                "mean over heads, per layer (`tools/analyze.py`, 8 validation windows of the first seed):", ""]
+      for v in entropies:
+        lines.append(f"- {v['label']}: " + ", ".join(f"L{i} {e:.2f}" for i, e in
+                                                     enumerate(v["attention_entropy_per_layer"])))
+      lines.append("")
+    for name in study_json["plots"]:
+      if name.startswith(f"{group['name']}__"):
+        lines += [f"![{name}]({plot_dir_rel}/{name})", ""]
     gammas = [v for v in group["variants"] if v.get("gamma_mean")]
     if gammas:
       lines += ["Learned gamma (mean over seeds), per layer: heads", ""]
@@ -258,6 +329,7 @@ def write_report(study: dict[str, Any], records: list[dict[str, Any]], failures:
   plots = []
   for group in groups:
     plots += [os.path.basename(p) for p in plot_group(group, records, plot_dir, study["baseline"])]
+  plots += copy_analysis_pictures(study, records, plot_dir)
   write_tensorboard(records, study_dir)
   study_json = {
       "study": {k: v for k, v in study.items() if k != "groups"}, "date": datetime.date.today().isoformat(),
