@@ -120,3 +120,7 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path, corpus, capsys):
   assert "2 already finished, 0 to run" in capsys.readouterr().out
   again = json.loads((out / "study.json").read_text())
   assert [r["final"] for r in again["runs"]] == [r["final"] for r in result["runs"]]
+  # A study file whose budget changed does not silently reuse the old runs.
+  changed = _study_file(tmp_path, corpus, steps=5, kind="tokens")
+  assert study_tool.main([f"--study={changed}", f"--out={out}", "--report_only"]) == 1
+  assert "made by a different study file (steps 3 != 5)" in capsys.readouterr().err

@@ -65,7 +65,12 @@ def main(argv=None) -> int:
       path = os.path.join(runner.run_workdir(args.out, run), "result.json")
       if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-          records.append(json.load(f))
+          record = json.load(f)
+        mismatch = runner.stale_reason(record, run)
+        if mismatch:
+          failures.append(f"{run.key}: made by a different study file ({mismatch})")
+        else:
+          records.append(record)
   else:
     records, failures = runner.run_all(runs, args.out, stop_after_seconds=3600 * args.max_hours)
   if args.analyze:

@@ -91,6 +91,16 @@ def train_and_score(run: Run, workdir: str) -> dict[str, Any]:
   }
 
 
+def stale_reason(record: dict[str, Any], run: Run) -> str:
+  """Why a finished run's record does not belong to this run of the study file ('' when it does)."""
+  overrides = json.loads(json.dumps(run.overrides))
+  if record["overrides"] != overrides:
+    return f"overrides {record['overrides']} != {overrides}"
+  if record["planned_steps"] != run.config.training.total_steps:
+    return f"steps {record['planned_steps']} != {run.config.training.total_steps}"
+  return ""
+
+
 def _duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   hours, rest = divmod(seconds, 3600)
@@ -116,7 +126,14 @@ def run_all(runs: list[Run], study_dir: str, *, print_fn: Callable[[str], None] 
     result_path = os.path.join(workdir, "result.json")
     if os.path.exists(result_path):
       with open(result_path, encoding="utf-8") as f:
-        records.append(json.load(f))
+        record = json.load(f)
+      mismatch = stale_reason(record, run)
+      if mismatch:
+        failures.append(f"{run.key}: {result_path} was made by a different study file ({mismatch}); "
+                        "use another --out or delete that run's workdir")
+        print_fn(f"[{run.key}] {failures[-1]}")
+      else:
+        records.append(record)
       continue
     if stop_after_seconds and time.perf_counter() - started > stop_after_seconds:
       print_fn(f"study: time limit reached; {len(runs) - index} runs left for a later call (resumable)")
