@@ -86,6 +86,14 @@ def test_equal_flops_budget_and_run_order(tmp_path, corpus):
   assert [r.variant for r in runs] == ["qtg", "gpt"]
 
 
+def test_wall_time_and_token_budgets(tmp_path, corpus):
+  study = spec.load_study(str(_study_file(tmp_path, corpus, steps=7, kind="tokens")))
+  assert {r.config.training.total_steps for r in spec.expand(study)} == {7}
+  study["groups"][0]["budget"] = {"kind": "wall_time", "minutes": 1.5, "max_steps": 90}
+  for run in spec.expand(study):
+    assert run.config.training.total_steps == 90 and run.config.training.max_train_minutes == 1.5
+
+
 def test_an_unknown_override_is_named(tmp_path, corpus):
   study = spec.load_study(str(_study_file(tmp_path, corpus, extra=', "model.no_such_field": 1')))
   with pytest.raises(ConfigError, match="model.no_such_field"):
