@@ -242,6 +242,7 @@ def group_table(group: dict[str, Any], baseline: str) -> list[str]:
 
 def _findings(group: dict[str, Any], baseline: str) -> list[str]:
   lines = []
+  baseline_seeds = next((v.get("seeds_done", 0) for v in group["variants"] if v["name"] == baseline), 0)
   for v in group["variants"]:
     if v["name"] == baseline or not v.get("seeds_done"):
       continue
@@ -254,8 +255,7 @@ def _findings(group: dict[str, Any], baseline: str) -> list[str]:
     else:
       word = "lower (better)" if v["verdict"] == "better" else "higher (worse)"
       lines.append(f"- {v['label']}: {word} bits/byte than `{baseline}` by {abs(interval['difference']):.4f} "
-                   f"(95% CI {_fmt_interval(interval)}, {v['seeds_done']} seeds against "
-                   f"{len([1 for x in group['variants'] if x['name'] == baseline])} baseline group).")
+                   f"(95% CI {_fmt_interval(interval)}; {v['seeds_done']} seeds against {baseline_seeds}).")
   return lines
 
 
