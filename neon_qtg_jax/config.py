@@ -21,7 +21,7 @@ NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "relu")
 DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("stdlib", "openwebtext", "jsonl", "text")
-TEXT_SPLITS = ("file", "blank_line")
+TEXT_SPLITS = ("file", "blank_line", "percent_line")
 
 
 # Logical axis -> mesh axes. Every parameter and the block-boundary activations name their axes
@@ -61,6 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.dropout = 0.0
   m.attention = "geo"         # "geo" (Fisher-Rao) or "dot" (plain GPT)
   m.topofilter = True         # False: f = psi, no s_t
+  m.w_psi = True              # the 2d x 2d W_psi before the filter; False: psi = LN_1(h) (GPT block)
+  m.amplitude_embedding = True  # unit-norm embedding; False: plain token + position sum (GPT)
   m.topo_k = 1                # mean of the k smallest causal distances
   m.topo_stop_grad = False    # stop gradients through s_t
   m.norm = "layernorm"
@@ -111,7 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.source = "stdlib"
   d.paths = ""                # comma-separated files, dirs or globs (not for stdlib)
   d.text_field = "text"
-  d.text_split = "file"       # one document per file, or split on blank lines
+  d.text_split = "file"       # one document per file, or split on blank lines or "%" lines
   d.data_dir = "data/stdlib"  # prepared shards, tokenizer and manifest
   d.max_length = 128          # window length in tokens (<= model.max_seq_len)
   d.stride = 64

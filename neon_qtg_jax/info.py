@@ -57,12 +57,21 @@ def parameter_breakdown(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
   return dict(counts)
 
 
-def spec_block_parameters(model_cfg: ml_collections.ConfigDict) -> int:
-  """The spec's count for one block: 28 d^2 for the matrices (mlp_ratio 4) plus norms and gamma."""
+def block_matmul_parameters(model_cfg: ml_collections.ConfigDict) -> int:
+  """Weights of one block's matrices: W_psi (4 d^2, optional), W_qkv (6 d^2), W_O (2 d^2), the MLP."""
   d = model_cfg.embed_dim
-  matrices = 4 * d * d + 6 * d * d + 2 * d * d + 2 * (2 * d * model_cfg.mlp_ratio * d)
+  w_psi = 4 * d * d if model_cfg.w_psi else 0
+  return w_psi + 6 * d * d + 2 * d * d + 2 * (2 * d * model_cfg.mlp_ratio * d)
+
+
+def spec_block_parameters(model_cfg: ml_collections.ConfigDict) -> int:
+  """The spec's count for one block: 28 d^2 for the matrices (mlp_ratio 4; 24 d^2 without W_psi) plus
+  norms and gamma."""
+  d = model_cfg.embed_dim
+  matrices = block_matmul_parameters(model_cfg)
   norms = 2 * (2 * d) * (2 if model_cfg.norm == "layernorm" else 1)
-  biases = (2 * d + 3 * d + 2 * d + model_cfg.mlp_ratio * d + 2 * d) if model_cfg.use_bias else 0
+  w_psi_bias = 2 * d if model_cfg.w_psi else 0
+  biases = (w_psi_bias + 3 * d + 2 * d + model_cfg.mlp_ratio * d + 2 * d) if model_cfg.use_bias else 0
   gamma = model_cfg.num_heads if model_cfg.attention == "geo" else 0
   return matrices + norms + biases + gamma
 
@@ -75,8 +84,7 @@ def flops_per_token(config: ml_collections.ConfigDict) -> dict[str, float]:
   """
   m = config.model
   d, n, length = m.embed_dim, m.num_layers, config.data.max_length
-  block_matmul_params = 4 * d * d + 6 * d * d + 2 * d * d + 2 * (2 * d * m.mlp_ratio * d)
-  matmuls = 2.0 * (n * block_matmul_params + 2 * d * m.vocab_size)
+  matmuls = 2.0 * (n * block_matmul_parameters(m) + 2 * d * m.vocab_size)
   # QK^T and A V over (on average) L/2 keys per query, for every layer.
   attention = n * 2.0 * (2.0 * d * length / 2)
   topofilter = n * 2.0 * (2 * d) * length / 2 if m.topofilter else 0.0

@@ -36,6 +36,24 @@ def test_count_matches_a_real_model():
   assert sum(parameter_breakdown(m).values()) == real == spec_count(m)
 
 
+def test_standard_gpt_count_and_the_equal_parameter_ffn_width():
+  """Without W_psi a block has 24 d^2 weights; mlp_ratio 5 brings it back to QTG's 28 d^2."""
+  from neon_qtg_jax.config import default_config
+  qtg = default_config().model
+  gpt = default_config().model
+  gpt.update(dict(attention="dot", topofilter=False, w_psi=False, amplitude_embedding=False))
+  gamma = qtg.num_layers * qtg.num_heads
+  d = qtg.embed_dim
+  qtg_count, gpt_count = sum(parameter_breakdown(qtg).values()), sum(parameter_breakdown(gpt).values())
+  assert qtg_count - gpt_count == qtg.num_layers * 4 * d * d + gamma
+  assert "blocks.w_psi" not in parameter_breakdown(gpt)
+  gpt.mlp_ratio = 5
+  assert sum(parameter_breakdown(gpt).values()) == qtg_count - gamma
+  config = default_config()
+  config.model.update(dict(attention="dot", topofilter=False, w_psi=False, amplitude_embedding=False))
+  assert flops_per_token(config)["matmuls"] == 2 * (qtg.num_layers * 24 * d * d + 2 * d * qtg.vocab_size)
+
+
 def test_flops_split_and_train_is_three_forward():
   config = importlib.import_module("configs.neon_qtg_7b").get_config()
   f = flops_per_token(config)

@@ -36,6 +36,7 @@ def test_contract_shapes_and_dtypes():
     {},
     {"topo_k": 3},
     {"attention": "dot", "topofilter": False},
+    {"attention": "dot", "topofilter": False, "w_psi": False, "amplitude_embedding": False},
     {"scan_layers": True, "remat": "block"},
 ])
 def test_causality(overrides):
@@ -55,6 +56,27 @@ def test_baseline_switches():
   assert "gamma_raw" not in params["blocks"]["attn"]
   _, aux = model(random_tokens(0), return_aux=True)
   np.testing.assert_array_equal(aux["s"], 0.0)
+
+
+def test_standard_gpt_switches_drop_w_psi_and_the_embedding_normalization():
+  baseline = QTGModel(small_model_config(attention="dot", topofilter=False), rngs=nnx.Rngs(0))
+  gpt = QTGModel(small_model_config(attention="dot", topofilter=False, w_psi=False, amplitude_embedding=False),
+                 rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(gpt, nnx.Param))
+  assert "w_psi" not in params["blocks"]
+  count = lambda model: sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  d, layers = 16, 2
+  assert count(baseline) - count(gpt) == layers * (2 * d) ** 2
+  tokens = random_tokens(3)
+  positions = jnp.broadcast_to(jnp.arange(20), tokens.shape)
+  expected = params["embed"]["tokens"]["embedding"][tokens] + params["embed"]["positions"][positions]
+  np.testing.assert_allclose(gpt.embed(tokens, positions), expected, rtol=1e-6)
+  # Without W_psi the attention reads LN_1(h) itself.
+  h = jax.random.normal(jax.random.key(4), (2, 20, 2 * d))
+  block = nnx.merge(*nnx.split(gpt.blocks))
+  first = jax.tree.map(lambda x: x[0], nnx.state(block))
+  layer = nnx.merge(nnx.graphdef(block), first)
+  np.testing.assert_allclose(layer.psi(h), layer.ln1(h), rtol=1e-6)
 
 
 def test_scan_and_remat_give_the_same_values_and_gradients():

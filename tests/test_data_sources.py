@@ -140,6 +140,14 @@ def test_text_files_one_per_file_and_blank_line_split(tmp_path):
   assert issues.total == 0
 
 
+def test_percent_line_split_reads_fortune_files(tmp_path):
+  path = tmp_path / "quotes"
+  path.write_text("A banker lends you\n\nhis umbrella.\n\t\t-- Mark Twain\n%\n\n%\n\nSecond one.\n%\n")
+  docs = list(iter_documents("text", str(path), text_split="percent_line"))
+  assert [d.text for d in docs] == ["A banker lends you\n\nhis umbrella.\n\t\t-- Mark Twain", "Second one."]
+  assert docs[1].origin == f"{path}:9"
+
+
 def test_text_non_utf8_reported_with_line(tmp_path):
   path = tmp_path / "latin1.txt"
   path.write_bytes("line one\nline two caf".encode() + b"\xe9\n")

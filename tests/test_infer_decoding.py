@@ -29,8 +29,9 @@ forward_cached = nnx.jit(decoding.forward_cached, static_argnames=("last_only",)
     ({}, 2e-5),
     ({"topo_k": 2}, 2e-5),
     ({"attention": "dot", "topofilter": False}, 2e-5),
+    ({"attention": "dot", "topofilter": False, "w_psi": False, "amplitude_embedding": False}, 2e-5),
     ({"dtype": "bfloat16"}, 3e-2),
-], ids=["qtg", "qtg_topo_k2", "gpt_baseline", "qtg_bf16"])
+], ids=["qtg", "qtg_topo_k2", "gpt_baseline", "gpt_standard", "qtg_bf16"])
 def test_cached_logits_match_full_forward_at_every_step(overrides, tol):
   model = tiny_model(**overrides)
   rng = np.random.default_rng(0)

@@ -116,22 +116,31 @@ def clean_openwebtext(text: str) -> str:
   return _THREE_NEWLINES.sub("\n\n", text).strip()
 
 
+def _is_separator(line: bytes, split: str) -> bool:
+  """A blank line (split="blank_line"), or a line holding only "%" (split="percent_line", fortune files)."""
+  if split == "percent_line":
+    return line.rstrip(b"\r\n") == b"%"
+  return not line.strip()
+
+
 def read_text_file(path: str, *, split: str = "file", issues: Issues) -> Iterator[Document]:
-  """One document per file (split="file") or one per blank-line-separated block (split="blank_line")."""
+  """One document per file (split="file"), or one per block between separator lines: blank lines
+  (split="blank_line") or "%" lines (split="percent_line", the strfile format of fortune databases)."""
   with open(path, "rb") as f:
     if split == "file":
       text = _decode(f.read(), path, issues)
       if _keep(text, f"{path}:1", issues):
         yield Document(text, f"{path}:1")
       return
-    # Blank-line split: stream the file line by line, one block in memory at a time.
+    # Stream the file line by line, one block in memory at a time.
     block: list[bytes] = []
     start = 1
     for lineno, line in enumerate(f, start=1):
-      if line.strip():
-        if not block:
+      if not _is_separator(line, split):
+        if not block and line.strip():
           start = lineno
-        block.append(line)
+        if block or line.strip():
+          block.append(line)
       elif block:
         yield _block_document(block, path, start, issues)
         block = []

@@ -85,7 +85,7 @@ def _cached_persistence(phi_new: jax.Array, phi_cache: jax.Array, before: jax.Ar
 def _layer(block: Block, h: jax.Array, keys: jax.Array, values: jax.Array, phi: jax.Array | None,
            start: jax.Array, key_valid: jax.Array, query_slots: jax.Array):
   """One block over new tokens h (B, n, 2d) with this layer's caches; returns (h, keys, values, phi)."""
-  psi = block.w_psi(block.ln1(h))
+  psi = block.psi(h)
   visible = key_valid[:, None, :] & (jnp.arange(key_valid.shape[1])[None, None, :] <= query_slots[None, :, None])
   if block.use_topofilter:
     phi_new = ops.unit_states(psi, block.topo.eps)

@@ -79,11 +79,15 @@ def _linear(cfg: ml_collections.ConfigDict, fan_in: int, fan_out: int, std: floa
 
 
 class QEmbed(nnx.Module):
-  """x_t = normalize(E[tok_t] + P[t]): (B, L) int32 -> (B, L, 2d) float32 of unit norm."""
+  """x_t = normalize(E[tok_t] + P[t]): (B, L) int32 -> (B, L, 2d) float32 of unit norm.
+
+  With `amplitude_embedding=False` x_t = E[tok_t] + P[t], the GPT embedding.
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     width = 2 * cfg.embed_dim
     self.eps = cfg.eps
+    self.normalize = cfg.amplitude_embedding
     self.tokens = nnx.Embed(cfg.vocab_size, width, param_dtype=jnp.float32,
                             embedding_init=nnx.initializers.normal(cfg.init_std),
                             embedding_metadata=axes("vocab", "embed"), rngs=rngs)
@@ -91,8 +95,8 @@ class QEmbed(nnx.Module):
                                **axes(None, "embed"))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    x = self.tokens(tokens) + self.positions[...][positions]
-    return amplitude_normalize(x.astype(jnp.float32), self.eps)
+    x = (self.tokens(tokens) + self.positions[...][positions]).astype(jnp.float32)
+    return amplitude_normalize(x, self.eps) if self.normalize else x
 
 
 class TopoFilter(nnx.Module):
@@ -166,7 +170,10 @@ class GeoAttention(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm QTG block: TopoFilter -> GeoAttention -> W_O residual, then the MLP residual."""
+  """Pre-norm QTG block: TopoFilter -> GeoAttention -> W_O residual, then the MLP residual.
+
+  With `w_psi=False`, `topofilter=False` and `attention="dot"` it is the standard pre-norm GPT block.
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d = cfg.embed_dim
@@ -174,9 +181,10 @@ class Block(nnx.Module):
     self.dropout_rate = cfg.dropout
     self.use_topofilter = cfg.topofilter
     self.activation = jax.nn.gelu if cfg.activation == "gelu" else jax.nn.relu
+    self.compute_dtype = cfg.dtype
     self.ln1 = _norm(cfg, 2 * d, rngs)
     # psi keeps its full width on every tensor shard (see RESIDUAL_AXES): only the input is FSDP-split.
-    self.w_psi = _linear(cfg, 2 * d, 2 * d, cfg.init_std, rngs, ("embed", None))
+    self.w_psi = _linear(cfg, 2 * d, 2 * d, cfg.init_std, rngs, ("embed", None)) if cfg.w_psi else None
     self.topo = TopoFilter(cfg)
     self.attn = GeoAttention(cfg, rngs=rngs)
     self.w_o = _linear(cfg, d, 2 * d, out_std, rngs, ("heads", "embed"))
@@ -184,9 +192,14 @@ class Block(nnx.Module):
     self.w_1 = _linear(cfg, 2 * d, cfg.mlp_ratio * d, cfg.init_std, rngs, ("embed", "mlp"))
     self.w_2 = _linear(cfg, cfg.mlp_ratio * d, 2 * d, out_std, rngs, ("mlp", "embed"))
 
+  def psi(self, h: jax.Array) -> jax.Array:
+    """h (B, L, 2d) -> psi = W_psi LN_1(h), or LN_1(h) without W_psi; (B, L, 2d) compute dtype."""
+    x = self.ln1(h)
+    return self.w_psi(x) if self.w_psi is not None else x.astype(self.compute_dtype)
+
   def filtered_states(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """h (B, L, 2d) -> (f (B, L, 2d) compute dtype, s (B, L) float32; zeros without the filter)."""
-    psi = self.w_psi(self.ln1(h))
+    psi = self.psi(h)
     if not self.use_topofilter:
       return psi, jnp.zeros(psi.shape[:2], jnp.float32)
     return self.topo(psi)

@@ -180,6 +180,12 @@ def load_run_config(workdir_or_path: str, which: str | int = "latest") -> ml_col
   return config_from_json(restored["config"])
 
 
+def load_meta(workdir_or_path: str, which: str | int = "latest") -> dict[str, Any]:
+  """The host bookkeeping saved with a checkpoint: step, best_val_loss, train_seconds, counters."""
+  ref = resolve(workdir_or_path, which)
+  return dict(_restore_items(ref, {"meta": ocp.args.JsonRestore()})["meta"])
+
+
 class Checkpointer:
   """Saves and restores full training checkpoints in one directory (a run's checkpoints/)."""
 

@@ -1,0 +1,72 @@
+"""What a trained model does inside: per-layer attention weights, TopoFilter persistence and weights,
+learned gamma and embedding norms, for `tools/analyze.py`.
+
+`layer_traces` runs the blocks one by one with the model's own pieces (Block.filtered_states,
+GeoAttention.project and gamma) and keeps the attention probabilities that the fused attention
+ops never materialise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from neon_qtg_jax import ops
+from neon_qtg_jax.model.qtg import QTGModel
+from neon_qtg_jax.ops.geo_attention import MASK_VALUE
+
+
+def attention_probs(layer: Any, f: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Causal attention probabilities (B, H, L, L) float32 of one block on filtered states f (B, L, 2d), and v."""
+  q, k, v = layer.attn.project(f)
+  if layer.attn.kind == "geo":
+    scores = ops.geo_scores(ops.sqrt_probs(q), ops.sqrt_probs(k), layer.attn.gamma())
+  else:
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  mask = ops.causal_mask(q.shape[1], k.shape[1])
+  return jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1), v
+
+
+def layer_traces(model: QTGModel, tokens: jax.Array) -> dict[str, np.ndarray]:
+  """Per layer, for int32 tokens (B, L): "attention" (layers, B, H, L, L), "s" and "w" (layers, B, L)
+  (zeros and ones without the TopoFilter), "gamma" (layers, H) or absent for dot-product attention."""
+  graphdef, state = nnx.split(model.blocks)
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  h = model.embed(tokens, positions)
+  traces: dict[str, list] = {"attention": [], "s": [], "w": [], "gamma": []}
+  for i in range(model.cfg.num_layers):
+    layer = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+    f, s = layer.filtered_states(h)
+    probs, _ = attention_probs(layer, f)
+    traces["attention"].append(probs)
+    traces["s"].append(s)
+    traces["w"].append(layer.topo.weights(s) if layer.use_topofilter else jnp.ones_like(s))
+    gamma = layer.attn.gamma()
+    if gamma is not None:
+      traces["gamma"].append(gamma)
+    h, _ = layer(h)
+  return {k: np.asarray(jax.device_get(jnp.stack(v))) for k, v in traces.items() if v}
+
+
+def normalized_entropy(probs: np.ndarray) -> np.ndarray:
+  """Mean over windows and query positions t >= 1 of H(row) / log(t + 1): 1 is uniform attention over the
+  prefix, 0 attends to one token. probs (layers, B, H, L, L) -> (layers, H)."""
+  logp = np.log(np.where(probs > 0, probs, 1.0))
+  entropy = -np.sum(probs * logp, axis=-1)  # (layers, B, H, L)
+  length = probs.shape[-1]
+  uniform = np.log(np.arange(1, length + 1, dtype=np.float64))
+  return np.mean(entropy[..., 1:] / uniform[1:], axis=(1, 3))
+
+
+def embedding_norms(model: QTGModel, tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """Norms of the embedding table rows (V,), of the position rows (max_seq_len,), and of the summed
+  embedding E[tok] + P[t] before the amplitude normalisation, for the given tokens (B, L)."""
+  table = np.asarray(model.embed.tokens.embedding[...])
+  positions = np.asarray(model.embed.positions[...])
+  summed = table[tokens] + positions[None, : tokens.shape[1]]
+  return {"token": np.linalg.norm(table, axis=-1), "position": np.linalg.norm(positions, axis=-1),
+          "summed": np.linalg.norm(summed, axis=-1)}
