@@ -1,3 +1,4 @@
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if not os.environ.get("JAX_PLATFORMS"):  # unset or empty: the CPU (the CUDA plugin must not probe for a driver)
+  os.environ["JAX_PLATFORMS"] = "cpu"
