@@ -135,14 +135,8 @@ def _save(checkpointer, step, n=1000):
 def test_low_free_space_warns_before_the_save(tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(save_faults.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 6000})())
   checkpointer = checkpointing.Checkpointer(str(tmp_path), keep=2)
-  # Another test in this worker may have run the trainer's setup_logging, which stops propagation to
-  # the root logger that caplog listens on: listen on the module's logger itself.
-  checkpointing.log.addHandler(caplog.handler)
-  try:
-    with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
-      _save(checkpointer, 1)  # 4000 bytes of params + 12 of optimizer state > 6000 / 2
-  finally:
-    checkpointing.log.removeHandler(caplog.handler)
+  with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
+    _save(checkpointer, 1)  # 4000 bytes of params + 12 of optimizer state > 6000 / 2
   checkpointer.close()
   assert "before checkpoint 1: only 0.00 GiB free" in caplog.text
   assert save_faults.free_space_warning(str(tmp_path), 2000) is None
