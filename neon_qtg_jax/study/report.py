@@ -7,6 +7,7 @@ import datetime
 import os
 import platform
 import shutil
+import subprocess
 from typing import Any
 
 import jax
@@ -21,9 +22,19 @@ from neon_qtg_jax.study import stats  # noqa: E402  pylint: disable=wrong-import
 METRICS = ("bits_per_byte", "perplexity", "loss")
 
 
+def code_version() -> str:
+  """`git describe --always --dirty` of this checkout: which code made the runs ("unknown" outside git)."""
+  try:
+    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=30).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
 def machine() -> dict[str, Any]:
   return {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
-          "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "cpu_count": os.cpu_count()}
+          "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "cpu_count": os.cpu_count(),
+          "code": code_version()}
 
 
 def _analysis(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -267,7 +278,8 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
   lines = [f"# Is QTG any good? {study.get('title', study['name'])}", "",
            f"Written by `tools/study.py` from `study.json` on {study_json['date']} ({status}). "
            f"Machine: {study_json['machine']['devices']}, {study_json['machine']['cpu_count']} CPU cores, "
-           f"jax {study_json['machine']['jax']}.", ""]
+           f"jax {study_json['machine']['jax']}. Code: `{study_json['machine'].get('code', 'unknown')}` "
+           f"(git describe when the report was written).", ""]
   lines += [study.get("description", ""), ""] if study.get("description") else []
   lines += ["Every run: its own seed for the initialisation and the data order (seed s: `seed=s`, "
             "`data.shuffle_seed=s`); the final checkpoint is scored with `--mode=eval` on the whole "
@@ -345,6 +357,7 @@ def write_report(study: dict[str, Any], records: list[dict[str, Any]], failures:
     os.makedirs(target_dir, exist_ok=True)
     for name in plots:
       shutil.copy(os.path.join(plot_dir, name), os.path.join(target_dir, name))
+    shutil.copy(os.path.join(study_dir, "study.json"), os.path.join(target_dir, "study.json"))
     with open(publish, "w", encoding="utf-8") as f:
       f.write(markdown(study_json, "results"))
   return study_json
