@@ -44,7 +44,7 @@ def test_without_the_cuda_plugin_the_error_names_the_extra(monkeypatch):
 
 
 @pytest.mark.parametrize("spec", ["h200:1", "h200:8"])
-def test_tiny_train_step_and_decode_step_compile_for_h200(spec):
+def test_tiny_train_eval_and_decode_steps_compile_for_h200(spec):
   config = tiny_gpu_config()
   target = targets.compile_target(spec)
   assert target.platform == "gpu" and target.device_kind == "NVIDIA H200" and len(target.devices) == int(spec[-1])
@@ -52,7 +52,8 @@ def test_tiny_train_step_and_decode_step_compile_for_h200(spec):
   mesh = parallel.make_mesh(devices=list(target.devices))
   train = memory_test.compile_report(lambda: programs.lower_train_step(config, mesh), target)
   decode = memory_test.compile_report(lambda: programs.lower_decode_step(config, mesh, 1, 128), target)
-  assert train.fits and decode.fits and train.temporaries > 0
+  evaluate = memory_test.compile_report(lambda: programs.lower_eval_step(config, mesh), target)
+  assert train.fits and decode.fits and evaluate.fits and train.temporaries > 0
   state_bytes = sum(x.size * x.dtype.itemsize for x in
                     jax.tree.leaves(ts.abstract_train_state(config)))
   # FSDP: each of the N devices holds about 1/N of the parameters and AdamW state.

@@ -35,8 +35,8 @@ def lower_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
   """One evaluation batch of training.batch_size windows against the float32 training parameters."""
   params = ts.sharded_abstract_state(config, mesh).params
   rows = config.training.batch_size
-  token = _abstract((rows, config.data.max_length), jnp.int32, parallel.batch_sharding(mesh, rows))
-  return ts.make_eval_step(config, ts.model_graphdef(config)).lower(params, {"inputs": token, "targets": token})
+  token = _abstract((rows, config.data.max_length), jnp.int32, parallel.batch_sharding(mesh, config.parallel.rules))
+  return ts.make_eval_step(config, ts.model_graphdef(config), mesh).lower(params, {"inputs": token, "targets": token})
 
 
 def inference_state(model_cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
