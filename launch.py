@@ -12,7 +12,9 @@ import traceback
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 # --target compiles with XLA's compile-only GPU client; the CUDA plugin registers it only when it
 # does not probe for a driver, so keep JAX on the CPU (nothing runs on a compile target anyway).
-if any(arg.startswith("--target") for arg in sys.argv[1:]):
+# Without an NVIDIA driver (no /proc/driver/nvidia) an installed CUDA plugin fails its probe with a
+# long traceback before JAX falls back to the CPU: go to the CPU directly.
+if any(arg.startswith("--target") for arg in sys.argv[1:]) or not os.path.exists("/proc/driver/nvidia"):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import ml_collections
