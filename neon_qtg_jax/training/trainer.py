@@ -321,11 +321,14 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
         jax.block_until_ready(metrics)
         log.info("first step (compilation included) took %.1f s", time.perf_counter() - window.started)
         window.started, window.untimed, window.data_wait = time.perf_counter(), 1, 0.0
-      # One all-gather per step: every process stops and saves at the same step (decisions.agree).
-      agreed = decisions.agree({
-          "preempted": preemption.requested,
-          "out_of_time": t.max_train_minutes > 0 and time.perf_counter() - run_start >= 60 * t.max_train_minutes,
-          "save_interval": time.perf_counter() - last_save_time >= 60 * t.save_interval_minutes})
+      # Every process stops and saves at the same step (decisions.agree). With several processes an
+      # agreement is an all-gather that blocks the host, so it is taken at log steps only, not every step.
+      agreed = {"preempted": False, "out_of_time": False, "save_interval": False}
+      if step % t.log_steps == 0 or step == t.total_steps:
+        agreed = decisions.agree({
+            "preempted": preemption.requested,
+            "out_of_time": t.max_train_minutes > 0 and time.perf_counter() - run_start >= 60 * t.max_train_minutes,
+            "save_interval": time.perf_counter() - last_save_time >= 60 * t.save_interval_minutes})
       out_of_time = agreed["out_of_time"]
       last = step == t.total_steps or out_of_time  # evaluate, sample and save before stopping
 
