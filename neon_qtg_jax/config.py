@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from neon_qtg_jax.data.filters import filter_spec_problem
 from neon_qtg_jax.training.backup import url_problem
 
 ATTENTION_KINDS = ("geo", "dot")
@@ -124,6 +125,15 @@ def default_config() -> ml_collections.ConfigDict:
   d.num_workers = 0           # grain worker processes
   d.prefetch = 2
   d.shuffle_seed = 0
+  # Pre-filtering before tokenization (data/filters.py, docs/DATA.md; needs the `filters` extra):
+  # ordered comma-separated steps from FILTER_STEPS, or the preset "fineweb" (all of them); "": none.
+  d.filters = ""
+  d.filter_tasks = 0          # datatrove tasks; 0: data.num_workers (at least 1). Kept documents do not depend on it
+  d.filter_min_words = 50     # "length" step: whitespace-separated words per document (Gopher's bounds)
+  d.filter_max_words = 100000
+  d.minhash_ngrams = 5        # "minhash" step: word n-gram shingles, LSH buckets x hashes per bucket (FineWeb's)
+  d.minhash_buckets = 14
+  d.minhash_hashes_per_bucket = 8
 
   s = c.sampling = ml_collections.ConfigDict()
   s.temperature = 0.8
@@ -243,6 +253,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)", d.val_fraction)
   _check(d.tokenizer_model_type in ("unigram", "bpe"), "data.tokenizer_model_type",
          "must be 'unigram' or 'bpe'", d.tokenizer_model_type)
+  filter_problem = filter_spec_problem(d.filters)
+  _check(filter_problem is None, "data.filters", str(filter_problem), d.filters)
+  positive("data", ("filter_tasks", "filter_min_words"), strict=False)
+  positive("data", ("filter_max_words", "minhash_ngrams", "minhash_buckets", "minhash_hashes_per_bucket"))
+  _check(d.filter_max_words > d.filter_min_words, "data.filter_max_words",
+         f"must be > data.filter_min_words={d.filter_min_words}", d.filter_max_words)
 
   _check(s.temperature >= 0, "sampling.temperature", "must be >= 0 (0 is greedy)", s.temperature)
   _check(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 keeps all)", s.top_k)

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import tqdm
 
-from neon_qtg_jax.data import integrity
+from neon_qtg_jax.data import filters, integrity
 from neon_qtg_jax.data import sources as src
 from neon_qtg_jax.data.manifest import MANIFEST_FILE, SETTINGS_FILE, SPLITS, Manifest, data_settings, token_dtype
 from neon_qtg_jax.data.sources import DataError, Issues
@@ -196,7 +196,8 @@ def _ensure_settings(data_dir: str, settings: dict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    # Both ways: a key only one side has (the filter fields) is a difference too.
+    changed = {k: (old.get(k), settings.get(k)) for k in {**old, **settings} if old.get(k) != settings.get(k)}
     if changed:
       fields = "; ".join(f"config field '{k}' = {b!r}, prepared with {a!r}" for k, (a, b) in changed.items())
       raise DataError(f"{data_dir} was prepared with other data settings ({fields}); "
@@ -245,7 +246,7 @@ def prepare_dataset(config, *, progress: bool = True, num_processes: int | None 
   unfinished shard. Raises DataError when the sources hold no usable document, or when
   data_dir was prepared with other data settings.
   """
-  settings = data_settings(config)
+  settings = {**data_settings(config), **filters.filter_settings(config)}
   if os.path.exists(os.path.join(config.data.data_dir, MANIFEST_FILE)):
     _ensure_settings(config.data.data_dir, settings)  # raises, naming the fields that differ
     return Manifest.load(config.data.data_dir)
@@ -276,6 +277,9 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
   files = src.source_files(d.source, d.paths, issues)
   if not files:
     raise DataError(f"data.source={d.source!r}, data.paths={d.paths!r}: no input files\n{issues.summary()}")
+  # data.filters: a datatrove pass; from here on `config` reads the kept documents (data/filters.py)
+  config, files = filters.filter_corpus(config, files, issues, progress=progress, num_processes=num_processes)
+  d = config.data
 
   try:
     tokenizer = Tokenizer.load(data_dir)
