@@ -43,6 +43,8 @@ def get_config():
   d.val_fraction = 0.005
   d.tokenizer_sample_sentences = 2000000
   d.num_workers = 8
+  d.filters = "fineweb"     # Gopher, C4 and FineWeb quality rules, length, exact and MinHash dedup (docs/DATA.md)
+  d.filter_tasks = 32       # one datatrove task per core of the seed's 32-core machine
 
   c.sampling.max_new_tokens = 256
   c.sampling.prompts = ("The meaning of life is", "In a shocking finding, scientists", "def fibonacci(n):")
