@@ -32,6 +32,7 @@ import tarfile
 import time
 from typing import Any, Iterator
 
+import multiprocess
 import numpy as np
 import orjson
 from datatrove.data import Document, DocumentsPipeline
@@ -109,6 +110,9 @@ class QuietLocalExecutor(LocalPipelineExecutor):
 
   def __init__(self, pipeline, **kwargs):
     super().__init__(pipeline, start_method="forkserver", **kwargs)  # no fork: the caller may hold JAX threads
+    # The fork server imports these once; every worker of every stage forks from it instead of importing
+    # datatrove and spaCy again (seconds per worker).
+    multiprocess.get_context("forkserver").set_forkserver_preload(["__main__", __name__, "spacy.lang.en"])
 
   def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
     return super()._run_for_rank(rank, local_rank + 1, node_rank)  # local_rank > 0: console at ERROR level
