@@ -302,3 +302,56 @@ def test_filter_prepare_end_to_end_report_and_fingerprint(corpus, tmp_path):
   config.data.filters = ""
   with pytest.raises(DataError, match="'data.filters' = None, prepared with"):
     prepare_dataset(config, progress=False)
+
+
+FAKE_SBATCH = """#!/bin/bash
+# Stands in for SLURM's sbatch: runs the job script at once, once per array index, and prints a job id.
+script="${@: -1}"
+for arg in "$@"; do case "$arg" in --export=*RUN_OFFSET=*) export RUN_OFFSET="${arg##*RUN_OFFSET=}";; esac; done
+echo "$@" >> "$FAKE_SLURM_LOG"
+array=$(sed -n 's/^#SBATCH --array=0-\\([0-9]*\\).*/\\1/p' "$script")
+for i in $(seq 0 "${array:-0}"); do
+  SLURM_ARRAY_TASK_ID=$i SLURM_NODELIST=localhost bash "$script" >> "$FAKE_SLURM_LOG.out" 2>&1 || exit 1
+done
+echo "Submitted batch job $RANDOM"
+"""
+FAKE_SRUN = """#!/bin/bash
+while [ "$1" != launch_pickled_pipeline ]; do shift; done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo localhost
+"""
+
+
+@needs_filters
+@needs_fortunes
+def test_filter_slurm_executor_then_prepare_picks_up_its_output(corpus, tmp_path, monkeypatch):
+  """submit_to_slurm through datatrove's SlurmPipelineExecutor (sbatch, srun and scontrol stand-ins run each
+  array task here): one job per stage, chained by dependencies; filter_corpus then finds every stage complete and reads
+  the same kept documents as a local run. (Cheap steps: each array task here is a fresh Python process.)"""
+  path, _ = corpus
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, body in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    (bin_dir / name).write_text(body)
+    (bin_dir / name).chmod(0o755)
+  log = tmp_path / "sbatch.log"
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+  monkeypatch.setenv("PYTHONPATH", REPO)
+  monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
+  spec = "length,exact_dedup"
+  local, _ = run_filters(path, str(tmp_path / "local"), spec=spec, tasks=1)
+  config = filter_config(path, str(tmp_path / "cluster"), spec=spec, tasks=2)
+  ids = filters.submit_to_slurm(config, partition="cpu", time_limit="01:00:00")
+  assert len(ids) == 4
+  submissions = log.read_text().splitlines()
+  stage_jobs = [line for line in submissions if "RUN_OFFSET" in line]
+  assert len(stage_jobs) == 4 and sum("--dependency=afterok" in line for line in stage_jobs) == 3   # chained
+  root = filters.filter_root(config.data.data_dir)
+  for stage in sorted(os.listdir(root)):
+    if stage[:2].isdigit():
+      assert os.path.exists(os.path.join(root, stage, "launch_script.slurm"))
+  filtered, _ = filters.filter_corpus(config, [path], Issues(), progress=False)
+  assert all(s["seconds"] is None for s in filters.load_summary(config.data.data_dir)["stages"])   # nothing rerun
+  assert kept(filtered) == kept(local)

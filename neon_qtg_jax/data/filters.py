@@ -180,6 +180,37 @@ def filter_corpus(config, files: list[str], issues: Issues, *, progress: bool = 
   return filtered, src.source_files("jsonl", out, Issues())
 
 
+def submit_to_slurm(config, *, partition: str, time_limit: str, cpus_per_task: int = 1, mem_per_cpu_gb: int = 2,
+                    env_command: str | None = None, sbatch_args: dict | None = None, with_srun: bool = True,
+                    job_name: str = "neon_filter") -> list[str]:
+  """Submits every unfinished stage as a datatrove SlurmPipelineExecutor job array, each depending on the one before.
+
+  Same plan, stages and folders as a local run, so completion markers written on the cluster are the
+  ones `launch.py --mode=prepare` finds afterwards: it skips the finished stages and tokenizes the
+  last stage's output. data.data_dir must be on a file system the nodes share. Returns the job ids."""
+  from datatrove.executor.slurm import SlurmPipelineExecutor
+
+  require_datatrove(config)
+  issues = Issues()
+  files = src.source_files(config.data.source, config.data.paths, issues)
+  if not files:
+    raise DataError(f"data.source={config.data.source!r}, data.paths={config.data.paths!r}: no input files\n"
+                    f"{issues.summary()}")
+  root = filter_root(config.data.data_dir)
+  _, _, stages, plan = plan_filtering(config, files)
+  ensure_plan(root, plan, progress=True)
+  executors, previous = [], None
+  for i, stage in enumerate(stages, start=1):
+    previous = SlurmPipelineExecutor(
+        pipeline=stage.pipeline, tasks=stage.tasks, time=time_limit, partition=partition,
+        cpus_per_task=cpus_per_task, mem_per_cpu_gb=mem_per_cpu_gb, job_name=f"{job_name}_{i:02d}_{stage.name}",
+        env_command=env_command, sbatch_args=sbatch_args, logging_dir=stage.folder, depends=previous,
+        slurm_logs_folder=os.path.join(stage.folder, "slurm_logs"), with_srun=with_srun)
+    executors.append(previous)
+  previous.run()   # launches its dependencies first, in stage order
+  return [str(e.job_id) for e in executors]
+
+
 def _num_processes() -> int:
   try:
     return len(os.sched_getaffinity(0))
