@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from neon_qtg_jax.data.filters import filter_spec_problem
+from neon_qtg_jax.data.filters import TOKENIZERS as FILTER_TOKENIZERS, filter_spec_problem
 from neon_qtg_jax.training.backup import url_problem
 
 ATTENTION_KINDS = ("geo", "dot")
@@ -126,8 +126,9 @@ def default_config() -> ml_collections.ConfigDict:
   d.prefetch = 2
   d.shuffle_seed = 0
   # Pre-filtering before tokenization (data/filters.py, docs/DATA.md; needs the `filters` extra):
-  # ordered comma-separated steps from FILTER_STEPS, or the preset "fineweb" (all of them); "": none.
+  # ordered comma-separated steps (data/filters.py STEPS), or the preset "fineweb" (all of them); "": none.
   d.filters = ""
+  d.filter_tokenizer = "regex"  # words for the Gopher, C4, FineWeb and MinHash steps: "regex" or "spacy" (slower)
   d.filter_tasks = 0          # datatrove tasks; 0: data.num_workers (at least 1). Kept documents do not depend on it
   d.filter_min_words = 50     # "length" step: whitespace-separated words per document (Gopher's bounds)
   d.filter_max_words = 100000
@@ -253,6 +254,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)", d.val_fraction)
   _check(d.tokenizer_model_type in ("unigram", "bpe"), "data.tokenizer_model_type",
          "must be 'unigram' or 'bpe'", d.tokenizer_model_type)
+  _check(d.filter_tokenizer in FILTER_TOKENIZERS, "data.filter_tokenizer", f"must be one of {FILTER_TOKENIZERS}",
+         d.filter_tokenizer)
   filter_problem = filter_spec_problem(d.filters)
   _check(filter_problem is None, "data.filters", str(filter_problem), d.filters)
   positive("data", ("filter_tasks", "filter_min_words"), strict=False)

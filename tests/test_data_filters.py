@@ -96,6 +96,10 @@ def test_filter_spec_parsing_and_validation():
   c.data.minhash_buckets = 0
   with pytest.raises(ConfigError, match="data.minhash_buckets"):
     validate(c)
+  c = default_config()
+  c.data.filter_tokenizer = "nltk"
+  with pytest.raises(ConfigError, match="data.filter_tokenizer"):
+    validate(c)
 
 
 def test_filter_settings_fingerprint():
@@ -104,10 +108,14 @@ def test_filter_settings_fingerprint():
   c.data.filters = "length,minhash"
   c.data.filter_tasks = 7                     # not part of it: the kept documents do not depend on it
   assert filters.filter_settings(c) == {
-      "data.filters": "length,minhash", "data.filter_min_words": 50, "data.filter_max_words": 100000,
-      "data.minhash_ngrams": 5, "data.minhash_buckets": 14, "data.minhash_hashes_per_bucket": 8}
+      "data.filters": "length,minhash", "data.filter_tokenizer": "regex", "data.filter_min_words": 50,
+      "data.filter_max_words": 100000, "data.minhash_ngrams": 5, "data.minhash_buckets": 14,
+      "data.minhash_hashes_per_bucket": 8}
   c.data.filters = "gopher_quality"
-  assert filters.filter_settings(c) == {"data.filters": "gopher_quality"}
+  assert filters.filter_settings(c) == {"data.filters": "gopher_quality", "data.filter_tokenizer": "regex"}
+  c.data.filters = "length,exact_dedup"     # no step reads words
+  assert filters.filter_settings(c) == {"data.filters": "length,exact_dedup", "data.filter_min_words": 50,
+                                        "data.filter_max_words": 100000}
 
 
 def test_filter_missing_datatrove_names_field_and_extra(monkeypatch, tmp_path):
@@ -136,6 +144,25 @@ def test_filter_task_range_contiguous_and_complete():
     ranges = [task_range(weights, r, world) for r in range(world)]
     assert ranges[0][0] == 0 and ranges[-1][1] == len(weights)
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))   # contiguous, in order, no overlap
+
+
+@needs_filters
+@needs_fortunes
+def test_filter_regex_tokenizer_close_to_spacy():
+  """The regex words the filters read by default against datatrove's spaCy tokenizer, on the planted prose:
+  word counts within 3%, and the same Gopher quality verdict on every document."""
+  from datatrove.data import Document
+  from datatrove.pipeline.filters import GopherQualityFilter
+  from datatrove.utils.word_tokenizers import load_word_tokenizer
+  from neon_qtg_jax.data.filter_steps import RegexWordTokenizer
+  docs = planted.planted_corpus(num_clean=40, num_each=8, seed=3)
+  regex_tok, spacy_tok = RegexWordTokenizer(), load_word_tokenizer("eng")
+  for doc in docs:
+    a, b = len(regex_tok.word_tokenize(doc.text)), len(spacy_tok.word_tokenize(doc.text))
+    assert abs(a - b) <= 0.03 * b + 1, (a, b, doc.text[:200])
+  verdicts = [[GopherQualityFilter(language=lang).filter(Document(d.text, "x")) is True for d in docs]
+              for lang in (regex_tok, "eng")]
+  assert verdicts[0] == verdicts[1]
 
 
 @needs_filters

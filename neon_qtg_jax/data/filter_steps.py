@@ -13,8 +13,11 @@ Written here, each for a stated reason:
     the first copy in corpus order.
   - Measured: per-step documents and bytes removed, with examples, for the report.
 
-Word tokenization (Gopher, FineWeb quality, MinHash shingles) is datatrove's choice for English:
-spaCy's rule-based `spacy.blank("en")`, which ships with spaCy and downloads nothing.
+Word tokenization (Gopher, FineWeb quality, MinHash shingles, C4's sentence count) is
+data.filter_tokenizer: "regex" (RegexWordTokenizer: datatrove's regex sentence splitter with
+words as letter/digit runs or punctuation runs, written here because it is 17-27x faster than
+spaCy at the same job, tools/bench_data.py) or "spacy" (datatrove's own choice for English,
+`spacy.blank("en")`, which ships with spaCy and downloads nothing).
 
 Every stage keeps document order: task r handles a contiguous slice of the corpus and writes its
 kept documents to `<stage>/output/{r:05d}.jsonl` in order, so the concatenation over tasks is the
@@ -35,6 +38,7 @@ from typing import Any, Iterator
 import multiprocess
 import numpy as np
 import orjson
+import regex
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
@@ -46,6 +50,8 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.utils.hashing import HashConfig, create_hash_func
 from datatrove.utils.text import TextNormConfig, simplify_text
+from datatrove.utils.typeshelper import Languages
+from datatrove.utils.word_tokenizers import WhitespaceTokenizer
 from loguru import logger
 
 from neon_qtg_jax.data import sources as src
@@ -58,6 +64,22 @@ EXACT_NORM = TextNormConfig(lowercase=True, norm_whitespace=True, remove_punctua
                             norm_unicode_diacritics=False, norm_numbers=False)
 HASH = HashConfig(precision=64, hash_fc="xxhash")
 CORPUS = "<corpus>"
+
+
+class RegexWordTokenizer(WhitespaceTokenizer):
+  """English words for datatrove's filters without spaCy, split the way spaCy and NLTK split them: runs of
+  letters and digits, clitics on their own ("do" "n't", "it" "'s"), runs of punctuation. (Unlike spaCy it
+  splits the period off abbreviations: "Mr" ".".) Sentences: datatrove's WhitespaceTokenizer regex."""
+  _words = regex.compile(r"\w+?(?=n['\u2019]t\b)|n['\u2019]t\b|['\u2019](?:s|re|ll|ve|d|m)\b|\w+|[^\w\s]+",
+                         regex.IGNORECASE)
+
+  def word_tokenize(self, text: str) -> list[str]:
+    return self._words.findall(text)
+
+
+def word_tokenizer(name: str):
+  """The `language` datatrove's filters and MinHash take: a WordTokenizer instance, or a language code."""
+  return RegexWordTokenizer() if name == "regex" else Languages.english
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,26 +397,30 @@ class FilterSettings:
   min_words: int
   max_words: int
   minhash: MinhashConfig
+  tokenizer: str = "regex"    # data.filter_tokenizer
 
 
 def minhash_config(ngrams: int, buckets: int, hashes_per_bucket: int) -> MinhashConfig:
   return MinhashConfig(n_grams=ngrams, num_buckets=buckets, hashes_per_bucket=hashes_per_bucket, hash_config=HASH)
 
 
-def document_filter(step: str, s: FilterSettings, recorder: RemovalRecorder) -> BaseFilter:
-  """One per-document step with FineWeb's settings (datatrove's defaults except C4's terminal punctuation)."""
+def document_filter(step: str, s: FilterSettings, recorder: RemovalRecorder, language) -> BaseFilter:
+  """One per-document step with FineWeb's settings (datatrove's defaults except C4's terminal punctuation).
+
+  `language`: word_tokenizer(s.tokenizer), one instance per pass, so that datatrove's cache of the last
+  texts' words serves both Gopher filters."""
   if step == "length":
     return LengthFilter(s.min_words, s.max_words, exclusion_writer=recorder)
   if step == "gopher_repetition":
-    return GopherRepetitionFilter(exclusion_writer=recorder)
+    return GopherRepetitionFilter(exclusion_writer=recorder, language=language)
   if step == "gopher_quality":
-    return GopherQualityFilter(exclusion_writer=recorder)
+    return GopherQualityFilter(exclusion_writer=recorder, language=language)
   if step == "c4":
     # Line level: drops lines without 3 words, with a 1000+ character word, "javascript" or cookie/terms
     # boilerplate, and citation markers; document level: "lorem ipsum", "{", fewer than 5 sentences left.
-    return C4QualityFilter(filter_no_terminal_punct=False, exclusion_writer=recorder)
+    return C4QualityFilter(filter_no_terminal_punct=False, exclusion_writer=recorder, language=language)
   if step == "fineweb_quality":
-    return FineWebQualityFilter(exclusion_writer=recorder)
+    return FineWebQualityFilter(exclusion_writer=recorder, language=language)
   raise ValueError(f"not a per-document step: {step!r}")
 
 
@@ -430,8 +456,9 @@ def build_stages(s: FilterSettings, pieces: list[Piece], root: str) -> list[Stag
       group = []
       while steps and steps[0] not in DEDUP_STEPS:
         group.append(steps.pop(0))
+      language = word_tokenizer(s.tokenizer)
       out = add("filter", s.tasks, True, lambda f: [reader(f)] + [
-          measured(step, lambda rec, st=step: document_filter(st, s, rec), f) for step in group]
+          measured(step, lambda rec, st=step: document_filter(st, s, rec, language), f) for step in group]
           + [stage_writer(os.path.join(f, "output"))])
     elif steps.pop(0) == "exact_dedup":
       hashes = add("exact_dedup_hashes", s.tasks, True,
@@ -444,7 +471,8 @@ def build_stages(s: FilterSettings, pieces: list[Piece], root: str) -> list[Stag
     else:
       mh = s.minhash
       sigs = add("minhash_signatures", s.tasks, True,
-                 lambda f: [reader(f), MinhashDedupSignature(os.path.join(f, "signatures"), mh)])
+                 lambda f: [reader(f), MinhashDedupSignature(os.path.join(f, "signatures"), mh,
+                                                             language=word_tokenizer(s.tokenizer))])
       buckets = add("minhash_buckets", mh.num_buckets, False, lambda f: [
           MinhashDedupBuckets(os.path.join(sigs, "signatures"), os.path.join(f, "dups"), config=mh)])
       clusters = add("minhash_clusters", 1, False, lambda f: [

@@ -35,6 +35,8 @@ from neon_qtg_jax.data.sources import DataError, Issues
 
 STEPS = ("length", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality", "exact_dedup", "minhash")
 PRESETS = {"fineweb": STEPS}
+WORD_STEPS = ("gopher_repetition", "gopher_quality", "c4", "fineweb_quality", "minhash")   # use data.filter_tokenizer
+TOKENIZERS = ("regex", "spacy")
 FILTER_DIR = "filter"
 PLAN_FILE = "plan.json"
 SUMMARY_FILE = "summary.json"
@@ -74,6 +76,8 @@ def filter_settings(config) -> dict[str, Any]:
   if not steps:
     return {}
   out: dict[str, Any] = {"data.filters": ",".join(steps)}
+  if set(steps) & set(WORD_STEPS):
+    out["data.filter_tokenizer"] = d.filter_tokenizer
   if "length" in steps:
     out.update({"data.filter_min_words": int(d.filter_min_words), "data.filter_max_words": int(d.filter_max_words)})
   if "minhash" in steps:
@@ -119,7 +123,8 @@ def plan_filtering(config, files: list[str], issues_out: Issues | None = None):
   settings = fs.FilterSettings(
       steps=parse_filters(d.filters), source=d.source, text_field=d.text_field, text_split=d.text_split,
       tasks=num_tasks(config), min_words=int(d.filter_min_words), max_words=int(d.filter_max_words),
-      minhash=fs.minhash_config(int(d.minhash_ngrams), int(d.minhash_buckets), int(d.minhash_hashes_per_bucket)))
+      minhash=fs.minhash_config(int(d.minhash_ngrams), int(d.minhash_buckets), int(d.minhash_hashes_per_bucket)),
+      tokenizer=d.filter_tokenizer)
   root = filter_root(d.data_dir)
   stages = fs.build_stages(settings, pieces, root)
   plan = {
@@ -263,7 +268,7 @@ def run_stages(stages, pieces, *, workers: int, progress: bool) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    clock = time.perf_counter()
+    clock, cpu = time.perf_counter(), time.process_time()
     try:
       executor.run()
     except Exception as err:  # noqa: BLE001 - a failed task: name the stage and its logs
@@ -275,7 +280,9 @@ def run_stages(stages, pieces, *, workers: int, progress: bool) -> None:
       bar.n = _stage_progress(stage.folder)
       bar.close()
     with open(os.path.join(stage.folder, "seconds.json"), "w") as f:
-      json.dump({"seconds": time.perf_counter() - clock, "tasks": stage.tasks}, f)
+      # this process's CPU: the whole stage's when it ran in-process (one worker), else only its share
+      json.dump({"seconds": time.perf_counter() - clock, "main_cpu_s": time.process_time() - cpu,
+                 "tasks": stage.tasks, "workers": min(workers, stage.tasks)}, f)
 
 
 def write_summary(root: str, stages, steps: tuple[str, ...], plan: dict) -> dict[str, Any]:
@@ -294,11 +301,11 @@ def write_summary(root: str, stages, steps: tuple[str, ...], plan: dict) -> dict
           with open(os.path.join(issue_dir, name)) as f:
             issues.merge(Issues.from_dict(json.load(f)))
     seconds_path = os.path.join(stage.folder, "seconds.json")
-    seconds = None
+    timing = {"seconds": None}     # None: finished by an earlier run or on a cluster
     if os.path.exists(seconds_path):
       with open(seconds_path) as f:
-        seconds = json.load(f)["seconds"]
-    stage_rows.append({"name": os.path.basename(stage.folder), "tasks": stage.tasks, "seconds": seconds})
+        timing = json.load(f)
+    stage_rows.append({"name": os.path.basename(stage.folder), "tasks": stage.tasks, **timing})
   ordered = {step: per_step[step] for step in steps if step in per_step}
   first, last = ordered[steps[0]], ordered[steps[-1]]
   summary = {
