@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--workdir", default="", help="scratch directory (default: a temporary one, removed)")
   p.add_argument("--output", default="", help="write the results as JSON here")
   p.add_argument("--filters", default="", help="data.filters to benchmark as well (e.g. fineweb); '' for none")
+  p.add_argument("--filter_tokenizer", default="regex", choices=["regex", "spacy"], help="data.filter_tokenizer")
   p.add_argument("--planted", action="store_true", help="benchmark the planted corpus (data/planted.py) as jsonl")
   return p.parse_args(argv)
 
@@ -141,7 +142,7 @@ def bench_filters(args, config, text_bytes: int, manifest, owt_hours: float) -> 
   from neon_qtg_jax.data import filters
 
   c = copy.deepcopy(config)
-  c.data.filters, c.data.filter_tasks = args.filters, 1
+  c.data.filters, c.data.filter_tasks, c.data.filter_tokenizer = args.filters, 1, args.filter_tokenizer
   c.data.data_dir = os.path.join(os.path.dirname(config.data.data_dir), "filtered")
   validate(c)
   files = sources.source_files(c.data.source, c.data.paths, sources.Issues())
@@ -155,7 +156,7 @@ def bench_filters(args, config, text_bytes: int, manifest, owt_hours: float) -> 
   kept = summary["bytes_out"] / summary["bytes_in"]
   with_rate = 1 / (1 / filter_rate + kept / tokenize_rate)      # MB of input per CPU second, filtered then tokenized
   filter_hours = OPENWEBTEXT_BYTES / (SEED_CORES * filter_rate * 1e6) / 3600
-  print(f"filters {args.filters}: {summary['documents_in']} documents, {summary['bytes_in'] / 1e6:.2f} MB in, "
+  print(f"filters {args.filters} ({args.filter_tokenizer} words): {summary['documents_in']} documents, {summary['bytes_in'] / 1e6:.2f} MB in, "
         f"{kept:.1%} of the bytes kept; one in-process task: {wall_s:.1f} s, {cpu_s:.1f} CPU s")
   for stage in summary["stages"]:
     print(f"  {stage['name']:<24} {stage['main_cpu_s']:7.2f} CPU s  "
@@ -164,7 +165,7 @@ def bench_filters(args, config, text_bytes: int, manifest, owt_hours: float) -> 
         f"with filters (filter, then tokenize the kept {kept:.0%}) {with_rate:.3f}")
   print(f"OpenWebText 38 GB on {SEED_CORES} cores: filter pass {filter_hours:.2f} h + tokenizing the kept text "
         f"{owt_hours * kept:.2f} h = {filter_hours + owt_hours * kept:.2f} h (without filters {owt_hours:.2f} h)")
-  return {"filters": args.filters, "mb_in": summary["bytes_in"] / 1e6, "kept_bytes_fraction": kept,
+  return {"filters": args.filters, "filter_tokenizer": args.filter_tokenizer, "mb_in": summary["bytes_in"] / 1e6, "kept_bytes_fraction": kept,
           "filter_cpu_s": cpu_s, "filter_wall_s": wall_s, "filter_mb_per_cpu_s": filter_rate,
           "without_filters_mb_per_cpu_s": tokenize_rate, "with_filters_mb_per_cpu_s": with_rate,
           "stages": summary["stages"], "owt_filter_hours_32_cores": filter_hours,
