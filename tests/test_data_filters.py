@@ -12,7 +12,6 @@ import collections
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -236,21 +235,10 @@ def test_filter_rerun_resumes_from_completion_markers(corpus, tmp_path):
 
 
 def tensorboard_texts(logdir: str) -> dict[str, str]:
-  """Text summaries in the TFRecord event files of logdir (length, crc, Event proto, crc per record)."""
-  from tensorboardX.proto import event_pb2
-  texts = {}
-  for name in os.listdir(logdir):
-    with open(os.path.join(logdir, name), "rb") as f:
-      data = f.read()
-    offset = 0
-    while offset < len(data):
-      length = struct.unpack("<Q", data[offset:offset + 8])[0]
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-      for value in event.summary.value:
-        if value.tensor.string_val:
-          texts[value.tag] = value.tensor.string_val[0].decode()
-      offset += 12 + length + 4
-  return texts
+  """Text summaries in the event files of logdir."""
+  from test_train_resume import tensorboard_events
+  return {value.tag: value.tensor.string_val[0].decode() for event in tensorboard_events(logdir)
+          for value in event.summary.value if value.tensor.string_val}
 
 
 KILL_SCRIPT = """

@@ -24,12 +24,12 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import threading
 import time
 from typing import Any
 
+from neon_qtg_jax.data import plans
 from neon_qtg_jax.data import sources as src
 from neon_qtg_jax.data.sources import DataError, Issues
 
@@ -141,18 +141,8 @@ def plan_filtering(config, files: list[str], issues_out: Issues | None = None):
 
 def ensure_plan(root: str, plan: dict, progress: bool) -> None:
   """Keeps finished stages only when they were made from the same plan; otherwise starts over."""
-  path = os.path.join(root, PLAN_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      if json.load(f) == plan:
-        return
-    _log(progress, f"{root}: the inputs, filter settings, task count or datatrove version changed since these "
-                   f"stages ran; filtering again")
-    shutil.rmtree(root)
-  os.makedirs(root, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(plan, f)
-  os.replace(path + ".tmp", path)
+  plans.keep_or_reset(root, PLAN_FILE, plan, "the inputs, filter settings, task count or datatrove version "
+                      "changed since these stages ran; filtering again", progress)
 
 
 def filter_corpus(config, files: list[str], issues: Issues, *, progress: bool = True,

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import tqdm
 
-from neon_qtg_jax.data import filters, integrity
+from neon_qtg_jax.data import filters, integrity, plans
 from neon_qtg_jax.data import sources as src
 from neon_qtg_jax.data.manifest import MANIFEST_FILE, SETTINGS_FILE, SPLITS, Manifest, data_settings, token_dtype
 from neon_qtg_jax.data.sources import DataError, Issues
@@ -213,18 +213,8 @@ def _ensure_shard_plan(shard_dir: str, files: list[str], tokenizer_sha256: str, 
   """Shards are reused only for the same input files (names, sizes, mtimes) and tokenizer; else removed."""
   plan = {"tokenizer_sha256": tokenizer_sha256,
           "files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.exists(f)]}
-  path = os.path.join(shard_dir, PLAN_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      if json.load(f) == plan:
-        return
-    _log(progress, f"{shard_dir}: the input files or tokenizer changed since these shards were written; "
-                   f"tokenizing again")
-    shutil.rmtree(shard_dir)
-  os.makedirs(shard_dir, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(plan, f)
-  os.replace(path + ".tmp", path)
+  plans.keep_or_reset(shard_dir, PLAN_FILE, plan, "the input files or tokenizer changed since these shards were "
+                      "written; tokenizing again", progress)
 
 
 def _num_processes() -> int:
