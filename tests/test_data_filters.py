@@ -370,3 +370,42 @@ def test_filter_slurm_executor_then_prepare_picks_up_its_output(corpus, tmp_path
   filtered, _ = filters.filter_corpus(config, [path], Issues(), progress=False)
   assert all(s["seconds"] is None for s in filters.load_summary(config.data.data_dir)["stages"])   # nothing rerun
   assert kept(filtered) == kept(local)
+
+
+@needs_filters
+@needs_fortunes
+def test_filter_openwebtext_members_split_over_tasks(corpus, tmp_path):
+  """A plain OpenWebText subset tar is split per .xz member over tasks; the kept documents do not depend on
+  the task count, and a non-.xz member is reported as bad input, as without filters."""
+  import io
+  import tarfile
+  from neon_qtg_jax.data.filter_steps import plan_pieces
+
+  _, docs = corpus
+
+  def add(tar, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+  path = str(tmp_path / "urlsf_subset00.tar")
+  with tarfile.open(path, "w") as outer:
+    for member in range(4):
+      buf = io.BytesIO()
+      with tarfile.open(fileobj=buf, mode="w:xz") as inner:
+        for i, doc in enumerate(docs[member::4]):
+          add(inner, f"{member}-{i:04d}.txt", doc.text.encode())
+      add(outer, f"openwebtext/urlsf_subset00-{member}_data.xz", buf.getvalue())
+    add(outer, "openwebtext/README", b"not a member")
+  issues = Issues()
+  assert len(plan_pieces([path], "openwebtext", issues)) == 5 and issues.total == 0
+  results = []
+  for tasks in (1, 3):
+    config = filter_config(path, str(tmp_path / f"owt{tasks}"), spec="length,exact_dedup", tasks=tasks)
+    config.data.source = "openwebtext"
+    issues = Issues()
+    filtered, _ = filters.filter_corpus(config, [path], issues, progress=False, num_processes=2)
+    results.append(kept(filtered))
+    assert issues.counts == {"unexpected_member": 1}, issues.counts
+  assert results[0] == results[1]
+  assert len(results[0]) == sum(d.kind in ("clean", "near_duplicate", "spam") for d in docs)
