@@ -70,6 +70,7 @@ class SamplingFields(BaseModel):
   stream: bool = False
   stream_options: StreamOptions | None = None
   user: str | None = None
+  ignore_eos: bool = False  # vLLM's extension: run to max_tokens through EOS (fixed lengths for benchmarks)
   presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)   # accepted at their defaults only
   frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
 
@@ -148,31 +149,36 @@ class Server:
                      "model_not_found")
 
 
-async def _collect(engine: Engine, requests: list[SequenceRequest], http_request: Request | None
-                   ) -> AsyncIterator[tuple[int, Event]]:
+async def _collect(engine: Engine, requests: list[SequenceRequest], http_request: Request | None,
+                   sequences: list) -> AsyncIterator[tuple[int, Event]]:
   """Submits the sequences and yields (choice index, event) as the engine produces them.
 
   Leaving the iterator early (client gone, an error) cancels whatever has not finished. With
-  http_request it also polls for a disconnected client (a stream learns of one from its failed send).
+  http_request it also polls for a disconnected client (Starlette cancels a stream whose client
+  left). `sequences` receives the submitted sequences, so a cancelled caller can cancel them
+  without awaiting (inside a cancelled task every await raises at once).
   """
   loop = asyncio.get_running_loop()
   queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
   for index, r in enumerate(requests):
     r.emit = (lambda i: lambda event: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))(index)
   try:
-    sequences = engine.submit(requests)
+    sequences.extend(engine.submit(requests))
   except QueueFull as err:
     raise ApiError(429, str(err), None, "rate_limit_exceeded") from None
   except Draining as err:
     raise ApiError(503, str(err), None, "server_unavailable") from None
   open_choices = len(requests)
+  next_poll = time.monotonic() + DISCONNECT_POLL_SECONDS
   try:
     while open_choices:
+      if http_request is not None and time.monotonic() >= next_poll:  # also while events keep coming
+        next_poll = time.monotonic() + DISCONNECT_POLL_SECONDS
+        if await http_request.is_disconnected():
+          return
       try:
         index, event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_SECONDS)
       except asyncio.TimeoutError:
-        if http_request is not None and await http_request.is_disconnected():
-          return
         continue
       if event.finish_reason == "cancelled":
         raise ApiError(503, f"the request was cancelled: {engine.error or 'the server is shutting down'}", None,
@@ -192,7 +198,8 @@ def _sequence_requests(prompts: list[list[int]], budgets: list[int], body: Sampl
   out = []
   for p, (ids, budget) in enumerate(zip(prompts, budgets)):
     for c in range(body.n):
-      out.append(SequenceRequest(ids, budget, body.temperature, body.top_p, stop, seed, choice=p * body.n + c))
+      out.append(SequenceRequest(ids, budget, body.temperature, body.top_p, stop, seed, choice=p * body.n + c,
+                                 ignore_eos=body.ignore_eos))
   return out
 
 
@@ -270,11 +277,12 @@ def create_app(server: Server) -> FastAPI:
 
 async def _respond(server: Server, kind: str, response_id: str, requests: list[SequenceRequest],
                    prompts: list[list[int]], body: SamplingFields, http_request: Request, *, chat: bool):
-  events = _collect(server.engine, requests, None if body.stream else http_request)
+  sequences: list = []
+  events = _collect(server.engine, requests, None if body.stream else http_request, sequences)
   head = {"id": response_id, "created": int(time.time()), "model": server.model_name}
   if body.stream:
     first = await _first_event(events)  # errors (429, 503) before the stream starts become status codes
-    return StreamingResponse(_stream(head, kind, first, events, len(requests), prompts, body, chat),
+    return StreamingResponse(_stream(head, kind, first, events, sequences, len(requests), prompts, body, chat),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
   texts = [""] * len(requests)
   tokens = [0] * len(requests)
@@ -303,7 +311,8 @@ async def _first_event(events: AsyncIterator[tuple[int, Event]]) -> tuple[int, E
 
 
 async def _stream(head: dict[str, Any], kind: str, first: tuple[int, Event] | None,
-                  events: AsyncIterator[tuple[int, Event]], num_choices: int, prompts: list[list[int]],
+                  events: AsyncIterator[tuple[int, Event]], sequences: list, num_choices: int,
+                  prompts: list[list[int]],
                   body: SamplingFields, chat: bool) -> AsyncIterator[str]:
   chunk_kind = "chat.completion.chunk" if chat else kind
   tokens = [0] * num_choices
@@ -342,4 +351,5 @@ async def _stream(head: dict[str, Any], kind: str, first: tuple[int, Event] | No
   except ApiError as err:
     yield _sse(error_body(err.message, err.param, err.kind))
   finally:
-    await events.aclose()
+    for seq in sequences:  # the client left or the stream ended: free the slots now
+      seq.cancel()

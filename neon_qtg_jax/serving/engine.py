@@ -70,6 +70,7 @@ class SequenceRequest:
   stop: tuple[str, ...] = ()
   seed: int = 0
   choice: int = 0            # fold-in for the n choices of one request
+  ignore_eos: bool = False   # generate max_tokens whatever is sampled (benchmarks)
   emit: Callable[[Event], None] = lambda event: None
 
 
@@ -185,6 +186,7 @@ class EngineStats:
   prefills: int = 0
   max_prefills_between_decode_steps: int = 0
   generated_tokens: int = 0
+  cancelled: int = 0
 
 
 class Engine:
@@ -332,7 +334,7 @@ class Engine:
     """Records a sampled token: the next decode input of the slot, text for the client, or the end."""
     seq.generated += 1
     self.stats.generated_tokens += 1
-    if self.eos_id is not None and token == self.eos_id:
+    if self.eos_id is not None and token == self.eos_id and not seq.request.ignore_eos:
       self._finish(seq, "stop", seq.text.flush())
       return
     delta, stopped = seq.text.push(token)
@@ -343,17 +345,27 @@ class Engine:
     else:
       self.tokens[seq.slot] = token
       if delta:
-        seq.request.emit(Event(delta, seq.generated))
+        self._emit(seq, Event(delta, seq.generated))
 
   def _finish(self, seq: Sequence, reason: str, delta: str = "") -> None:
     if seq.finished:
       return
     seq.finished = True
+    if reason == "cancelled":
+      self.stats.cancelled += 1
     with self._lock:
       self.unfinished -= 1
     if seq.slot is not None and self.slots[seq.slot] is seq:
       self.slots[seq.slot] = None
-    seq.request.emit(Event(delta, seq.generated, reason))
+    self._emit(seq, Event(delta, seq.generated, reason))
+
+  def _emit(self, seq: Sequence, event: Event) -> None:
+    """Hands an event to the client; a client that cannot take it (its event loop is gone) is cancelled."""
+    try:
+      seq.request.emit(event)
+    except Exception:  # noqa: BLE001 - one client's failure must not stop the others
+      log.warning("could not deliver to a client; cancelling its sequence", exc_info=True)
+      seq.cancel()
 
 
 def wait_until_idle(engine: Engine, timeout: float) -> bool:
