@@ -1,11 +1,16 @@
 """Bits/byte and decode speed of a checkpoint under each inference weight storage, and with bf16 cache unit states.
 
   python tools/bench_quantize.py --workdir=runs/tiny [--checkpoint=best] [--output=runs/tiny/eval/weights.json]
+  python tools/bench_quantize.py --ceiling_config=configs/neon_qtg_7b.py [--context=2048] [--bandwidth=4.8e12]
 
 Weights: float32 (training's), bfloat16, int8 (every matmul kernel, Qwix), int8 with the head in
 bf16; each scored on the prepared validation split with eval's windows (full forward pass), and
 timed decoding batch-1 greedy. Cache: the unit states phi in float32 and bf16, scored through the
 cached forward pass with model.dtype=bfloat16 (the compute dtype whose cache stores phi in bf16).
+
+--ceiling_config: no checkpoint, only shapes: the bytes one batch-1 decode step reads (every
+parameter but the embedding tables, one row of each of those, the whole cache) and the
+tokens/s that the memory bandwidth allows at most, for bf16 and int8 weights.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ from neon_qtg_jax.inference.restore import load_model  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True)
+  p.add_argument("--workdir", default="")
+  p.add_argument("--ceiling_config", default="", help="a config file: print the decode bandwidth ceiling and exit")
+  p.add_argument("--context", type=int, default=2048, help="cache slots for the ceiling")
+  p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s for the ceiling (H200: 4.8e12)")
   p.add_argument("--checkpoint", default="best")
   p.add_argument("--prompt_len", type=int, default=16)
   p.add_argument("--new_tokens", type=int, default=96)
@@ -40,8 +48,29 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+def ceiling(args) -> int:
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("ceiling_config", args.ceiling_config)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  model_cfg = module.get_config().model
+  print(f"batch-1 decode at {args.context} cache slots, {args.bandwidth / 1e12:.1f} TB/s ({args.ceiling_config}):")
+  print("| weights | weights read GB | cache read GB | total GB/token | ceiling tokens/s |")
+  print("| --- | ---: | ---: | ---: | ---: |")
+  for weights in ("bfloat16", "int8"):
+    b = weight_study.decode_bytes_per_token(model_cfg, weights, args.context)
+    print(f"| {weights} | {b['weights'] / 1e9:.3f} | {b['cache'] / 1e9:.3f} | {b['total'] / 1e9:.3f} | "
+          f"{args.bandwidth / b['total']:.0f} |")
+  return 0
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.ceiling_config:
+    return ceiling(args)
+  if not args.workdir:
+    print("error: --workdir (a run with a checkpoint) or --ceiling_config is required", file=sys.stderr)
+    return 2
   base = load_model(args.workdir, args.checkpoint)
   run_config = base.run_config
   tokenizer = Tokenizer.load(run_config.data.data_dir)

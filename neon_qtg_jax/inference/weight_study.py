@@ -70,3 +70,26 @@ def weight_variants(build) -> dict[str, nnx.Module]:
   quantize.cast_float_params(int8_bf16_head, jnp.bfloat16)
   return {"float32": build(), "bfloat16": quantize.apply_weight_dtype(build(), "bfloat16"),
           "int8": quantize.apply_weight_dtype(build(), "int8"), "int8, head bf16": int8_bf16_head}
+
+
+def decode_bytes_per_token(model_cfg, weight_dtype: str, context: int) -> dict[str, int]:
+  """Bytes a batch-1 decode step reads from memory at `context` cache slots, from abstract shapes.
+
+  Every parameter is read once per token except the embedding tables, of which one row each
+  (token and position) is gathered; the whole cache is read by attention and the TopoFilter.
+  """
+  graphdef, state = quantize.abstract_inference_model(model_cfg, weight_dtype)
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  weights, tables = 0, 0
+  for path, leaf in leaves:
+    size = leaf.size * jnp.dtype(leaf.dtype).itemsize
+    name = jax.tree_util.keystr(path)
+    if "'embed'" in name:  # token and position tables: one row each per token
+      tables += size
+      weights += size // leaf.shape[0]
+    else:
+      weights += size
+  model = nnx.eval_shape(lambda: nnx.merge(graphdef, state))
+  cache = jax.eval_shape(lambda: decoding.init_cache(model, 1, context))
+  cache_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
+  return {"weights": weights, "embedding_tables": tables, "cache": cache_bytes, "total": weights + cache_bytes}
