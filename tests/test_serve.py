@@ -15,17 +15,19 @@ import ml_collections
 import numpy as np
 import pytest
 
-from neon_qtg_jax.data.tokenizer import Tokenizer
-from neon_qtg_jax.inference.sampling import SamplingParams, filter_logits, generate
-from neon_qtg_jax.serving import engine as engine_lib
-from neon_qtg_jax.serving.api import Server, create_app, render_chat, ChatMessage
-from neon_qtg_jax.serving.batch_sampling import filter_rows
-from neon_qtg_jax.serving.engine import Engine, QueueFull, SequenceRequest, StopText, wait_until_idle
-from neon_qtg_jax.serving.server import free_port, make_server, warm_up
+for package in ("fastapi", "uvicorn"):
+  pytest.importorskip(package, reason="the serve extra is not installed (pip install -e '.[serve]')")
+openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[dev]')")
 
-from tiny_checkpoint import make_run
+from neon_qtg_jax.data.tokenizer import Tokenizer  # noqa: E402
+from neon_qtg_jax.inference.sampling import SamplingParams, filter_logits, generate  # noqa: E402
+from neon_qtg_jax.serving import engine as engine_lib  # noqa: E402
+from neon_qtg_jax.serving.api import ChatMessage, Server, create_app, render_chat  # noqa: E402
+from neon_qtg_jax.serving.batch_sampling import filter_rows  # noqa: E402
+from neon_qtg_jax.serving.engine import Engine, QueueFull, SequenceRequest, StopText  # noqa: E402
+from neon_qtg_jax.serving.server import free_port, make_server, warm_up  # noqa: E402
 
-openai = pytest.importorskip("openai")
+from tiny_checkpoint import make_run  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = ml_collections.ConfigDict(dict(temperature=0.0, top_k=0, top_p=1.0))
 PROMPTS = ["def f1", "The value", "def f12(x):\n\treturn", "The", "def f3(x):", "The value 7 is"]

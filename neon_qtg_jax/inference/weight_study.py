@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from neon_qtg_jax.evaluation.perplexity import LogProbFn, model_log_prob_fn, score_stream, summary
+from neon_qtg_jax.evaluation.perplexity import LogProbFn, score_stream, summary
 from neon_qtg_jax.inference import decoding, quantize
 from neon_qtg_jax.inference.sampling import generate_with_stats
 from neon_qtg_jax.loss import target_log_probs

@@ -66,7 +66,7 @@ class SamplingFields(BaseModel):
   top_p: float = Field(default=1.0, gt=0.0, le=1.0)
   n: int = Field(default=1, ge=1, le=MAX_CHOICES)
   stop: str | list[str] | None = None
-  seed: int | None = None
+  seed: int | None = Field(default=None, ge=-2**63, lt=2**63)
   stream: bool = False
   stream_options: StreamOptions | None = None
   user: str | None = None
@@ -239,7 +239,7 @@ def create_app(server: Server) -> FastAPI:
   @app.get("/health")
   async def health() -> JSONResponse:
     engine = server.engine
-    status = "failed" if engine.error else "draining" if engine._draining else "ok"  # noqa: SLF001
+    status = "failed" if engine.error else "draining" if engine.draining else "ok"
     body = {"status": status, "slots": engine.num_slots, "busy_slots": engine.busy_slots, "queued": engine.queued,
             "model": server.model_name} | server.info
     return JSONResponse(body, status_code=200 if status == "ok" else 503)

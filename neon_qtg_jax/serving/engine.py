@@ -254,6 +254,10 @@ class Engine:
       self._thread.join(timeout)
 
   @property
+  def draining(self) -> bool:
+    return self._draining
+
+  @property
   def busy_slots(self) -> int:
     return sum(s is not None for s in self.slots)
 
