@@ -48,6 +48,7 @@ def get_config():
 
   c.sampling.max_new_tokens = 256
   c.sampling.prompts = ("The meaning of life is", "In a shocking finding, scientists", "def fibonacci(n):")
+  c.inference.weight_dtype = "bfloat16"  # --config.inference.weight_dtype=int8 for 15 GB (docs/PERFORMANCE.md)
   c.eval.max_length = 2048
   c.eval.stride = 1024
   return c

@@ -16,6 +16,7 @@ MODES: dict[str, str] = {
     "memory_test": "neon_qtg_jax.training.memory_test:run",
     "eval": "neon_qtg_jax.evaluation.perplexity:run",
     "generate": "neon_qtg_jax.inference.generate:run",
+    "serve": "neon_qtg_jax.serving.server:run",
 }
 
 
@@ -32,6 +33,8 @@ class RunArgs:
   overwrite: bool = False      # eval: replace an earlier result of the same name
   verify: bool = False         # prepare: read every data file against the manifest's checksums
   target: str = ""             # memory_test: compile for e.g. "h200:8" (parallel/targets); empty: local devices
+  host: str = "127.0.0.1"      # serve: the address to listen on
+  port: int = 8000             # serve: the TCP port
 
 
 def mode_function(mode: str) -> Callable[[ml_collections.ConfigDict, RunArgs], int | None]:

@@ -21,6 +21,7 @@ REMAT_POLICIES = ("none", "block", "dots", "dots_no_batch")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "relu")
 DTYPES = ("float32", "bfloat16")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")  # inference/quantize.py
 DATA_SOURCES = ("stdlib", "openwebtext", "jsonl", "text")
 TEXT_SPLITS = ("file", "blank_line", "percent_line")
 
@@ -143,6 +144,15 @@ def default_config() -> ml_collections.ConfigDict:
   s.max_new_tokens = 64
   s.prompts = ("def ", "import ", "The ")
   s.seed = 0
+
+  n = c.inference = ml_collections.ConfigDict()
+  n.weight_dtype = "float32"  # parameters for eval/generate/serve: float32 (training's), bfloat16, int8 (Qwix)
+
+  v = c.serve = ml_collections.ConfigDict()
+  v.slots = 8                 # sequences decoded together (cache rows); one compiled decode step for all
+  v.max_queue = 32            # requests waiting for a slot; more get 429
+  v.model_name = ""           # the id /v1/models reports; empty: the workdir's name
+  v.drain_seconds = 60.0      # SIGTERM: how long in-flight requests may run before the server stops
 
   e = c.eval = ml_collections.ConfigDict()
   e.max_length = 128          # perplexity window (<= model.max_seq_len)
@@ -271,6 +281,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"window longer than model.max_seq_len={m.max_seq_len}", e.max_length)
   _check(0 < e.stride <= e.max_length, "eval.stride", f"must be in (0, eval.max_length={e.max_length}]",
          e.stride)
+  _check(cfg.inference.weight_dtype in WEIGHT_DTYPES, "inference.weight_dtype", f"must be one of {WEIGHT_DTYPES}",
+         cfg.inference.weight_dtype)
+  positive("serve", ("slots", "max_queue", "drain_seconds"))
   _check(0.0 < cfg.info.mfu <= 1.0, "info.mfu", "must be in (0, 1]", cfg.info.mfu)
   _validate_parallel(cfg)
   _check(cfg.info.num_devices > 0, "info.num_devices", "must be > 0", cfg.info.num_devices)
@@ -294,3 +307,33 @@ def _validate_parallel(cfg: ml_collections.ConfigDict) -> None:
     _check(m.num_heads % p.tensor == 0, "parallel.tensor", f"must divide model.num_heads={m.num_heads}", p.tensor)
     _check(m.mlp_ratio * m.embed_dim % p.tensor == 0, "parallel.tensor",
            f"must divide the FFN width model.mlp_ratio * model.embed_dim={m.mlp_ratio * m.embed_dim}", p.tensor)
+
+
+def apply_assignments(cfg: ml_collections.ConfigDict, assignments: list[str]) -> ml_collections.ConfigDict:
+  """Applies "section.field=value" strings (the tools' --config.section.field=value) typed by the schema.
+
+  Raises ConfigError naming the field for an unknown field or a value of the wrong type; call
+  validate() afterwards for the value rules.
+  """
+  schema = _field_paths(default_config())
+  for assignment in assignments:
+    path, sep, text = assignment.partition("=")
+    _check(bool(sep), path, "expected section.field=value", assignment)
+    _check(path in schema, path, "unknown field (not in the schema of neon_qtg_jax.config)", text)
+    expected = schema[path]
+    try:
+      if isinstance(expected, bool):
+        _check(text.lower() in ("true", "false"), path, "must be true or false", text)
+        value: Any = text.lower() == "true"
+      elif isinstance(expected, (int, float, str)):
+        value = type(expected)(text)
+      else:
+        raise ConfigError(f"config field '{path}': cannot be set from the command line")
+    except ValueError:
+      raise ConfigError(f"config field '{path}' = {text!r}: must be a {type(expected).__name__}") from None
+    section, name = path.rsplit(".", 1)
+    node = cfg
+    for part in section.split("."):
+      node = node[part]
+    node[name] = value
+  return cfg

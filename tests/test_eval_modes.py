@@ -108,6 +108,20 @@ def test_eval_mode_scores_the_prepared_validation_split(run_dir):
   assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / result["bytes"])
 
 
+def test_eval_mode_with_int8_weights_names_them_in_the_result(run_dir, tmp_path):
+  root, config, _, _ = run_dir
+  int8 = ml_collections.ConfigDict(config.to_dict())
+  int8.inference.weight_dtype = "int8"
+  workdir = tmp_path / "work"
+  subprocess.run(["cp", "-r", str(root / "work"), str(workdir)], check=True)
+  assert perplexity.run(config, RunArgs(workdir=str(workdir), output=str(tmp_path / "f32.json"))) == 0
+  assert perplexity.run(int8, RunArgs(workdir=str(workdir))) == 0
+  (path,) = (workdir / "eval").glob("perplexity_val_*weightsint8*.json")
+  result, reference = json.loads(path.read_text()), json.loads((tmp_path / "f32.json").read_text())
+  assert result["weight_dtype"] == "int8" and reference["weight_dtype"] == "float32"
+  assert result["bits_per_byte"] == pytest.approx(reference["bits_per_byte"], rel=0.01)
+
+
 def test_eval_results_are_named_after_the_data_and_never_overwritten(run_dir, tmp_path):
   root, config, _, _ = run_dir
   workdir = tmp_path / "work"

@@ -91,3 +91,23 @@ def test_pallas_attention_follows_the_compile_target_not_this_host(kind, kernel)
     on_target = jax.jit(attend).lower(x, x, x, gamma).as_text()
   on_host = jax.jit(attend).lower(*[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, x, x, gamma)]).as_text()
   assert kernel in on_target and kernel not in on_host
+
+
+def test_int8_weights_shrink_the_compiled_decode_step_and_the_tool_takes_config_overrides(tmp_path):
+  """tools/h200_compile.py --config.inference.weight_dtype=int8: the decode program's parameters are int8."""
+  out = tmp_path / "int8.json"
+  args = ["--config=configs/neon_qtg_tiny.py", "--config.model.dtype=bfloat16", "--programs=decode",
+          "--context=128"]
+  runs = {}
+  for weights in ("bfloat16", "int8"):
+    result = subprocess.run([sys.executable, "tools/h200_compile.py", *args, f"--config.inference.weight_dtype={weights}",
+                             f"--output={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs[weights] = json.loads(out.read_text())
+  assert runs["int8"]["weight_dtype"] == "int8" and [r["program"] for r in runs["int8"]["programs"]] == [
+      "decode step (batch 1, 128 slots)"]
+  bf16, int8 = (runs[w]["programs"][0]["arguments_bytes"] for w in ("bfloat16", "int8"))
+  assert int8 < 0.75 * bf16
+  bad = subprocess.run([sys.executable, "tools/h200_compile.py", *args, "--config.inference.weight_dtype=int4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and "inference.weight_dtype" in bad.stderr

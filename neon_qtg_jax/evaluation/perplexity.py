@@ -159,9 +159,9 @@ def run(config, args) -> int:
   from neon_qtg_jax.data.tokenizer import Tokenizer
   from neon_qtg_jax.evaluation.result_files import claim, data_tag, result_path
   from neon_qtg_jax.evaluation.tool_cli import write_json
-  from neon_qtg_jax.inference.restore import load_model
+  from neon_qtg_jax.inference.quantize import load_for_inference
 
-  restored = load_model(args.workdir, args.checkpoint, config)
+  restored = load_for_inference(args.workdir, args.checkpoint, config)  # inference.weight_dtype
   data_dir = restored.run_config.data.data_dir
   tokenizer = Tokenizer.load(data_dir)
   if tokenizer.vocab_size > restored.model.cfg.vocab_size:
@@ -176,6 +176,8 @@ def run(config, args) -> int:
     source = f"{os.path.abspath(data_dir)} (val split)"
   max_length = min(config.eval.max_length, restored.model.cfg.max_seq_len)
   settings = {"len": max_length, "stride": config.eval.stride}
+  if restored.weight_dtype != "float32":
+    settings["weights"] = restored.weight_dtype
   output = args.output or result_path(args.workdir, "perplexity", data_tag(args.eval_data, "val"),
                                       step=restored.step, settings=settings)
   claim(output, args.overwrite)  # before the work, not after it
@@ -186,7 +188,7 @@ def run(config, args) -> int:
   result = summary(score, text_bytes) | {
       "checkpoint_step": restored.step, "data": source, "max_length": max_length, "stride": config.eval.stride,
       "workdir": os.path.abspath(args.workdir), "bad_input": issues, "param_dtype": restored.param_dtype,
-      "compute_dtype": restored.model.cfg.dtype,
+      "weight_dtype": restored.weight_dtype, "compute_dtype": restored.model.cfg.dtype,
   }
   write_json(output, result, overwrite=args.overwrite)
   plot_path = os.path.splitext(output)[0] + ".png"

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from neon_qtg_jax import parallel
-from neon_qtg_jax.inference import decoding
+from neon_qtg_jax.inference import decoding, quantize
 from neon_qtg_jax.model.qtg import QTGModel
 from neon_qtg_jax.training import memory_test
 from neon_qtg_jax.training import train_step as ts
@@ -39,11 +39,11 @@ def lower_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
   return ts.make_eval_step(config, ts.model_graphdef(config), mesh).lower(params, {"inputs": token, "targets": token})
 
 
-def inference_state(model_cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model as inference restores it (inference/restore.py): parameters in the compute dtype, FSDP-sharded."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: QTGModel(model_cfg, rngs=nnx.Rngs(0))))
-  dtype = jnp.dtype(model_cfg.dtype)
-  state = jax.tree.map(lambda x, s: _abstract(x.shape, dtype, s), state, parallel.param_shardings(state, mesh))
+def inference_state(model_cfg: ml_collections.ConfigDict, mesh: Mesh, weight_dtype: str
+                    ) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model as inference stores it under `inference.weight_dtype` (inference/quantize.py), FSDP-sharded."""
+  graphdef, state = quantize.abstract_inference_model(model_cfg, weight_dtype)
+  state = jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), state, parallel.param_shardings(state, mesh))
   return graphdef, state
 
 
@@ -72,7 +72,7 @@ def lower_prefill(config: ml_collections.ConfigDict, mesh: Mesh, batch: int, con
   """The prompt pass of sampling: `context` tokens into an empty cache of `context + 1` slots."""
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.dropout = 0.0
-  graphdef, state = inference_state(model_cfg, mesh)
+  graphdef, state = inference_state(model_cfg, mesh, config.inference.weight_dtype)
   cache = abstract_cache(model_cfg, mesh, batch, context + 1)
 
   def prefill(state, cache, tokens, positions, valid):
@@ -86,7 +86,7 @@ def lower_decode_step(config: ml_collections.ConfigDict, mesh: Mesh, batch: int,
   """One sampled token against a cache of `context` slots (the loop body of sampling._decode_loop)."""
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.dropout = 0.0
-  graphdef, state = inference_state(model_cfg, mesh)
+  graphdef, state = inference_state(model_cfg, mesh, config.inference.weight_dtype)
   cache = abstract_cache(model_cfg, mesh, batch, context)
 
   def decode(state, cache, token, position, start, valid):
