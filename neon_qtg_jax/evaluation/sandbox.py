@@ -149,7 +149,8 @@ def _bwrap_command(work_dir: str, read_only_dirs: list[str], disk_bytes: int) ->
       command += ["--symlink", os.readlink(path), path]
     else:
       command += ["--ro-bind", path, path]
-  return command + ["--dev", "/dev", "--size", str(disk_bytes), "--tmpfs", "/sandbox",
+  # /dev is bwrap's own tmpfs, as large as half the memory: read-only, its device nodes still work.
+  return command + ["--dev", "/dev", "--remount-ro", "/dev", "--size", str(disk_bytes), "--tmpfs", "/sandbox",
                     "--ro-bind", os.path.join(work_dir, "program.py"), "/sandbox/program.py",
                     "--ro-bind", os.path.join(work_dir, "sandbox_child.py"), "/sandbox/sandbox_child.py",
                     "--chdir", "/sandbox", "--remount-ro", "/"]

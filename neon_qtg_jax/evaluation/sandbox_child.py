@@ -153,7 +153,8 @@ def enter_namespaces(program_path: str, disk_bytes: int, read_only_dirs: list[st
     mount(path, target, None, MS_BIND | MS_REC)
     mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _locked_flags(path))
   os.makedirs(root + SANDBOX_DIR)
-  mount("tmpfs", root + SANDBOX_DIR, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk_bytes},mode=0755")
+  mount("tmpfs", root + SANDBOX_DIR, "tmpfs", MS_NOSUID | MS_NODEV,
+        f"size={disk_bytes},nr_inodes={max(64, disk_bytes // 4096)},mode=0755")  # a file per page at most
   with open(program_path, "rb") as src, open(root + SANDBOX_DIR + "/" + os.path.basename(program_path), "wb") as dst:
     dst.write(src.read())
   os.chdir(root)
