@@ -289,7 +289,7 @@ EARLY_EXITS = {
     "a thread exits the process": "import os, threading, time\nthreading.Thread(target=os._exit, args=(0,)).start()\n"
                                   "time.sleep(5)",
     "interrupt the main thread": "import _thread, time\n_thread.interrupt_main()\ntime.sleep(1)\nraise SystemExit(0)",
-    "print a made-up token": "import os, sys\nos.write(int(sys.argv[9]), b'0' * 64)\nos._exit(0)",
+    "print a made-up token": "import os, sys\nos.write(int(sys.argv[4]), b'0' * 64)\nos._exit(0)",
 }
 # Ways to look for the token before it is written; each writes what it found to the verdict pipe and exits 0.
 TOKEN_HUNTS = {
@@ -307,6 +307,8 @@ TOKEN_HUNTS = {
     "every object": "import gc\nfound.extend(map(repr, gc.get_objects()))",
     "a signal handler's frame": "import signal\nsignal.signal(signal.SIGUSR1, lambda s, frame: found.append(repr(frame)))",
     "a trace function": "sys.settrace(lambda frame, event, arg: found.extend(map(repr, frame.f_locals.values())))",
+    "raw memory (ctypes)": "import ctypes\nfound.append(ctypes.string_at(id(found) & ~0xFFFFF, 1 << 20).decode('latin-1'))",
+    "raw memory (_testcapi)": "import _testcapi\nfound.append(repr(_testcapi))",
 }
 HUNT = """import os, re, sys
 found = []
@@ -317,7 +319,7 @@ except Exception as err:
 tokens = set(re.findall(rb'[0-9a-f]{{64}}', ' '.join(found).encode('latin-1', 'replace')))
 print('candidates', len(tokens), flush=True)
 if tokens:
-  os.write(int(sys.argv[9]), tokens.pop())
+  os.write(int(sys.argv[4]), tokens.pop())
 os._exit(0)
 """
 
@@ -342,7 +344,7 @@ def test_the_program_cannot_find_the_token(isolation):
 def test_a_program_holding_the_token_would_pass_by_exiting_early(monkeypatch):
   # The control for the two tests above: with the token known, writing it and exiting early passes.
   monkeypatch.setattr(sandbox.secrets, "token_hex", lambda n: "ab" * n)
-  outcome = run_program("import os, sys\nos.write(int(sys.argv[9]), b'ab' * 32)\nos._exit(0)")
+  outcome = run_program("import os, sys\nos.write(int(sys.argv[4]), b'ab' * 32)\nos._exit(0)")
   assert outcome.passed, outcome.output
 
 

@@ -5,21 +5,25 @@ interpreter, either inside bubblewrap or on the host (then it builds the same vi
 
   argv: isolation work_dir program_path memory_bytes cpu_seconds file_bytes disk_bytes token_fd verdict_fd
         status_fd layers [read_only_dir ...]
+        (the program's own interpreter: "program" program_path token_fd verdict_fd layers)
 
 Processes, each started before any of the program's code is read:
 
   (namespaces only) outer   enters new user, mount, pid, net, ipc and uts namespaces, builds a
                             read-only root of the read-only dirs plus a tmpfs of disk_bytes at
-                            /sandbox (the only writable place) holding the program, pivots into it, drops every capability, forks the supervisor
-                            and exits with its status;
+                            /sandbox (the only writable place) holding the program and this file,
+                            pivots into it, drops every capability, forks the supervisor and exits
+                            with its status;
   supervisor                PID 1 of the pid namespace (bwrap: PID 2, under bwrap's own init);
                             forks the program's process, waits for it and writes "network ..." and
                             "exit N" / "signal N" to status_fd, which only it holds. When it exits
                             the kernel kills everything left in the pid namespace;
-  program                   reads the per-run token from token_fd and closes it, sets the rlimits,
-                            loads the seccomp filter (layer "seccomp": no new process, no exec, no
-                            signals, no ptrace, no namespaces or mounts), installs the audit hook
-                            (layer "python") and runs the program in a second thread.
+  program                   sets the rlimits and the parent-death signal, loads the seccomp filter
+                            (layer "seccomp": no new process, no exec but the one below, no
+                            signals, no ptrace, no namespaces or mounts), then execs a fresh
+                            interpreter of this file ("program"), which never imports ctypes: it
+                            reads the per-run token from token_fd and closes it, installs the
+                            audit hook (layer "python") and runs the program in a second thread.
 
 The pass verdict: the program's thread runs exec(program), flushes stdout and stderr and then
 releases a lock; only then does the main thread, which runs no code of the program, write the
@@ -30,7 +34,6 @@ reference to (the audit hook refuses the introspection that could reach them).
 """
 
 import collections
-import ctypes
 import functools
 import operator
 import os
@@ -52,14 +55,15 @@ PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 1, 38, 24
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 SANDBOX_DIR = "/sandbox"
 TOKEN_BYTES = 64  # hex characters of the per-run token
+MIN_EXEC_FD = 255  # the descriptor of the one exec the filter allows; no descriptor at or above it can be made
 MAX_THREADS = 32  # threads the program may start; a flood is refused rather than left to exhaust memory
 
 # Syscalls the program's process may not make (EPERM): new processes and exec, signals to any
 # process, tracing or reading other processes, new namespaces, mounts and the kernel interfaces
 # containers close off. clone is allowed for threads only; clone3 answers ENOSYS, so glibc falls
-# back to clone for threads.
+# back to clone for threads; execveat only of the descriptor load_seccomp is given.
 DENIED_SYSCALLS = (
-    "fork", "vfork", "execve", "execveat",
+    "fork", "vfork", "execve",
     "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo",
     "pidfd_open", "pidfd_send_signal", "pidfd_getfd",
     "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
@@ -84,7 +88,9 @@ BLOCKED_EVENTS = frozenset({
     "sys._current_frames", "sys._current_exceptions", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
     "sys.addaudithook", "sys.settrace", "sys.setprofile", "code.__new__",
 })
-BLOCKED_IMPORTS = frozenset({"_posixsubprocess", "_ctypes", "_xxsubinterpreters"})  # fork/exec and native calls
+# Module name prefixes the program may not import: fork/exec, native calls, subinterpreters, and
+# CPython's test modules (_testcapi and the like reach raw memory).
+BLOCKED_IMPORTS = ("_posixsubprocess", "_ctypes", "_xxsubinterpreters", "_xxinterpchannels", "_test")
 
 
 def set_limits(memory_bytes: int, cpu_seconds: int, file_bytes: int) -> None:
@@ -96,6 +102,7 @@ def set_limits(memory_bytes: int, cpu_seconds: int, file_bytes: int) -> None:
 
 
 def _libc():
+  import ctypes
   libc = ctypes.CDLL(None, use_errno=True)  # the interpreter's own symbols: unshare, mount, umount2, syscall, prctl
   libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
   libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
@@ -103,6 +110,7 @@ def _libc():
 
 
 def _check(result: int, what: str) -> None:
+  import ctypes
   if result != 0:
     errno = ctypes.get_errno()
     raise OSError(errno, f"sandbox: {what}: {os.strerror(errno)}")
@@ -122,11 +130,12 @@ def _locked_flags(path: str) -> int:
 def enter_namespaces(program_path: str, disk_bytes: int, read_only_dirs: list[str]) -> str:
   """New user, mount, pid, net, ipc and uts namespaces; a read-only root of read_only_dirs, a tmpfs at /sandbox.
 
-  /sandbox (disk_bytes, the only writable place) starts with a copy of the program.
+  /sandbox (disk_bytes, the only writable place) starts with copies of the program and this file.
 
   The pid namespace takes effect for this process's children: the next fork is its PID 1.
   Returns how the network was cut ("user+net").
   """
+  import ctypes
   libc = _libc()
   uid, gid = os.getuid(), os.getgid()
   _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS),
@@ -155,8 +164,9 @@ def enter_namespaces(program_path: str, disk_bytes: int, read_only_dirs: list[st
   os.makedirs(root + SANDBOX_DIR)
   mount("tmpfs", root + SANDBOX_DIR, "tmpfs", MS_NOSUID | MS_NODEV,
         f"size={disk_bytes},nr_inodes={max(64, disk_bytes // 4096)},mode=0755")  # a file per page at most
-  with open(program_path, "rb") as src, open(root + SANDBOX_DIR + "/" + os.path.basename(program_path), "wb") as dst:
-    dst.write(src.read())
+  for path in (program_path, os.path.abspath(__file__)):
+    with open(path, "rb") as src, open(root + SANDBOX_DIR + "/" + os.path.basename(path), "wb") as dst:
+      dst.write(src.read())
   os.chdir(root)
   _check(libc.syscall(SYS_PIVOT_ROOT[platform.machine()], b".", b"."), "pivot_root")
   _check(libc.umount2(b".", MNT_DETACH), "detach the host's root")  # the old root, stacked under "."
@@ -185,17 +195,19 @@ def die_with_parent() -> None:
   _check(_libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "die with the parent")
 
 
-class _ArgCmp(ctypes.Structure):  # libseccomp's struct scmp_arg_cmp
-  _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
-              ("datum_b", ctypes.c_uint64)]
-
-
-def load_seccomp() -> None:
-  """Refuses DENIED_SYSCALLS, clone without CLONE_THREAD and prctl(PR_SET_PDEATHSIG) to this process and its threads.
+def load_seccomp(exec_fd: int) -> None:
+  """Refuses DENIED_SYSCALLS, clone without CLONE_THREAD, execveat of any descriptor but exec_fd and
+  prctl(PR_SET_PDEATHSIG) to this process, its threads and what it execs.
 
   Through libseccomp (Debian package libseccomp2, which apt itself needs): it resolves syscall
   names per architecture and kills calls of other ABIs (x32, i386) that would bypass the filter.
   """
+  import ctypes
+
+  class ArgCmp(ctypes.Structure):  # libseccomp's struct scmp_arg_cmp
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
   try:
     lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
   except OSError as err:
@@ -204,19 +216,19 @@ def load_seccomp() -> None:
   lib.seccomp_init.argtypes = (ctypes.c_uint32,)
   lib.seccomp_syscall_resolve_name.argtypes = (ctypes.c_char_p,)
   lib.seccomp_rule_add_array.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
-                                         ctypes.POINTER(_ArgCmp))
+                                         ctypes.POINTER(ArgCmp))
   lib.seccomp_load.argtypes = lib.seccomp_release.argtypes = (ctypes.c_void_p,)
   allow, errno_action = 0x7FFF0000, lambda e: 0x00050000 | e  # SCMP_ACT_ALLOW, SCMP_ACT_ERRNO(e)
-  masked_eq, equal = 7, 4                                      # SCMP_CMP_MASKED_EQ, SCMP_CMP_EQ
+  not_equal, equal, masked_eq = 1, 4, 7                        # SCMP_CMP_NE, SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ
   ctx = lib.seccomp_init(allow)
   if not ctx:
     raise OSError("sandbox: seccomp_init failed")
 
-  def rule(name: str, action: int, *compare: _ArgCmp) -> None:
+  def rule(name: str, action: int, *compare: ArgCmp) -> None:
     number = lib.seccomp_syscall_resolve_name(name.encode())
     if number == -1:  # __NR_SCMP_ERROR: a name libseccomp does not know (older library); nothing to refuse
       return
-    array = (_ArgCmp * len(compare))(*compare) if compare else None
+    array = (ArgCmp * len(compare))(*compare) if compare else None
     result = lib.seccomp_rule_add_array(ctx, action, number, len(compare), array)
     if result < 0:
       raise OSError(-result, f"sandbox: seccomp rule for {name}: {os.strerror(-result)}")
@@ -224,9 +236,10 @@ def load_seccomp() -> None:
   try:
     for name in DENIED_SYSCALLS:
       rule(name, errno_action(1))  # EPERM
-    rule("clone", errno_action(1), _ArgCmp(0, masked_eq, CLONE_THREAD, 0))
+    rule("clone", errno_action(1), ArgCmp(0, masked_eq, CLONE_THREAD, 0))
     rule("clone3", errno_action(38))  # ENOSYS: its flags sit behind a pointer the filter cannot read
-    rule("prctl", errno_action(1), _ArgCmp(0, equal, PR_SET_PDEATHSIG, 0))
+    rule("execveat", errno_action(1), ArgCmp(0, not_equal, exec_fd, 0))
+    rule("prctl", errno_action(1), ArgCmp(0, equal, PR_SET_PDEATHSIG, 0))
     result = lib.seccomp_load(ctx)  # also sets no_new_privs
     if result < 0:
       raise OSError(-result, f"sandbox: seccomp_load: {os.strerror(-result)}")
@@ -234,11 +247,12 @@ def load_seccomp() -> None:
     lib.seccomp_release(ctx)
 
 
-def audit_hook(blocked_events: frozenset, blocked_imports: frozenset, error=PermissionError):
-  """The hook refusing blocked_events; its policy lives in this closure only, which nothing stores."""
+def audit_hook(blocked_events: frozenset, blocked_imports: tuple, error=PermissionError):
+  """The hook refusing blocked_events and imports of blocked_imports prefixes; its policy lives in this closure
+  only, which nothing stores."""
 
   def refuse(event: str, args: tuple) -> None:
-    if event in blocked_events or (event == "import" and args[0] in blocked_imports):
+    if event in blocked_events or (event == "import" and str(args[0]).startswith(blocked_imports)):
       raise error(f"sandbox: {event} {args[0]} is not allowed" if event == "import" else
                   f"sandbox: {event} is not allowed")
 
@@ -288,10 +302,32 @@ def run_in_thread(box: list) -> None:
     os._exit(1)
 
 
-def run_program(code, token_fd: int, verdict_fd: int, memory_bytes: int, cpu_seconds: int, file_bytes: int,
-                layers: set[str]) -> None:
-  """The program's process (never returns): limits, seccomp, audit hook, then the program in a second thread."""
+def exec_program(script: str, program_path: str, fds: tuple[int, int], limits: tuple[int, int, int],
+                 layers: set[str]) -> None:
+  """The program's process, before its interpreter: rlimits, parent-death signal, seccomp, then exec (never returns).
+
+  The exec goes through a descriptor at or above every other and the descriptor limit then
+  goes below it, so nothing the program does can make another descriptor the filter's one exec
+  would accept; it is closed on exec.
+  """
+  die_with_parent()
+  set_limits(*limits)
+  exec_fd = max([MIN_EXEC_FD, *(fd + 1 for fd in fds)])
+  interpreter = os.open(sys.executable, os.O_RDONLY | os.O_CLOEXEC)
+  os.dup2(interpreter, exec_fd, inheritable=False)
+  os.close(interpreter)
+  resource.setrlimit(resource.RLIMIT_NOFILE, (exec_fd, exec_fd))
+  if "seccomp" in layers:
+    load_seccomp(exec_fd)
+  os.execve(exec_fd, [sys.executable, "-I", "-S", script, "program", program_path, *map(str, fds), ",".join(layers)],
+            dict(os.environ))
+
+
+def program_main(program_path: str, token_fd: int, verdict_fd: int, layers: set[str]) -> None:
+  """The program's own interpreter (ctypes never imported): the audit hook, then the program in a second thread."""
   import _thread
+  with open(program_path, encoding="utf-8") as f:
+    code = compile(f.read(), "program.py", "exec")
   start_new_thread, exit_now, write = _thread.start_new_thread, os._exit, os.write
   call = operator.methodcaller("__call__")
   module = types.ModuleType("__main__")
@@ -303,10 +339,6 @@ def run_program(code, token_fd: int, verdict_fd: int, memory_bytes: int, cpu_sec
   box = [functools.partial(collections.deque, map(call, [
       functools.partial(exec, code, module.__dict__), sys.stdout.flush, sys.stderr.flush, done.release]), 0)]
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # _thread.interrupt_main() from the program does nothing
-  die_with_parent()
-  set_limits(memory_bytes, cpu_seconds, file_bytes)
-  if "seccomp" in layers:
-    load_seccomp()
   if "python" in layers:
     limit_threads(start_new_thread, MAX_THREADS)
     sys.addaudithook(audit_hook(BLOCKED_EVENTS, BLOCKED_IMPORTS))  # cannot be removed once added
@@ -320,19 +352,17 @@ def run_program(code, token_fd: int, verdict_fd: int, memory_bytes: int, cpu_sec
     exit_now(1)
 
 
-def supervise(program_path: str, network: str, fds: tuple[int, int, int], limits: tuple[int, int, int],
-              layers: set[str]) -> None:
+def supervise(script: str, program_path: str, network: str, fds: tuple[int, int, int],
+              limits: tuple[int, int, int], layers: set[str]) -> None:
   """Forks the program's process, waits for it, writes its end to the status descriptor; exits."""
   token_fd, verdict_fd, status_fd = fds
   os.write(status_fd, f"network {network}\n".encode())
-  with open(program_path, encoding="utf-8") as f:
-    source = f.read()
   pid = os.fork()
   if pid == 0:
     try:
       os.close(status_fd)
-      run_program(compile(source, "program.py", "exec"), token_fd, verdict_fd, *limits, layers)
-    except BaseException:  # a SyntaxError in the program, or a layer that could not be set up
+      exec_program(script, program_path, (token_fd, verdict_fd), limits, layers)
+    except BaseException:  # a layer that could not be set up
       traceback.print_exc()
       sys.stderr.flush()
     os._exit(1)
@@ -345,25 +375,30 @@ def supervise(program_path: str, network: str, fds: tuple[int, int, int], limits
 
 
 def main() -> None:
+  if sys.argv[1] == "program":
+    program_path, token_fd, verdict_fd, layers = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    program_main(program_path, token_fd, verdict_fd, set(filter(None, layers.split(","))))
   isolation, work_dir, program_path = sys.argv[1:4]
   memory_bytes, cpu_seconds, file_bytes, disk_bytes, token_fd, verdict_fd, status_fd = map(int, sys.argv[4:11])
   layers = set(filter(None, sys.argv[11].split(",")))
   read_only_dirs = sys.argv[12:]
   fds, limits = (token_fd, verdict_fd, status_fd), (memory_bytes, cpu_seconds, file_bytes)
+  script = os.path.abspath(__file__)
   die_with_parent()
   if isolation == "bwrap":  # bubblewrap made the namespaces; this process is PID 2 under its init
-    supervise(program_path, "bwrap", fds, limits, layers)
+    supervise(script, program_path, "bwrap", fds, limits, layers)
   if isolation == "namespaces":
     network = enter_namespaces(program_path, disk_bytes, read_only_dirs)
     pid = os.fork()  # PID 1 of the new pid namespace
     if pid == 0:
       die_with_parent()
-      supervise(os.path.join(SANDBOX_DIR, os.path.basename(program_path)), network, fds, limits, layers)
+      in_view = lambda path: os.path.join(SANDBOX_DIR, os.path.basename(path))
+      supervise(in_view(script), in_view(program_path), network, fds, limits, layers)
     for fd in fds:
       os.close(fd)
     _, status = os.waitpid(pid, 0)
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-  supervise(program_path, leave_network(), fds, limits, layers)
+  supervise(script, program_path, leave_network(), fds, limits, layers)
 
 
 if __name__ == "__main__":
