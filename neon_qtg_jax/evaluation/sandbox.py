@@ -3,8 +3,9 @@
 Each program runs in a fresh `python -I -S` (no environment variables, no site-packages) started in
 its own session. Its file system is read-only and holds only the interpreter's directories and a
 new private tmpfs, /sandbox (working directory, HOME and TMPDIR, Limits.disk_bytes, gone
-afterwards), the only place it can write; the user's home, the project, the run directory, /proc and /etc (so
-/etc/shadow) are not there at all. Two ways to build that view, chosen at run time (`isolation`):
+afterwards), the only place it can write; the user's home, the project, the run directory, /proc
+and /etc (so /etc/shadow) are not there at all. Two ways to build that view, chosen at run time
+(`isolation`):
 
   "bwrap"       bubblewrap (Debian package `bubblewrap`) with new user, mount, pid, net, ipc and
                 uts namespaces and no capabilities;
@@ -18,8 +19,9 @@ Limits.allow_unisolated is set; the program then sees the host's file system ("n
 Inside, the kernel holds the process rules: the program runs in a pid namespace whose init
 (sandbox_child.py's supervisor) exits when the program does, so the kernel kills everything it
 left; a seccomp filter refuses new processes, exec, signals, ptrace, namespaces and mounts
-(layer "seccomp"). An audit hook refuses sockets, process and ctypes calls and introspection
-of other threads, and caps threads (layer "python", defence in depth: the program's own
+(layer "seccomp"), loaded before the program's interpreter is exec'd, so that this interpreter
+never had ctypes. An audit hook refuses sockets, process and ctypes calls and introspection of
+other threads, and caps threads (layer "python", defence in depth: the program's own
 interpreter runs it). Address-space, CPU-time (SIGXCPU at the soft limit) and file-size
 rlimits; the wall-clock limit is enforced from here by killing the whole process group.
 
