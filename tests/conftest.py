@@ -6,6 +6,35 @@ import pytest
 if not os.environ.get("JAX_PLATFORMS"):  # unset or empty: the CPU (the CUDA plugin must not probe for a driver)
   os.environ["JAX_PLATFORMS"] = "cpu"
 
+# A test whose optional package is missing is skipped with a reason ending in MISSING; where
+# NEON_QTG_NO_SKIPS is set (.ci/run, which installs everything) such a skip fails the run instead.
+MISSING = "is not installed"
+_skipped_for_a_package: list[str] = []
+
+
+def _note_skip(report) -> None:
+  if report.skipped and MISSING in str(report.longrepr):
+    _skipped_for_a_package.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr}")
+
+
+def pytest_collectreport(report):
+  _note_skip(report)
+
+
+def pytest_runtest_logreport(report):
+  _note_skip(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if os.environ.get("NEON_QTG_NO_SKIPS") and _skipped_for_a_package and exitstatus == 0 \
+      and not hasattr(session.config, "workerinput"):  # the xdist controller decides
+    session.exitstatus = 1
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+      reporter.write_line("NEON_QTG_NO_SKIPS is set and tests were skipped for a missing package:", red=True)
+      for line in sorted(set(_skipped_for_a_package)):
+        reporter.write_line(f"  {line}", red=True)
+
 
 @pytest.fixture(autouse=True)
 def _restore_package_logger():

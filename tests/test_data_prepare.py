@@ -6,13 +6,15 @@ import json
 import os
 import pathlib
 import random
+import re
 import tarfile
 
 import numpy as np
 import pytest
 
 from neon_qtg_jax.config import default_config, validate
-from neon_qtg_jax.data import prepare, sources
+from neon_qtg_jax.data import integrity, prepare, sources
+from neon_qtg_jax.data import tokenizer as tokenizer_module
 from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.prepare import document_hash, prepare_dataset, validation_mask
 from neon_qtg_jax.data.sources import DataError
@@ -102,17 +104,102 @@ def _copy_prepared(prepared, tmp_path) -> str:
   return copy
 
 
-@pytest.mark.parametrize("name", ["train.bin", "val.bin", "documents.npz"])
+@pytest.mark.parametrize("name", ["train.bin", "val.bin", "documents.npz", "tokenizer.model", "tokenizer.json"])
 def test_a_flipped_byte_is_an_error_naming_the_file(prepared, tmp_path, name):
   copy = _copy_prepared(prepared, tmp_path)
   manifest = Manifest.load(copy)
-  assert set(manifest.checksums) == {"train.bin", "val.bin", "documents.npz"}
+  assert set(manifest.checksums) == {"train.bin", "val.bin", "documents.npz", "tokenizer.model", "tokenizer.json"}
   path = pathlib.Path(copy, name)
   data = bytearray(path.read_bytes())
   data[len(data) // 2] ^= 0x01
   path.write_bytes(bytes(data))
   with pytest.raises(DataError, match=rf"{name}: bytes 0\.\.\d+ do not match the manifest's checksum"):
     Manifest.load(copy)  # the fast check at every start: this file is one chunk
+
+
+def test_a_replaced_tokenizer_is_an_error_at_load(prepared, tmp_path):
+  # A changed model with its tokenizer.json updated to match: Tokenizer.load alone would accept it.
+  copy = _copy_prepared(prepared, tmp_path)
+  model, info = pathlib.Path(copy, "tokenizer.model"), pathlib.Path(copy, "tokenizer.json")
+  model.write_bytes(model.read_bytes().replace(b"alpha", b"Alpha", 1))  # another piece: still a valid model
+  record = json.loads(info.read_text())
+  info.write_text(json.dumps(record | {"sha256": tokenizer_module.file_sha256(str(model))}))
+  Tokenizer.load(copy)
+  with pytest.raises(DataError, match=r"tokenizer\.(model|json): .*the manifest"):
+    Manifest.load(copy)
+
+
+def _strip_checksums(copy: str, names) -> dict:
+  path = pathlib.Path(copy, "manifest.json")
+  body = json.loads(path.read_text())
+  body["checksums"] = {k: v for k, v in body["checksums"].items() if k not in names}
+  if not body["checksums"]:
+    del body["checksums"]  # as the first versions wrote it
+  path.write_text(json.dumps(body))
+  return body
+
+
+@pytest.mark.parametrize("missing", [("tokenizer.model", "tokenizer.json"), integrity.CHECKED_FILES],
+                         ids=["tokenizer only", "all"])
+def test_an_older_manifest_is_checked_once_and_gets_its_checksums(prepared, tmp_path, missing, monkeypatch, caplog):
+  copy = _copy_prepared(prepared, tmp_path)
+  recorded = json.loads(pathlib.Path(copy, "manifest.json").read_text())["checksums"]
+  _strip_checksums(copy, missing)
+  with caplog.at_level("WARNING"):
+    Manifest.load(copy)
+  assert "checking them once" in caplog.text and "checksums recorded" in caplog.text
+  assert json.loads(pathlib.Path(copy, "manifest.json").read_text())["checksums"] == recorded
+  monkeypatch.setattr(Manifest, "_check_unrecorded", lambda self, name: pytest.fail(f"checked {name} again"))
+  Manifest.load(copy)
+
+
+def _flip_train_token(copy: str, position: int, value: int, dtype: str) -> None:
+  tokens = np.memmap(os.path.join(copy, "train.bin"), dtype=dtype, mode="r+")
+  tokens[position] = value
+  tokens.flush()
+
+
+@pytest.mark.parametrize("damage", ["tokenizer model", "tokenizer record", "id past the vocabulary", "EOS moved",
+                                    "documents"])
+def test_an_older_manifest_with_damaged_files_is_refused(prepared, tmp_path, damage):
+  copy = _copy_prepared(prepared, tmp_path)
+  manifest = Manifest.load(copy)
+  eos = manifest.tokenizer["eos_id"]
+  train = np.asarray(manifest.split_tokens("train"))
+  if damage == "tokenizer model":
+    path = pathlib.Path(copy, "tokenizer.model")
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))
+  elif damage == "tokenizer record":
+    path = pathlib.Path(copy, "tokenizer.json")
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"eos_id": eos + 1}))
+  elif damage == "id past the vocabulary":
+    _flip_train_token(copy, 3, manifest.tokenizer["vocab_size"], manifest.dtype)
+  elif damage == "EOS moved":
+    first_eos = int(np.flatnonzero(train == eos)[0])
+    _flip_train_token(copy, first_eos, train[first_eos - 1], manifest.dtype)
+    _flip_train_token(copy, first_eos - 1, eos, manifest.dtype)
+  else:
+    stats = dict(np.load(os.path.join(copy, "documents.npz")))
+    stats["is_val"] = np.zeros_like(stats["is_val"])
+    np.savez(os.path.join(copy, "documents.npz"), **stats)
+  body = _strip_checksums(copy, integrity.CHECKED_FILES)
+  expected = {"tokenizer model": "tokenizer.model", "tokenizer record": "tokenizer.json",
+              "id past the vocabulary": "train.bin", "EOS moved": "train.bin", "documents": "documents.npz"}[damage]
+  with pytest.raises(DataError, match=rf"{re.escape(expected)}: does not match the manifest's record"):
+    Manifest.load(copy)
+  assert json.loads(pathlib.Path(copy, "manifest.json").read_text()) == body  # nothing recorded
+
+
+def test_an_older_manifest_that_cannot_be_rewritten_is_refused(prepared, tmp_path, monkeypatch):
+  copy = _copy_prepared(prepared, tmp_path)
+  _strip_checksums(copy, integrity.CHECKED_FILES)
+
+  def read_only(self):
+    raise PermissionError(13, "Permission denied", os.path.join(self.data_dir, "manifest.json"))
+
+  monkeypatch.setattr(Manifest, "save", read_only)
+  with pytest.raises(DataError, match="cannot record the checksums of tokenizer.model, .*make the directory writable"):
+    Manifest.load(copy)
 
 
 def test_prepare_verify_reads_every_chunk(tmp_path, monkeypatch, capsys):

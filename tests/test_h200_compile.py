@@ -17,6 +17,9 @@ from neon_qtg_jax.config import default_config, validate
 from neon_qtg_jax.parallel import targets
 from neon_qtg_jax.training import memory_test, programs
 from neon_qtg_jax.training import train_step as ts
+from optional import needs
+
+needs_cuda_plugin = needs("jax-cuda12-plugin", extra="cuda12", module="jax_plugins.xla_cuda12")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +46,7 @@ def test_without_the_cuda_plugin_the_error_names_the_extra(monkeypatch):
     targets.compile_target("h200:1")
 
 
+@needs_cuda_plugin
 @pytest.mark.parametrize("spec", ["h200:1", "h200:8"])
 def test_tiny_train_eval_and_decode_steps_compile_for_h200(spec):
   config = tiny_gpu_config()
@@ -61,6 +65,7 @@ def test_tiny_train_eval_and_decode_steps_compile_for_h200(spec):
   assert train.aliased >= 0.9 * train.arguments - 2**20  # the donated state is updated in place
 
 
+@needs_cuda_plugin
 @pytest.mark.slow  # ~1-2 min: the 7b train step and its init program compiled for sm_90
 def test_7b_fits_on_one_h200_with_headroom_and_info_agrees():
   result = subprocess.run([sys.executable, "launch.py", "--config=configs/neon_qtg_7b.py", "--mode=memory_test",
@@ -74,6 +79,7 @@ def test_7b_fits_on_one_h200_with_headroom_and_info_agrees():
   assert abs(report["estimate_bytes"] / report["peak_bytes"] - 1) <= 0.10
 
 
+@needs_cuda_plugin
 @pytest.mark.parametrize("kind, kernel", [("geo", "__gpu$xla.gpu.triton"), ("dot", "__cudnn$fmha")])
 def test_pallas_attention_follows_the_compile_target_not_this_host(kind, kernel):
   """Under a GPU target `pallas` lowers to the Pallas (Triton) kernel or cuDNN; on this CPU host it cannot."""

@@ -16,7 +16,8 @@ from typing import Any, Iterable
 from neon_qtg_jax.data.sources import DataError
 
 CHUNK_BYTES = 4 << 20
-CHECKED_FILES = ("train.bin", "val.bin", "documents.npz")  # what training and evaluation read
+# What runs read; in this order an older manifest's files are checked (documents.npz before the splits it describes).
+CHECKED_FILES = ("tokenizer.model", "tokenizer.json", "documents.npz", "train.bin", "val.bin")
 SAMPLED_CHUNKS = 2
 
 

@@ -157,7 +157,7 @@ def validation_stream(data_dir: str, eos_id: int) -> tuple[np.ndarray, int, dict
 def run(config, args) -> int:
   """--mode=eval: perplexity of a checkpoint on the validation split or on --eval_data; writes a JSON result."""
   from neon_qtg_jax.data.tokenizer import Tokenizer
-  from neon_qtg_jax.evaluation.result_files import claim, data_tag, result_path
+  from neon_qtg_jax.evaluation.result_files import claimed, data_tag, result_path
   from neon_qtg_jax.evaluation.tool_cli import write_json
   from neon_qtg_jax.inference.quantize import load_for_inference
 
@@ -180,20 +180,20 @@ def run(config, args) -> int:
     settings["weights"] = restored.weight_dtype
   output = args.output or result_path(args.workdir, "perplexity", data_tag(args.eval_data, "val"),
                                       step=restored.step, settings=settings)
-  claim(output, args.overwrite)  # before the work, not after it
-  print(f"scoring {len(tokens) - 1} tokens of {source} with checkpoint step {restored.step}, "
-        f"windows of {max_length} at stride {config.eval.stride}")
-  score = score_stream(model_log_prob_fn(restored.model), tokens, max_length=max_length,
-                       stride=min(config.eval.stride, max_length), batch_size=config.training.batch_size)
-  result = summary(score, text_bytes) | {
-      "checkpoint_step": restored.step, "data": source, "max_length": max_length, "stride": config.eval.stride,
-      "workdir": os.path.abspath(args.workdir), "bad_input": issues, "param_dtype": restored.param_dtype,
-      "weight_dtype": restored.weight_dtype, "compute_dtype": restored.model.cfg.dtype,
-  }
-  write_json(output, result, overwrite=args.overwrite)
   plot_path = os.path.splitext(output)[0] + ".png"
-  plot_token_losses(LOSS_BIN_EDGES, score.loss_counts, score.loss, plot_path,
-                    f"per-token loss, checkpoint step {restored.step}, {os.path.basename(source)}")
+  with claimed([output, plot_path], args.overwrite):  # before the work, not after it
+    print(f"scoring {len(tokens) - 1} tokens of {source} with checkpoint step {restored.step}, "
+          f"windows of {max_length} at stride {config.eval.stride}")
+    score = score_stream(model_log_prob_fn(restored.model), tokens, max_length=max_length,
+                         stride=min(config.eval.stride, max_length), batch_size=config.training.batch_size)
+    result = summary(score, text_bytes) | {
+        "checkpoint_step": restored.step, "data": source, "max_length": max_length, "stride": config.eval.stride,
+        "workdir": os.path.abspath(args.workdir), "bad_input": issues, "param_dtype": restored.param_dtype,
+        "weight_dtype": restored.weight_dtype, "compute_dtype": restored.model.cfg.dtype,
+    }
+    write_json(output, result)
+    plot_token_losses(LOSS_BIN_EDGES, score.loss_counts, score.loss, plot_path,
+                      f"per-token loss, checkpoint step {restored.step}, {os.path.basename(source)}")
   bpb = f"{result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else "n/a"
   print(f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.3f}, bits/byte {bpb}, "
         f"{result['tokens']} tokens -> {output} (histogram {plot_path})")
