@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 
 from neon_qtg_jax import info
-from neon_qtg_jax.config import ConfigError, validate
+from neon_qtg_jax.config import ConfigError, apply_overrides, validate
 
 BUDGET_KINDS = ("tokens", "flops", "wall_time")
 
@@ -70,20 +70,6 @@ def load_study(path: str) -> dict[str, Any]:
     if budget["kind"] == "flops" and budget.get("reference") not in names:
       raise ValueError(f"{path}: group '{group['name']}': the FLOPs budget's reference must be one of {names}")
   return study
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any], where: str) -> None:
-  """Sets dotted fields; an unknown field raises ConfigError naming it and `where`."""
-  for path, value in overrides.items():
-    node = config
-    *parents, leaf = path.split(".")
-    for part in parents:
-      if part not in node:
-        raise ConfigError(f"{where}: config field '{path}': unknown field")
-      node = node[part]
-    if leaf not in node:
-      raise ConfigError(f"{where}: config field '{path}': unknown field")
-    node[leaf] = value
 
 
 def base_config(study: dict[str, Any]) -> ml_collections.ConfigDict:
