@@ -218,6 +218,14 @@ def test_lr_grid_picks_the_lowest_tuning_bits_and_reruns_nothing(tuned_study, ca
   listing = capsys.readouterr().out
   assert "w/gpt/tune_lr0.001" in listing and "(finished)" in listing
   assert re.search(r"CPU time \(one process.*\): \d+\.\d\d h in all, \d+\.\d\d h done, 0\.00 h left", listing)
+  # Before a study has run: measured on another study's runs (a published study.json), same variant name.
+  tokens_study = _study_file(tmp_path, tmp_path / "corpus.txt", steps=500, kind="tokens", name="tokens.py")
+  assert study_tool.main([f"--study={tokens_study}", f"--out={tmp_path / 'empty'}", "--list",
+                          f"--calibrate_from={out / 'study.json'}"]) == 0
+  listing = capsys.readouterr().out
+  assert re.search(r"g/gpt/seed0 .* 500 steps .* min \(variant\)", listing)
+  assert re.search(r"g/qtg/seed0 .* min \(all runs\)", listing)
+  assert re.search(r"CPU time \(one process.*study\.json\): \d+\.\d\d h in all, 0\.00 h done", listing)
 
 
 def test_a_changed_study_override_or_base_config_makes_runs_stale(tuned_study, capsys):
@@ -267,22 +275,25 @@ def test_code_versions_are_recorded_per_run_and_checked_on_request(tuned_study):
 
 
 def test_learned_attention_scalars_are_read_from_the_parameter_tree():
+  """Any (layers, heads) parameter under blocks/attn, by shape: a new one needs no code change."""
+  import types
   from flax import nnx
   import jax.numpy as jnp
-  from neon_qtg_jax.config import default_config
-  from neon_qtg_jax.model.qtg import QTGModel
-  cfg = default_config().model
-  cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.gamma = 2, 16, 2, 3.0
-  model = QTGModel(cfg, rngs=nnx.Rngs(0))
-  # A new per-head parameter appears without code changes: stored as given, or after softplus when _raw.
-  model.blocks.attn.q_scale = nnx.Param(jnp.full((2, 2), 0.5))
-  model.blocks.attn.beta_raw = nnx.Param(jnp.zeros((2, 2)))
+
+  class Attention(nnx.Module):
+    def __init__(self):
+      self.gamma_raw = nnx.Param(jnp.full((2, 3), float(np.log(np.expm1(8.0)))))  # softplus -> 8
+      self.beta_raw = nnx.Param(jnp.zeros((2, 3)))
+      self.q_scale = nnx.Param(jnp.arange(6.0).reshape(2, 3))
+      self.kernel = nnx.Param(jnp.zeros((2, 4, 3, 2)))   # not one scalar per layer and head
+      self.per_layer = nnx.Param(jnp.zeros((2,)))
+
+  model = types.SimpleNamespace(cfg=types.SimpleNamespace(num_layers=2, num_heads=3),
+                                blocks=types.SimpleNamespace(attn=Attention()))
   scalars = readout.attention_scalars(model)
   assert sorted(scalars) == ["beta", "gamma", "q_scale"]
-  assert np.allclose(scalars["gamma"], 3.0) and np.allclose(scalars["q_scale"], 0.5)
-  assert np.allclose(scalars["beta"], np.log(2.0), atol=1e-4)
-  cfg.attention = "dot"
-  assert readout.attention_scalars(QTGModel(cfg, rngs=nnx.Rngs(0))) == {}
+  assert np.allclose(scalars["gamma"], 8.0, atol=1e-3) and np.allclose(scalars["beta"], np.log(2.0), atol=1e-4)
+  assert scalars["q_scale"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
 
 
 def test_a_retried_run_resumes_and_scores_into_a_fresh_file(tmp_path, corpus, monkeypatch, capsys):

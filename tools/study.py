@@ -43,9 +43,9 @@ def _hours(seconds: float) -> str:
   return f"{seconds / 3600:.2f} h"
 
 
-def print_plan(runs: list[spec.Run], study_dir: str) -> None:
+def print_plan(runs: list[spec.Run], study_dir: str, calibration: str = "") -> None:
   """--list: every run in order with its steps, FLOPs and estimated CPU time, and the totals."""
-  estimates = cost.estimate(runs, study_dir)
+  estimates = cost.estimate(runs, study_dir, calibration)
   for e in estimates:
     t = e.run.config.training
     lr = "lr from grid" if e.run.pending_lr else f"lr {e.run.lr:g}"
@@ -56,17 +56,18 @@ def print_plan(runs: list[spec.Run], study_dir: str) -> None:
   flops = sum(e.train_flops for e in estimates)
   tuning = sum(e.run.phase == "tune" for e in estimates)
   print(f"total: {len(runs)} runs ({tuning} lr tuning runs), {steps:,} steps, {flops:.3e} train FLOPs")
-  if all(e.seconds is None for e in estimates):
-    print(f"CPU time: no finished run in {study_dir} to measure seconds per FLOP; run a few, or pass --out of a "
-          "study with finished runs on this machine")
-    return
   known = [e for e in estimates if e.seconds is not None]
   done = sum(e.seconds for e in known if e.source == "finished")
   left = sum(e.seconds for e in known if e.source != "finished")
   unknown = len(estimates) - len(known)
-  print(f"CPU time (one process, runs one after another, at the seconds per FLOP measured in {study_dir}): "
-        f"{_hours(done + left)} in all, {_hours(done)} done, {_hours(left)} left"
-        + (f"; {unknown} run(s) without an estimate" if unknown else ""))
+  where = study_dir + (f" and {calibration}" if calibration else "")
+  if unknown:
+    print(f"CPU time: {unknown} run(s) without an estimate: no finished run in {where} to measure seconds per FLOP "
+          "(run a few, or pass --calibrate_from=STUDY.json of runs on this machine, e.g. docs/results/study.json); "
+          f"the {len(known)} other(s): {_hours(done + left)}, {_hours(done)} done")
+    return
+  print(f"CPU time (one process, runs one after another, at the seconds per FLOP measured in {where}): "
+        f"{_hours(done + left)} in all, {_hours(done)} done, {_hours(left)} left")
 
 
 def main(argv=None) -> int:
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
   p.add_argument("--report_only", action="store_true", help="run nothing; report the finished runs")
   p.add_argument("--list", action="store_true",
                  help="print the runs in order with steps, FLOPs and CPU time estimated from --out's finished runs")
+  p.add_argument("--calibrate_from", default="",
+                 help="--list: also measure seconds per FLOP from this study.json's runs (e.g. docs/results/study.json)")
   p.add_argument("--max_hours", type=float, default=0.0, help="start no new run after this long (0: no limit)")
   p.add_argument("--rerun_stale", action="store_true",
                  help="move a run made under other settings aside (WORKDIR.staleN) and run it again")
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 2
   if args.list:
-    print_plan(runs, args.out)
+    print_plan(runs, args.out, args.calibrate_from)
     return 0
   recall_dir = study.get("recall_dir", "") if args.recall_dir is None else args.recall_dir
   if recall_dir:

@@ -1,7 +1,8 @@
 """CPU time a study will take, from the seconds per training FLOP its finished runs measured.
 
-Every result.json under a study directory (tuning runs included) gives run_seconds / train_flops:
-training, compilation and scoring of one run, on the machine and load it ran under. A run still
+Every result.json under a study directory (tuning runs included), and every run record of a
+published study.json given as calibration (e.g. docs/results/study.json), gives run_seconds /
+train_flops: training, compilation and scoring of one run, on the machine and load it ran under. A run still
 to do is estimated with the measurement of the same group and variant, else of the same variant
 name in any group, else the median of all; a wall-time run with its minutes. Runs run one after
 another in one process, so the total is the wall time of `tools/study.py` on a machine like the
@@ -28,19 +29,26 @@ class Estimate:
   source: str              # "finished", "group/variant", "variant", "all runs", "wall time", "none"
 
 
-def measured_rates(study_dir: str) -> dict[tuple[str, str], list[float]]:
-  """Seconds per training FLOP of every finished run in study_dir, by (group, variant)."""
-  rates: dict[tuple[str, str], list[float]] = {}
+def measured_rates(study_dir: str, calibration: str = "") -> dict[tuple[str, str], list[float]]:
+  """Seconds per training FLOP of every finished run in study_dir (and in the study.json `calibration`),
+  by (group, variant)."""
+  records = []
   for path in glob.glob(os.path.join(study_dir, "*", "*", "*", "*", RESULT_FILE)):
     with open(path, encoding="utf-8") as f:
-      record = json.load(f)
+      records.append(json.load(f))
+  if calibration:
+    with open(calibration, encoding="utf-8") as f:
+      published = json.load(f)
+    records += published.get("runs", []) + published.get("tuning_runs", [])
+  rates: dict[tuple[str, str], list[float]] = {}
+  for record in records:
     if record.get("train_flops") and record.get("run_seconds"):
       rates.setdefault((record["group"], record["variant"]), []).append(record["run_seconds"] / record["train_flops"])
   return rates
 
 
-def estimate(runs: list[Run], study_dir: str) -> list[Estimate]:
-  rates = measured_rates(study_dir) if os.path.isdir(study_dir) else {}
+def estimate(runs: list[Run], study_dir: str, calibration: str = "") -> list[Estimate]:
+  rates = measured_rates(study_dir, calibration)
   by_variant: dict[str, list[float]] = {}
   for (_, variant), values in rates.items():
     by_variant.setdefault(variant, []).extend(values)
