@@ -337,6 +337,22 @@ def test_a_retried_run_resumes_and_scores_into_a_fresh_file(tmp_path, corpus, mo
   assert moved.endswith("seed0.stale1") and Path(moved, "result.json").exists() and not workdir.exists()
 
 
+def test_a_resumed_wall_time_run_gets_only_the_minutes_left(tmp_path, monkeypatch):
+  from neon_qtg_jax.config import default_config
+  from neon_qtg_jax.training import checkpointing
+  config = default_config()
+  config.training.max_train_minutes = 3.0
+  assert runner._training_config(config, str(tmp_path)) is config  # pylint: disable=protected-access
+  (tmp_path / "checkpoints").mkdir()
+  for used_seconds, left in ((60.0, 2.0), (180.0, None), (200.0, None)):
+    monkeypatch.setattr(checkpointing, "load_meta", lambda *a, s=used_seconds: {"train_seconds": s, "step": 7})
+    resumed = runner._training_config(config, str(tmp_path))  # pylint: disable=protected-access
+    assert (resumed is None) if left is None else resumed.training.max_train_minutes == pytest.approx(left)
+  assert config.training.max_train_minutes == 3.0  # the run's own config (and identity) is unchanged
+  config.training.max_train_minutes = 0.0  # no wall-time budget: trained as configured
+  assert runner._training_config(config, str(tmp_path)) is config  # pylint: disable=protected-access
+
+
 def _recall_result(directory: Path, name: str, **fields) -> None:
   result = {"variant": "gpt", "task": "mqar", "preset": "small", "seed": 0, "accuracy": 1.0, "chance": 0.25,
             "steps": 1000, "seconds": 60.0, "attention_entropy": [0.8, 0.3]} | fields
