@@ -236,7 +236,8 @@ def test_a_changed_study_override_or_base_config_makes_runs_stale(tuned_study, c
                                  extra=', "data.tune_fraction": 0.2, "training.weight_decay": 0.1')
   base = tmp_path / "base_config.py"
   base.write_text((ROOT / "configs" / "neon_qtg_tiny.py").read_text()
-                  + "\n\n_get = get_config\n\n\ndef get_config():\n  c = _get()\n  c.training.beta2 = 0.99\n  return c\n")
+                  + "\n\n_get = get_config\n\n\ndef get_config():\n  c = _get()\n  c.training.beta2 = 0.99\n"
+                  + "  return c\n")
   changed_base = _study_file(tmp_path, corpus, top=TUNED_TOP, groups=TUNED_GROUPS, name="changed_base.py",
                              extra=', "data.tune_fraction": 0.2', base=base)
   for study_path, field in ((changed_override, "training.weight_decay: 0.01 -> 0.1"),

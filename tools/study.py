@@ -4,7 +4,8 @@ interrupted run resumes from its checkpoint, so the same command completes a stu
 grid in the study file, the tuning runs come first and choose each variant's learning rate.
 
   python tools/study.py --study=studies/qtg_vs_gpt.py --out=runs/study
-  python tools/study.py --study=studies/qtg_vs_gpt.py --out=runs/study --publish=docs/RESULTS.md --recall_dir=runs/recall
+  python tools/study.py --study=studies/qtg_vs_gpt.py --out=runs/study --publish=docs/RESULTS.md \
+      --recall_dir=runs/recall
   python tools/study.py --study=studies/qtg_vs_gpt.py --out=runs/study --report_only --publish=docs/RESULTS.md
   python tools/study.py --study=studies/qtg_vs_gpt.py --out=runs/study --list   # runs, FLOPs, CPU time
 
@@ -76,12 +77,12 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="runs/study", help="study directory: one workdir per run, study.json, plots")
   p.add_argument("--publish", default="", help="also write the report here (e.g. docs/RESULTS.md), plots beside it")
   p.add_argument("--recall_dir", default=None,
-                 help="tools/recall.py JSON results for the report's first table (default: the study file's recall_dir)")
+                 help="tools/recall.py JSON results for the report's first table (default: the study's recall_dir)")
   p.add_argument("--report_only", action="store_true", help="run nothing; report the finished runs")
   p.add_argument("--list", action="store_true",
                  help="print the runs in order with steps, FLOPs and CPU time estimated from --out's finished runs")
   p.add_argument("--calibrate_from", default="",
-                 help="--list: also measure seconds per FLOP from this study.json's runs (e.g. docs/results/study.json)")
+                 help="--list: also measure seconds per FLOP on this study.json's runs (docs/results/study.json)")
   p.add_argument("--max_hours", type=float, default=0.0, help="start no new run after this long (0: no limit)")
   p.add_argument("--rerun_stale", action="store_true",
                  help="move a run made under other settings aside (WORKDIR.staleN) and run it again")

@@ -81,8 +81,8 @@ def _init_worker(data_dir: str) -> None:
   _worker_tokenizer = Tokenizer.load(data_dir)
 
 
-def tokenize_documents(tokenizer: Tokenizer, texts: list[str], val_fraction: float,
-                       dtype: np.dtype, tune_fraction: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def tokenize_documents(tokenizer: Tokenizer, texts: list[str], val_fraction: float, dtype: np.dtype,
+                       tune_fraction: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Tokens per split (each document followed by EOS) and per-document statistics."""
   ids = [tokenizer.encode(t) for t in texts]  # faster than encode_batch with one thread
   hashes = np.array([document_hash(t) for t in texts], dtype=np.uint64)

@@ -160,7 +160,7 @@ def validation_stream(data_dir: str, eos_id: int, split: str = "val") -> tuple[n
 
 
 def run(config, args) -> int:
-  """--mode=eval: perplexity of a checkpoint on a prepared split (--eval_split) or on --eval_data; writes a JSON result."""
+  """--mode=eval: perplexity of a checkpoint on a prepared split (--eval_split) or --eval_data; writes a JSON result."""
   from neon_qtg_jax.data.tokenizer import Tokenizer
   from neon_qtg_jax.evaluation.result_files import claim, data_tag, result_path
   from neon_qtg_jax.evaluation.tool_cli import write_json

@@ -23,7 +23,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
-from neon_qtg_jax.study import provenance, recall_table, spec, stats  # noqa: E402  pylint: disable=wrong-import-position
+from neon_qtg_jax.study import (  # noqa: E402  pylint: disable=wrong-import-position
+    provenance, recall_table, spec, stats)
 from neon_qtg_jax.study.runner import Outcome  # noqa: E402  pylint: disable=wrong-import-position
 
 METRICS = ("bits_per_byte", "perplexity", "loss")
@@ -381,8 +382,8 @@ def lr_grid_table(grid: dict[str, Any], group_budget: dict[str, Any]) -> list[st
 
 
 def group_table(group: dict[str, Any], baseline: str) -> list[str]:
-  lines = ["| variant | parameters (blocks) | lr | steps | tokens | train FLOPs | seeds | val bits/byte | val perplexity "
-           f"| bits/byte vs `{baseline}` [95% CI] | reading | train time per run |",
+  lines = ["| variant | parameters (blocks) | lr | steps | tokens | train FLOPs | seeds | val bits/byte "
+           f"| val perplexity | bits/byte vs `{baseline}` [95% CI] | reading | train time per run |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for v in group["variants"]:
     if not v.get("seeds_done"):
@@ -467,7 +468,8 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
   lines = [f"# Is QTG any good? {study.get('title', study['name'])}", "",
            f"Written by `tools/study.py` from `study.json` on {study_json['date']} ({status}). "
            f"Machine: {study_json['machine']['devices']}, {study_json['machine']['cpu_count']} CPU cores, "
-           f"jax {study_json['machine']['jax']}. Report written by code `{study_json['machine'].get('code', 'unknown')}`; "
+           f"jax {study_json['machine']['jax']}. "
+           f"Report written by code `{study_json['machine'].get('code', 'unknown')}`; "
            "the code of each run is under Code versions.", ""]
   lines += [study.get("description", ""), ""] if study.get("description") else []
   lines += ["Every run: its own seed for the initialisation and the data order (seed s: `seed=s`, "
@@ -547,7 +549,8 @@ def write_report(study: dict[str, Any], outcome: Outcome, runs_planned: int, stu
       "machine": machine(), "command": command, "runs_planned": runs_planned,
       "runs_finished": len(records) + len(outcome.tuning), "failures": outcome.failures, "stale": outcome.stale,
       "pending": outcome.pending, "code_versions": code_versions(records + outcome.tuning), "recall": recall,
-      "groups": groups, "plots": plots, "lr_choices": outcome.lr_choices, "runs": records, "tuning_runs": outcome.tuning,
+      "groups": groups, "plots": plots, "lr_choices": outcome.lr_choices, "runs": records,
+      "tuning_runs": outcome.tuning,
   }
   with open(os.path.join(study_dir, "study.json"), "w", encoding="utf-8") as f:
     json.dump(study_json, f, indent=1)
