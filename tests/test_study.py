@@ -406,6 +406,17 @@ def test_report_says_worse_plainly():
   assert "| `qtg` worse than `gpt` |" in lines[-1]
 
 
+def test_an_unmeasured_attention_entropy_is_said_not_hidden():
+  records = [{"attention_entropy": None, "attention_entropy_error": "layer 0: analysis.attention_probs does not "
+              "reproduce the model's attention output", "workdir": "/nonexistent"}]
+  entropy = report._entropy_per_layer(records)  # pylint: disable=protected-access
+  group = {"variants": [{"label": "QTG", "attention_entropy_per_layer": entropy,
+                         "attention_entropy_errors": [records[0]["attention_entropy_error"]]}]}
+  lines = report._per_layer_lines(group)  # pylint: disable=protected-access
+  assert "- QTG: not measured: layer 0: analysis.attention_probs does not reproduce the model's attention output" \
+      in lines
+
+
 def test_smoke_study_end_to_end_and_resumable(tmp_path, corpus, capsys):
   import study as study_tool  # tools/study.py
   study_path = _study_file(tmp_path, corpus, steps=3, kind="tokens")

@@ -32,11 +32,15 @@ def attention_scalars(model) -> dict[str, list[list[float]]]:
   return out
 
 
-def attention_entropy(model, config, windows: int = 8) -> list[list[float]]:
-  """Attention entropy / log(t + 1) per layer and head, (layers, heads), on `windows` fixed validation
-  windows (analysis.normalized_entropy: 1 is uniform over the prefix, 0 one token)."""
+def attention_entropy(model, config, windows: int = 8) -> tuple[list[list[float]] | None, str]:
+  """(attention entropy / log(t + 1) per layer and head (layers, heads), '') on `windows` fixed validation
+  windows (analysis.normalized_entropy: 1 is uniform over the prefix, 0 one token); (None, why) when
+  analysis.layer_traces cannot reproduce this model's attention."""
   from neon_qtg_jax.analysis import layer_traces, normalized_entropy  # pylint: disable=import-outside-toplevel
   from neon_qtg_jax.data import loader  # pylint: disable=import-outside-toplevel
   batch = loader.eval_batches(config, "val", num_batches=1, batch_size=min(windows, config.training.batch_size))[0]
-  traces = layer_traces(model, np.asarray(batch["inputs"]))
-  return normalized_entropy(traces["attention"]).round(4).tolist()
+  try:
+    traces = layer_traces(model, np.asarray(batch["inputs"]))
+  except ValueError as err:
+    return None, str(err)
+  return normalized_entropy(traces["attention"]).round(4).tolist(), ""

@@ -86,6 +86,8 @@ def _variant_summary(records: list[dict[str, Any]], baseline: list[dict[str, Any
   out["lr"] = lrs
   out["train_seconds_mean"] = stats.mean_std([r["train_seconds"] for r in records])[0]
   out["attention_entropy_per_layer"] = _entropy_per_layer(records)
+  out["attention_entropy_errors"] = sorted({r["attention_entropy_error"] for r in records
+                                            if r.get("attention_entropy_error")})
   out["attention_scalars_mean"] = _scalars_mean(records)
   if not is_baseline:
     interval = stats.welch_interval([r["final"]["bits_per_byte"] for r in records],
@@ -422,14 +424,16 @@ def _findings(group: dict[str, Any], baseline: str) -> list[str]:
 def _per_layer_lines(group: dict[str, Any]) -> list[str]:
   """Attention entropy per layer and every learned per-head attention scalar, per variant."""
   lines = []
-  entropies = [v for v in group["variants"] if v.get("attention_entropy_per_layer")]
+  entropies = [v for v in group["variants"] if v.get("attention_entropy_per_layer")
+               or v.get("attention_entropy_errors")]
   if entropies:
     lines += ["Attention entropy relative to uniform attention over the prefix (1: uniform, 0: one token), per layer, "
               "mean over heads and seeds (8 fixed validation windows of each final checkpoint; "
               "`neon_qtg_jax/study/readout.py`):", ""]
     for v in entropies:
-      lines.append(f"- {v['label']}: " + ", ".join(f"L{i} {e:.2f}" for i, e in
-                                                   enumerate(v["attention_entropy_per_layer"])))
+      measured = v.get("attention_entropy_per_layer")
+      lines.append(f"- {v['label']}: " + (", ".join(f"L{i} {e:.2f}" for i, e in enumerate(measured)) if measured
+                                          else "not measured: " + "; ".join(v["attention_entropy_errors"])))
     lines.append("")
   scalars = [v for v in group["variants"] if v.get("attention_scalars_mean")]
   if scalars:

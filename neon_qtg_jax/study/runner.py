@@ -173,7 +173,7 @@ def train_and_score(run: Run, workdir: str, code: dict[str, str]) -> dict[str, A
   split = "tune" if run.phase == "tune" else "val"
   started = time.perf_counter()
   diverged = False
-  scores, eval_path, scalars, entropy = None, None, None, None
+  scores, eval_path, scalars, entropy, entropy_error = None, None, None, None, ""
   with (open(console, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out),
         contextlib.redirect_stderr(out)):
     train_config = _training_config(config, workdir)
@@ -198,7 +198,7 @@ def train_and_score(run: Run, workdir: str, code: dict[str, str]) -> dict[str, A
       if run.phase == "final":
         restored = load_model(workdir, "latest")
         scalars = readout.attention_scalars(restored.model)
-        entropy = readout.attention_entropy(restored.model, restored.run_config)
+        entropy, entropy_error = readout.attention_entropy(restored.model, restored.run_config)
   summary = info.summarize(config)
   t = config.training
   tokens_per_step = summary["tokens_per_step"]
@@ -227,7 +227,8 @@ def train_and_score(run: Run, workdir: str, code: dict[str, str]) -> dict[str, A
   if run.phase == "tune":
     record["tune"] = scores if not diverged else {"bits_per_byte": None, "diverged": True}
   else:
-    record |= {"final": scores, "attention_scalars": scalars, "attention_entropy": entropy}
+    record |= {"final": scores, "attention_scalars": scalars, "attention_entropy": entropy,
+               "attention_entropy_error": entropy_error}
   return record
 
 
