@@ -133,8 +133,8 @@ def load_study(path: str) -> dict[str, Any]:
     if not isinstance(grid, (list, tuple)) or not all(
         isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 for lr in grid):
       raise ValueError(f"{path}: group '{group['name']}': lr_grid must be a list of learning rates > 0, got {grid!r}")
-    if len(set(grid)) != len(grid):
-      raise ValueError(f"{path}: group '{group['name']}': lr_grid {grid!r} repeats a value")
+    if len({f"{lr:g}" for lr in grid}) != len(grid):  # the tuning runs' workdirs are named lr{value:g}
+      raise ValueError(f"{path}: group '{group['name']}': lr_grid {grid!r} repeats a value (to 6 digits)")
     if grid:
       _check_budget(path, f"group '{group['name']}' tune_budget", tune_budget(study, group), names)
       seed = tune_seed(study, group)
