@@ -31,9 +31,24 @@ def attention_probs(layer: Any, f: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1), v
 
 
+def check_reproduces_attention(layer: Any, f: jax.Array, probs: jax.Array, v: jax.Array, index: int) -> None:
+  """Raises ValueError unless probs @ v is the layer's own attention output: attention_probs re-derives the
+  scores, so a model whose attention settings it does not know gets an error, not another attention's maps."""
+  mine = np.asarray(jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32)).reshape(f.shape[0], f.shape[1], -1))
+  theirs = np.asarray(layer.attn(f), np.float32)
+  tolerance = (1e-2 if jnp.dtype(theirs.dtype) != jnp.float32 or v.dtype != jnp.float32 else 1e-4) * (
+      np.abs(theirs).max() + 1e-6)
+  difference = float(np.abs(mine - theirs).max())
+  if difference > tolerance:
+    raise ValueError(f"layer {index}: analysis.attention_probs does not reproduce the model's attention output "
+                     f"(max difference {difference:.3g}, tolerance {tolerance:.3g}); it needs the scores of this "
+                     "model's attention settings")
+
+
 def layer_traces(model: QTGModel, tokens: jax.Array) -> dict[str, np.ndarray]:
   """Per layer, for int32 tokens (B, L): "attention" (layers, B, H, L, L), "s" and "w" (layers, B, L)
-  (zeros and ones without the TopoFilter), "gamma" (layers, H) or absent for dot-product attention."""
+  (zeros and ones without the TopoFilter), "gamma" (layers, H) or absent for dot-product attention.
+  Raises ValueError when the traced attention is not the model's own (check_reproduces_attention)."""
   graphdef, state = nnx.split(model.blocks)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
   h = model.embed(tokens, positions)
@@ -41,7 +56,8 @@ def layer_traces(model: QTGModel, tokens: jax.Array) -> dict[str, np.ndarray]:
   for i in range(model.cfg.num_layers):
     layer = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
     f, s = layer.filtered_states(h)
-    probs, _ = attention_probs(layer, f)
+    probs, v = attention_probs(layer, f)
+    check_reproduces_attention(layer, f, probs, v, i)
     traces["attention"].append(probs)
     traces["s"].append(s)
     traces["w"].append(layer.topo.weights(s) if layer.use_topofilter else jnp.ones_like(s))

@@ -132,6 +132,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.max_length = 128          # window length in tokens (<= model.max_seq_len)
   d.stride = 64
   d.val_fraction = 0.02
+  d.tune_fraction = 0.0       # a tuning split carved out of train by the same hash (data/splits.py); 0: none
   d.tokenizer_sample_sentences = 50000  # lines sampled to train SentencePiece (unigram: ~20 s on 2 cores)
   d.tokenizer_model_type = "unigram"
   d.max_documents = 0         # 0: all
@@ -303,6 +304,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"window longer than model.max_seq_len={m.max_seq_len}", d.max_length)
   _check(d.stride <= d.max_length, "data.stride", f"must be <= data.max_length={d.max_length}", d.stride)
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)", d.val_fraction)
+  _check(0.0 <= d.tune_fraction < 1.0 - d.val_fraction, "data.tune_fraction",
+         f"must be in [0, 1 - data.val_fraction={d.val_fraction}) (train keeps the rest)", d.tune_fraction)
   _check(d.tokenizer_model_type in ("unigram", "bpe"), "data.tokenizer_model_type",
          "must be 'unigram' or 'bpe'", d.tokenizer_model_type)
 
