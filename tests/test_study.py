@@ -275,26 +275,20 @@ def test_code_versions_are_recorded_per_run_and_checked_on_request(tuned_study):
   assert versions["flagged"] == [records[0]["key"]] and len(versions["versions"]) == 2
 
 
-def test_learned_attention_scalars_are_read_from_the_parameter_tree():
-  """Any (layers, heads) parameter under blocks/attn, by shape: a new one needs no code change."""
-  import types
+@pytest.mark.parametrize("scale_param", ["softplus", "exp"])
+def test_learned_attention_scalars_are_the_models_own_scales(scale_param):
+  """gamma and beta per layer and head, however they are stored (softplus or exp, with an lr multiplier)."""
   from flax import nnx
-  import jax.numpy as jnp
+  from neon_qtg_jax.config import default_config
+  from neon_qtg_jax.model import QTGModel
 
-  class Attention(nnx.Module):
-    def __init__(self):
-      self.gamma_raw = nnx.Param(jnp.full((2, 3), float(np.log(np.expm1(8.0)))))  # softplus -> 8
-      self.beta_raw = nnx.Param(jnp.zeros((2, 3)))
-      self.q_scale = nnx.Param(jnp.arange(6.0).reshape(2, 3))
-      self.kernel = nnx.Param(jnp.zeros((2, 4, 3, 2)))   # not one scalar per layer and head
-      self.per_layer = nnx.Param(jnp.zeros((2,)))
-
-  model = types.SimpleNamespace(cfg=types.SimpleNamespace(num_layers=2, num_heads=3),
-                                blocks=types.SimpleNamespace(attn=Attention()))
-  scalars = readout.attention_scalars(model)
-  assert sorted(scalars) == ["beta", "gamma", "q_scale"]
-  assert np.allclose(scalars["gamma"], 8.0, atol=1e-3) and np.allclose(scalars["beta"], np.log(2.0), atol=1e-4)
-  assert scalars["q_scale"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+  cfg = default_config().model
+  cfg.update(vocab_size=31, embed_dim=16, num_layers=2, num_heads=2, max_seq_len=16, sphere_map="normed",
+             gamma=6.0, beta=1.5, scale_param=scale_param, scale_lr_mult=3.0)
+  scalars = readout.attention_scalars(QTGModel(cfg, rngs=nnx.Rngs(0)))
+  assert sorted(scalars) == ["beta", "gamma"]
+  assert np.allclose(scalars["gamma"], 6.0, atol=1e-3) and np.allclose(scalars["beta"], 1.5, atol=1e-3)
+  assert np.asarray(scalars["gamma"]).shape == (2, 2)
 
 
 def test_a_retried_run_resumes_and_scores_into_a_fresh_file(tmp_path, corpus, monkeypatch, capsys):

@@ -1,35 +1,21 @@
 """What a study reads from a trained run's model besides its loss: the attention's learned per-head
 scalars and how far its attention is from uniform, per layer.
 
-Learned scalars are found in the parameter tree, not by name: every parameter under `blocks/attn`
-whose shape is (num_layers, num_heads) is one scalar per layer and head (gamma today; any new one,
-such as a per-head logit scale, shows up without code changes here). Convention: a parameter
-whose name ends in `_raw` is stored before a softplus (gamma_raw -> gamma = softplus(gamma_raw)),
-so it is reported as softplus(value) under the name without `_raw`; any other is reported as stored.
+Learned scalars come from the attention's own `learned_scales()` (gamma, and beta for the scaled and
+normed sphere maps), which knows how each is stored (softplus or exp of a scaled raw parameter), so a
+new per-head scale is reported once the model lists it there.
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
-from flax import nnx
-
-RAW_SUFFIX = "_raw"
 
 
 def attention_scalars(model) -> dict[str, list[list[float]]]:
-  """{name: (layers, heads) values} of every learned per-head scalar of the attention (see the module doc)."""
-  shape = (model.cfg.num_layers, model.cfg.num_heads)
-  out = {}
-  for path, variable in nnx.to_flat_state(nnx.state(model.blocks.attn, nnx.Param)):
-    value = np.asarray(jax.device_get(variable.get_value()), np.float64)
-    if value.shape != shape:
-      continue
-    name = "/".join(str(part) for part in path)
-    if name.endswith(RAW_SUFFIX):
-      name, value = name[:-len(RAW_SUFFIX)], np.logaddexp(0.0, value)  # softplus
-    out[name] = value.round(4).tolist()
-  return out
+  """{name: (layers, heads) values} of every learned per-head scale of the attention."""
+  return {name: np.asarray(jax.device_get(value), np.float64).round(4).tolist()
+          for name, value in model.blocks.attn.learned_scales().items()}
 
 
 def attention_entropy(model, config, windows: int = 8) -> tuple[list[list[float]] | None, str]:
