@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from conftest import restored_package_logger
 from neon_qtg_jax.config import ConfigError
 from neon_qtg_jax.study import provenance, readout, report, runner, spec, stats
 
@@ -166,7 +167,8 @@ def tuned_study(tmp_path_factory):
   study_path = _study_file(tmp_path, corpus, top=TUNED_TOP, extra=', "data.tune_fraction": 0.2',
                            groups=TUNED_GROUPS)
   out = tmp_path / "out"
-  code = study_tool.main([f"--study={study_path}", f"--out={out}", f"--publish={tmp_path / 'docs' / 'RESULTS.md'}"])
+  with restored_package_logger():  # it trains in process, before the per-test logger fixture looks
+    code = study_tool.main([f"--study={study_path}", f"--out={out}", f"--publish={tmp_path / 'docs' / 'RESULTS.md'}"])
   return tmp_path, corpus, study_path, out, code
 
 
