@@ -62,13 +62,13 @@ def default_config() -> ml_collections.ConfigDict:
   m.tau = 1.0
   m.gamma = 8.0               # initial Fisher-Rao scale per head (the seed used 1.0)
   m.learn_gamma = True        # False freezes gamma at its initial value
-  m.sphere_map = "seed"       # what sqrt(softmax(.)) receives: q, k as projected ("seed"), beta_h q ("scaled"),
-                              # beta_h q / rms(q) ("normed"); model/qtg.py GeoAttention, docs/MODEL.md
+  m.sphere_map = "normed"     # what sqrt(softmax(.)) receives: beta_h q / rms(q) ("normed"), beta_h q ("scaled"),
+                              # q and k as projected ("seed", the spec's); model/qtg.py GeoAttention, docs/MODEL.md
   m.beta = 1.0                # initial per-head beta_h of the scaled and normed sphere maps (learned)
   m.scale_param = "softplus"  # gamma and beta kept positive as softplus(mult * raw) or exp(mult * raw)
   m.scale_lr_mult = 1.0       # mult above: a learning-rate multiplier for gamma and beta
   m.qk_init_std = 0.0         # init std of W_Q and W_K (0: init_std)
-  m.w_psi_init = "normal"     # W_psi: normal(init_std), or "orthogonal" (norm-preserving)
+  m.w_psi_init = "orthogonal"  # W_psi: a random orthogonal matrix (norm-preserving), or "normal" (init_std, the spec's)
   m.dropout = 0.0
   m.attention = "geo"         # "geo" (Fisher-Rao) or "dot" (plain GPT)
   m.topofilter = True         # False: f = psi, no s_t

@@ -42,6 +42,7 @@ def test_contract_shapes_and_dtypes():
     {"scan_layers": True, "remat": "block"},
     {"sphere_map": "scaled", "beta": 3.0},
     {"sphere_map": "normed", "beta": 2.0},
+    {"sphere_map": "seed", "w_psi_init": "normal"},
     {"attention": "dot", "topofilter": False, "w_psi": False, "amplitude_embedding": False,
      "attention_width": "residual", "mlp_ratio": 8, "tie_embeddings": True},
 ])
@@ -213,3 +214,12 @@ def test_reference_and_blockwise_models_agree(sphere_map):
   fast = QTGModel(small_model_config(sphere_map=sphere_map, attention_impl="blockwise", block_q=8, block_k=16),
                   rngs=nnx.Rngs(3))
   np.testing.assert_allclose(fast(tokens), ref(tokens), atol=2e-5, rtol=1e-5)
+
+
+def test_orthogonal_w_psi_keeps_the_norm_of_every_state():
+  model = QTGModel(small_model_config(w_psi_init="orthogonal"), rngs=nnx.Rngs(0))
+  kernel = model.blocks.w_psi.kernel[...]  # (layers, 2d, 2d)
+  for layer in kernel:
+    np.testing.assert_allclose(layer @ layer.T, np.eye(32), atol=1e-5)
+  normal = QTGModel(small_model_config(w_psi_init="normal", init_std=0.02), rngs=nnx.Rngs(0))
+  assert 0.015 < float(jnp.std(normal.blocks.w_psi.kernel[...])) < 0.025
