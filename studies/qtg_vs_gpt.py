@@ -24,7 +24,7 @@ from neon_qtg_jax.model.variants import GPT, GPT_SPEC, QTG_SEED  # noqa: E402
 # Equal training FLOPs: every tiny run gets the FLOPs of REFERENCE_STEPS steps of the standard GPT, the
 # variant with the most FLOPs per token, so every run trains at least that many steps.
 REFERENCE_STEPS = 1000
-WALL_MINUTES = 12.0   # the equal-wall-time group: minutes of training per run, at most WALL_MAX_STEPS steps
+WALL_MINUTES = 8.0    # the equal-wall-time group: minutes of training per run, at most WALL_MAX_STEPS steps
 WALL_MAX_STEPS = 3000
 # Every variant's training.lr comes from this grid: one tuning run per value (seed 100, the group's
 # budget), scored on the tuning split (data.tune_fraction), never on the validation split.

@@ -90,6 +90,9 @@ def main(argv=None) -> int:
                  help="treat a run made by other code than this checkout's (commit and uncommitted changes) as stale")
   p.add_argument("--analyze", action="store_true",
                  help="run tools/analyze.py on the first seed of every finished variant (once; kept in its workdir)")
+  p.add_argument("--groups", default="",
+                 help="run only these groups (comma-separated) and write no report: several processes can share "
+                      "one --out, one group each; write the report afterwards with --report_only")
   args = p.parse_args(argv)
   try:
     study = spec.load_study(args.study)
@@ -97,6 +100,13 @@ def main(argv=None) -> int:
   except (ConfigError, ValueError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
+  if args.groups:
+    groups = args.groups.split(",")
+    unknown = sorted(set(groups) - {g["name"] for g in study["groups"]})
+    if unknown:
+      print(f"error: --groups: no group {unknown} in {args.study}", file=sys.stderr)
+      return 2
+    runs = [r for r in runs if r.group in groups]
   if args.list:
     print_plan(runs, args.out, args.calibrate_from)
     return 0
@@ -110,6 +120,9 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   outcome = runner.run_all(runs, args.out, execute=not args.report_only, rerun_stale=args.rerun_stale,
                            require_same_code=args.require_same_code, stop_after_seconds=3600 * args.max_hours)
+  if args.groups:
+    print(f"study: groups {args.groups}: {len(outcome.records)}/{len(runs)} runs finished; no report (--groups)")
+    return 1 if outcome.failures else 0
   if args.analyze:
     analyze_first_seeds(outcome.records)
   command = f"python tools/study.py --study={args.study} --out={args.out}"
