@@ -93,6 +93,9 @@ def main(argv=None) -> int:
   p.add_argument("--groups", default="",
                  help="run only these groups (comma-separated) and write no report: several processes can share "
                       "one --out, one group each; write the report afterwards with --report_only")
+  p.add_argument("--variants", default="",
+                 help="comma-separated variant names: run (or list) only these variants' runs, e.g. to run the "
+                      "headline pair first; like --groups, no report")
   args = p.parse_args(argv)
   try:
     study = spec.load_study(args.study)
@@ -107,6 +110,13 @@ def main(argv=None) -> int:
       print(f"error: --groups: no group {unknown} in {args.study}", file=sys.stderr)
       return 2
     runs = [r for r in runs if r.group in groups]
+  if args.variants:
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - {v["name"] for g in study["groups"] for v in g["variants"]})
+    if unknown:
+      print(f"error: --variants: no variant {unknown} in {args.study}", file=sys.stderr)
+      return 2
+    runs = [r for r in runs if r.variant in variants]
   if args.list:
     print_plan(runs, args.out, args.calibrate_from)
     return 0
@@ -120,8 +130,9 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   outcome = runner.run_all(runs, args.out, execute=not args.report_only, rerun_stale=args.rerun_stale,
                            require_same_code=args.require_same_code, stop_after_seconds=3600 * args.max_hours)
-  if args.groups:
-    print(f"study: groups {args.groups}: {len(outcome.records)}/{len(runs)} runs finished; no report (--groups)")
+  if args.groups or args.variants:
+    print(f"study: groups {args.groups or 'all'}, variants {args.variants or 'all'}: {len(outcome.records)}/{len(runs)} "
+          "runs finished; no report (--groups/--variants)")
     return 1 if outcome.failures else 0
   if args.analyze:
     analyze_first_seeds(outcome.records)
