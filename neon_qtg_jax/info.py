@@ -147,6 +147,18 @@ def training_memory(config: ml_collections.ConfigDict, num_params: int, num_devi
   return out
 
 
+def variant_sizes(config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
+  """Parameters and training FLOPs per token of every named variant (model/variants.py) at this config's
+  shape (d, layers, heads, vocabulary, window): what QTG is compared with."""
+  from neon_qtg_jax.model.variants import VARIANTS, variant_config  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name in VARIANTS:
+    variant = variant_config(config, name)
+    out[name] = {"params": sum(parameter_breakdown(variant.model).values()),
+                 "train_flops_per_token": flops_per_token(variant)["train"]}
+  return out
+
+
 def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Everything --mode=info reports, as plain JSON-able values."""
   m, t = config.model, config.training
@@ -185,6 +197,7 @@ def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "dtype": m.dtype,
       "mfu_assumed": config.info.mfu,
       "estimates": estimates,
+      "variants": variant_sizes(config),
   }
 
 
@@ -217,6 +230,10 @@ def format_text(info: dict[str, Any]) -> str:
                  f"{_gib(usable)} ({est['allocator_fraction']:.0%} of {_gib(est['device_memory_bytes'])} = "
                  f"{est['device_memory_bytes'] / 1e9:.1f} GB)")
   lines.append("  (estimates; --mode=memory_test --target=h200:N gives XLA's own figure for the H200)")
+  lines += ["", "the named variants at this shape (neon_qtg_jax/model/variants.py; qtg is QTG's defaults, not",
+            "necessarily this config):", "  variant      parameters   train FLOPs/token"]
+  for name, sizes in info["variants"].items():
+    lines.append(f"  {name:<10} {sizes['params']:>13,} {sizes['train_flops_per_token']:>18.4e}")
   return "\n".join(lines)
 
 

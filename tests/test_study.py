@@ -98,6 +98,22 @@ def test_equal_flops_budget_and_run_order(tmp_path, corpus):
   assert [r.variant for r in runs] == ["qtg", "gpt"]
 
 
+def test_groups_and_variants_select_runs_and_name_unknown_ones(tmp_path, corpus, capsys):
+  import study as study_tool  # tools/study.py
+  path = _study_file(tmp_path, corpus)
+  base = [f"--study={path}", f"--out={tmp_path / 'out'}", "--list"]
+  assert study_tool.main(base + ["--variants=gpt"]) == 0
+  listing = capsys.readouterr().out
+  assert "g/gpt/seed0" in listing and "g/qtg/seed0" not in listing
+  assert study_tool.main(base + ["--groups=g", "--variants=qtg,gpt"]) == 0
+  listing = capsys.readouterr().out
+  assert "g/gpt/seed0" in listing and "g/qtg/seed0" in listing
+  assert study_tool.main(base + ["--variants=gpt,nope"]) == 2
+  assert "--variants: no variant ['nope']" in capsys.readouterr().err
+  assert study_tool.main(base + ["--groups=h"]) == 2
+  assert "--groups: no group ['h']" in capsys.readouterr().err
+
+
 def test_wall_time_and_token_budgets(tmp_path, corpus):
   study = spec.load_study(str(_study_file(tmp_path, corpus, steps=7, kind="tokens")))
   assert {r.config.training.total_steps for r in spec.expand(study)} == {7}

@@ -233,8 +233,9 @@ def train_and_score(task: str, preset_name: str, variant: str, seed: int, *,
   from neon_qtg_jax.training import train_step  # pylint: disable=import-outside-toplevel
   preset = PRESETS[task][preset_name]
   if steps is not None or lr is not None:
-    preset = dataclasses.replace(preset, steps=steps or preset.steps, lr=lr or preset.lr,
-                                 warmup_steps=min(preset.warmup_steps, steps or preset.steps))
+    total = steps or preset.steps  # a shorter run warms up over at most half of it (the cosine needs steps left)
+    preset = dataclasses.replace(preset, steps=total, lr=lr or preset.lr,
+                                 warmup_steps=min(preset.warmup_steps, total // 2))
   config = model_config(preset, variant, seed, overrides)
   spec = preset.spec
   held_out = make_rows(spec, seed + HELD_OUT_STREAM, preset.eval_rows)
