@@ -445,7 +445,7 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path, corpus, capsys):
   scalars = {r["variant"]: r["attention_scalars"] for r in result["runs"]}
   assert scalars["gpt"] == {} and np.asarray(scalars["qtg"]["gamma"]).shape == (1, 2)
   params = {r["variant"]: r["params"] for r in result["runs"]}
-  assert params["qtg"] - params["gpt"] == (2 * 16) ** 2 + 2  # W_psi and the two heads' gamma
+  assert params["qtg"] - params["gpt"] == (2 * 16) ** 2 + 2 + 2  # W_psi, the two heads' gamma and beta (normed map)
   qtg_summary = result["groups"][0]["variants"][0]
   assert qtg_summary["verdict"] == "too few seeds for an interval"
   report_text = publish.read_text()
