@@ -82,7 +82,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "Eval/generate/serve: a 
 _INFO_FORMAT = flags.DEFINE_enum("info_format", "text", ["text", "json"], "Info mode output format.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Generate: one prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with one prompt per line.")
-_EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the validation split.")
+_EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the split --eval_split.")
+_EVAL_SPLIT = flags.DEFINE_enum("eval_split", "val", ["val", "tune"],
+                                "Eval: the prepared split to score (tune: needs data.tune_fraction > 0).")
 _TARGET = flags.DEFINE_string("target", "", "memory_test: compile for NAME:DEVICES, e.g. h200:1 or h200:8 "
                               "(8 per host); empty: the local devices.")
 _HOST = flags.DEFINE_string("host", cli.RunArgs.host, "Serve: the address to listen on (0.0.0.0: every interface).")
@@ -113,7 +115,7 @@ def main(argv: list[str]) -> int:
     return 2
   args = cli.RunArgs(workdir=_WORKDIR.value, resume_from=_RESUME_FROM.value, checkpoint=_CHECKPOINT.value,
                      info_format=_INFO_FORMAT.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
-                     eval_data=_EVAL_DATA.value, output=_OUTPUT.value,
+                     eval_data=_EVAL_DATA.value, eval_split=_EVAL_SPLIT.value, output=_OUTPUT.value,
                      overwrite=_OVERWRITE.value, verify=_VERIFY.value, target=_TARGET.value,
                      host=_HOST.value, port=_PORT.value)
   # A missing checkpoint, an existing result, unusable data, a failed save or a bad mesh: one clear line.

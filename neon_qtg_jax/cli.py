@@ -28,7 +28,8 @@ class RunArgs:
   info_format: str = "text"    # "text" or "json"
   prompt: str = ""
   prompts_file: str = ""
-  eval_data: str = ""          # JSONL or text file for --mode=eval; empty: the prepared validation split
+  eval_data: str = ""          # JSONL or text file for --mode=eval; empty: a prepared split (eval_split)
+  eval_split: str = "val"      # eval: the prepared split scored without eval_data, "val" or "tune"
   output: str = ""             # result file; empty: a default under the workdir
   overwrite: bool = False      # eval: replace an earlier result of the same name
   verify: bool = False         # prepare: read every data file against the manifest's checksums

@@ -16,6 +16,10 @@ from neon_qtg_jax.data.filters import TOKENIZERS as FILTER_TOKENIZERS, filter_sp
 from neon_qtg_jax.training.backup import url_problem
 
 ATTENTION_KINDS = ("geo", "dot")
+SPHERE_MAPS = ("seed", "scaled", "normed")
+SCALE_PARAMS = ("softplus", "exp")
+ATTENTION_WIDTHS = ("complex", "residual")
+W_PSI_INITS = ("normal", "orthogonal")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "pallas")
 REMAT_POLICIES = ("none", "block", "dots", "dots_no_batch")
 NORMS = ("layernorm", "rmsnorm")
@@ -60,6 +64,13 @@ def default_config() -> ml_collections.ConfigDict:
   m.tau = 1.0
   m.gamma = 8.0               # initial Fisher-Rao scale per head (the seed used 1.0)
   m.learn_gamma = True        # False freezes gamma at its initial value
+  m.sphere_map = "normed"     # what sqrt(softmax(.)) receives: beta_h q / rms(q) ("normed"), beta_h q ("scaled"),
+                              # q and k as projected ("seed", the spec's); model/qtg.py GeoAttention, docs/MODEL.md
+  m.beta = 1.0                # initial per-head beta_h of the scaled and normed sphere maps (learned)
+  m.scale_param = "softplus"  # gamma and beta kept positive as softplus(mult * raw) or exp(mult * raw)
+  m.scale_lr_mult = 1.0       # mult above: a learning-rate multiplier for gamma and beta
+  m.qk_init_std = 0.0         # init std of W_Q and W_K (0: init_std)
+  m.w_psi_init = "orthogonal"  # W_psi: a random orthogonal matrix (norm-preserving), or "normal" (init_std, the spec's)
   m.dropout = 0.0
   m.attention = "geo"         # "geo" (Fisher-Rao) or "dot" (plain GPT)
   m.topofilter = True         # False: f = psi, no s_t
@@ -69,7 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.topo_stop_grad = False    # stop gradients through s_t
   m.norm = "layernorm"
   m.activation = "gelu"
-  m.mlp_ratio = 4             # W_1: 2d -> mlp_ratio * d (the spec's 4d)
+  m.mlp_ratio = 4             # W_1: 2d -> mlp_ratio * d (the spec's 4d; 8 is the standard GPT's 4x residual)
+  m.attention_width = "complex"  # width of Q, K, V and W_O's input: d ("complex", the spec's) or 2d ("residual",
+                                 # a standard-shape GPT)
+  m.tie_embeddings = False    # logits from the token table (E LN_f(h)) instead of an untied W_lm
   m.use_bias = False
   m.norm_eps = 1e-5
   m.eps = 1e-6                # guard for the amplitude / unit-state normalisations
@@ -120,6 +134,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.max_length = 128          # window length in tokens (<= model.max_seq_len)
   d.stride = 64
   d.val_fraction = 0.02
+  d.tune_fraction = 0.0       # a tuning split carved out of train by the same hash (data/splits.py); 0: none
   d.tokenizer_sample_sentences = 50000  # lines sampled to train SentencePiece (unigram: ~20 s on 2 cores)
   d.tokenizer_model_type = "unigram"
   d.max_documents = 0         # 0: all
@@ -172,6 +187,48 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Fields added after checkpoints were written, with the value that reproduces what those checkpoints
+# were trained with (not today's default). complete_saved_config fills a saved config's gaps from here,
+# then from default_config().
+FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {
+    "model.sphere_map": "seed", "model.beta": 1.0, "model.scale_param": "softplus", "model.scale_lr_mult": 1.0,
+    "model.qk_init_std": 0.0, "model.w_psi_init": "normal", "model.attention_width": "complex",
+    "model.tie_embeddings": False,
+}
+
+
+def complete_saved_config(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A config saved by an older version with every field it lacks: the value the older code used
+  (FIELDS_BEFORE_THEY_EXISTED), else today's default. Fields the schema no longer has are kept."""
+  saved_fields = _field_paths(saved)
+  config = default_config()
+  apply_overrides(config, {k: v for k, v in FIELDS_BEFORE_THEY_EXISTED.items() if k not in saved_fields},
+                  "older checkpoint")
+  for path, value in saved_fields.items():
+    node = config
+    *parents, leaf = path.split(".")
+    for part in parents:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any], where: str) -> None:
+  """Sets dotted fields ("model.attention": "dot") in place; an unknown field raises ConfigError naming it."""
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split(".")
+    for part in parents:
+      if part not in node:
+        raise ConfigError(f"{where}: config field '{path}': unknown field")
+      node = node[part]
+    if leaf not in node:
+      raise ConfigError(f"{where}: config field '{path}': unknown field")
+    node[leaf] = value
+
+
 def _field_paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in cfg.items():
@@ -222,7 +279,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   positive("model", ("vocab_size", "embed_dim", "num_layers", "num_heads", "max_seq_len",
                      "tau", "gamma", "topo_k", "mlp_ratio", "norm_eps", "eps", "init_std",
                      "blockwise_min_len", "block_q", "block_k"))
-  positive("model", ("persistence_threshold",), strict=False)
+  positive("model", ("persistence_threshold", "qk_init_std"), strict=False)
+  positive("model", ("beta", "scale_lr_mult"))
+  _check(m.sphere_map in SPHERE_MAPS, "model.sphere_map", f"must be one of {SPHERE_MAPS}", m.sphere_map)
+  _check(m.scale_param in SCALE_PARAMS, "model.scale_param", f"must be one of {SCALE_PARAMS}", m.scale_param)
+  _check(m.w_psi_init in W_PSI_INITS, "model.w_psi_init", f"must be one of {W_PSI_INITS}", m.w_psi_init)
+  _check(m.attention_width in ATTENTION_WIDTHS, "model.attention_width", f"must be one of {ATTENTION_WIDTHS}",
+         m.attention_width)
   _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
   _check(m.embed_dim % m.num_heads == 0, "model.embed_dim",
          f"must be divisible by model.num_heads={m.num_heads}", m.embed_dim)
@@ -262,6 +325,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"window longer than model.max_seq_len={m.max_seq_len}", d.max_length)
   _check(d.stride <= d.max_length, "data.stride", f"must be <= data.max_length={d.max_length}", d.stride)
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)", d.val_fraction)
+  _check(0.0 <= d.tune_fraction < 1.0 - d.val_fraction, "data.tune_fraction",
+         f"must be in [0, 1 - data.val_fraction={d.val_fraction}) (train keeps the rest)", d.tune_fraction)
   _check(d.tokenizer_model_type in ("unigram", "bpe"), "data.tokenizer_model_type",
          "must be 'unigram' or 'bpe'", d.tokenizer_model_type)
   _check(d.filter_tokenizer in FILTER_TOKENIZERS, "data.filter_tokenizer", f"must be one of {FILTER_TOKENIZERS}",

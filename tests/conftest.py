@@ -1,3 +1,4 @@
+import contextlib
 import logging
 import os
 
@@ -36,10 +37,10 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line(f"  {line}", red=True)
 
 
-@pytest.fixture(autouse=True)
-def _restore_package_logger():
+@contextlib.contextmanager
+def restored_package_logger():
   """trainer.setup_logging gives the package logger its own handlers and stops propagation to the root
-  logger that caplog listens on; undo that after each test so later tests in the worker see their records."""
+  logger that caplog listens on; undo that on exit so later tests in the worker see their records."""
   logger = logging.getLogger("neon_qtg_jax")
   handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
   yield
@@ -48,3 +49,11 @@ def _restore_package_logger():
       logger.removeHandler(handler)
       handler.close()
   logger.propagate, logger.level = propagate, level
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+  """After each test (a fixture of a wider scope that trains in process must use restored_package_logger
+  itself: it runs before this one records the state)."""
+  with restored_package_logger():
+    yield

@@ -7,6 +7,7 @@ Layout of data_dir:
                                     deleted once the splits and the manifest are written
   shards/NNNNNN.meta.npz            per-document statistics of a shard; written last = shard done
   train.bin, val.bin                each split's tokens as one flat array (EOS after every document)
+  tune.bin                          the tuning split, only with data.tune_fraction > 0 (data/splits.py)
   documents.npz                     per-document statistics of the whole corpus (for the report)
   manifest.json                     this record (with a CRC-32 per 4 MiB chunk of the tokenizer,
                                     split and documents files, data/integrity.py); written last =
@@ -60,7 +61,7 @@ def data_settings(config) -> dict[str, Any]:
       "model.vocab_size": int(config.model.vocab_size),
       "data.tokenizer_model_type": d.tokenizer_model_type,
       "data.tokenizer_sample_sentences": int(d.tokenizer_sample_sentences),
-  }
+  } | ({"data.tune_fraction": float(d.tune_fraction)} if d.tune_fraction > 0 else {})  # absent at 0: as before
 
 
 @dataclasses.dataclass
@@ -70,7 +71,7 @@ class Manifest:
   files: list[str]                 # input files, in reading order
   dtype: str                       # token dtype on disk
   tokenizer: dict[str, Any]        # TokenizerInfo fields (vocab_size, ids, sha256)
-  documents: dict[str, int]        # per split
+  documents: dict[str, int]        # per split ("tune" only when the directory has a tuning split)
   tokens: dict[str, int]           # per split, EOS separators included
   text_bytes: dict[str, int]       # UTF-8 bytes of the documents, per split
   num_shards: int
@@ -79,8 +80,9 @@ class Manifest:
   checksums: dict[str, Any] = dataclasses.field(default_factory=dict)  # file -> integrity.file_checksums
 
   def split_path(self, split: str) -> str:
-    if split not in SPLITS:
-      raise ValueError(f"split {split!r}: must be one of {SPLITS}")
+    if split not in self.tokens:
+      raise ValueError(f"split {split!r}: {self.data_dir} holds {tuple(self.tokens)}"
+                       + (" (prepare with data.tune_fraction > 0 for a tuning split)" if split == "tune" else ""))
     return os.path.join(self.data_dir, f"{split}.bin")
 
   def split_tokens(self, split: str) -> np.memmap:
@@ -110,7 +112,7 @@ class Manifest:
       raise DataError(f"{path}: written by another version of neon_qtg_jax (fields {sorted(set(body) ^ fields)} "
                       f"differ); prepare again into an empty data.data_dir")
     manifest = cls(data_dir=data_dir, **body)
-    for split in SPLITS:
+    for split in manifest.tokens:
       expected = manifest.tokens[split] * np.dtype(manifest.dtype).itemsize
       split_path = manifest.split_path(split)
       size = os.path.getsize(split_path) if os.path.exists(split_path) else -1

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from neon_qtg_jax.data import filters
-from neon_qtg_jax.data.manifest import SPLITS, Manifest
+from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.sources import EMPTY_DOCUMENT
 from neon_qtg_jax.data.stats import token_counts
 from neon_qtg_jax.data.tokenizer import Tokenizer
@@ -44,7 +44,7 @@ def duplicate_count(hashes: np.ndarray) -> int:
 def build_report(manifest: Manifest, tokenizer: Tokenizer) -> dict[str, Any]:
   with np.load(os.path.join(manifest.data_dir, "documents.npz")) as z:
     stats = {k: z[k] for k in z.files}
-  counts = sum(token_counts(manifest.split_tokens(s), tokenizer.vocab_size) for s in SPLITS)
+  counts = sum(token_counts(manifest.split_tokens(s), tokenizer.vocab_size) for s in manifest.tokens)
   eos = int(counts[tokenizer.eos_id])
   content_tokens = int(counts.sum()) - eos   # EOS separators are not document text
   byte_tokens = int(counts[sorted(tokenizer.byte_ids)].sum()) if tokenizer.byte_ids else 0

@@ -24,6 +24,7 @@ from flax import nnx
 
 from neon_qtg_jax import ops
 from neon_qtg_jax.model.qtg import Block, QTGModel, compute_dtype
+from neon_qtg_jax.model.qtg import head_dim as model_head_dim
 from neon_qtg_jax.ops.geo_attention import masked_softmax_values
 from neon_qtg_jax.ops.topo_filter import k_smallest_mean
 
@@ -46,7 +47,8 @@ def init_cache(model: QTGModel, batch: int, size: int) -> DecodeCache:
   """An empty cache of `size` slots for `batch` sequences."""
   cfg = model.cfg
   dtype = compute_dtype(cfg)
-  heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+  heads = cfg.num_heads
+  head_dim = model_head_dim(cfg)
   kv_shape = (cfg.num_layers, batch, size, heads, head_dim)
   phi = jnp.zeros((cfg.num_layers, batch, size, 2 * cfg.embed_dim), dtype) if cfg.topofilter else None
   return DecodeCache(jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype), phi,
@@ -139,7 +141,7 @@ def forward_cached(model: QTGModel, cache: DecodeCache, tokens: jax.Array, posit
   h, (keys, values, phi) = jax.lax.scan(body, h, (block_state, cache.keys, cache.values, cache.phi))
   if last_only:
     h = h[:, -1:]
-  logits = model.head(model.ln_f(h)).astype(jnp.float32)
+  logits = model.logits(h)
   return logits, DecodeCache(keys, values, phi, key_valid)
 
 

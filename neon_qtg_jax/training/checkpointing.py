@@ -26,6 +26,7 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from neon_qtg_jax.config import complete_saved_config
 from neon_qtg_jax.parallel.decisions import all_succeeded
 from neon_qtg_jax.training.save_faults import CheckpointSaveError, free_space_warning
 from neon_qtg_jax.training import backup
@@ -75,7 +76,7 @@ def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
     if isinstance(value, list):
       return tuple(tuples(v) for v in value)
     return value
-  return ml_collections.ConfigDict(tuples(data))
+  return complete_saved_config(ml_collections.ConfigDict(tuples(data)))
 
 
 @dataclasses.dataclass(frozen=True)
