@@ -388,9 +388,9 @@ def test_report_renders_the_recall_table_first(tmp_path, corpus, capsys):
                           f"--publish={publish}"]) == 0
   text = publish.read_text()
   assert text.index("## Associative recall") < text.index("## Main result") < text.index("## g")
-  assert "| lookup | hard | `qtg_seed` | 1 | 0.310 | 0.125 | 1000 | 60 | L0 0.80, L1 0.30 |" in text
-  assert "| mqar | small | `gpt` | 2 | 0.950 ± 0.071 | 0.250 | 1100 | 60 | L0 0.70, L1 0.40 |" in text
-  assert "| mqar | small | `qtg` | 1 | 0.970 | 0.250 | 1000 | 60 | L0 0.30, L1 0.90 |" in text
+  assert "| lookup | hard | `qtg_seed` | 1 | 0.310 | 0/1 | 0.125 | 1000 | 60 | L0 0.80, L1 0.30 |" in text
+  assert "| mqar | small | `gpt` | 2 | 0.950 ± 0.071 (1.000, 0.900) | 1/2 | 0.250 | 1100 | 60 | L0 0.70, L1 0.40 |" in text
+  assert "| mqar | small | `qtg` | 1 | 0.970 | 1/1 | 0.250 | 1000 | 60 | L0 0.30, L1 0.90 |" in text
   assert "## Not run yet" in text and "INCOMPLETE: 0 of 2 runs finished" in text
   # A result without a field stops the tool before any run, naming the file and the field.
   _recall_result(recall, "broken.json")

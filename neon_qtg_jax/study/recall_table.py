@@ -3,7 +3,7 @@
 Each `*.json` file under the directory (searched recursively) is one run of tools/recall.py with at
 least {"variant", "task", "preset", "seed", "accuracy", "chance", "steps", "seconds",
 "attention_entropy": [one value per layer]}. The table has one row per task, preset and variant:
-accuracy mean (and std) over seeds, chance, steps and seconds (mean over seeds) and the attention
+accuracy mean (and std, and each seed's) over seeds, how many seeds reached 0.95, chance, steps and seconds (mean over seeds) and the attention
 entropy per layer (mean over seeds).
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from neon_qtg_jax.study import stats
 
+SOLVED = 0.95  # the accuracy at which a run counts as having solved its task
 REQUIRED = ("variant", "task", "preset", "seed", "accuracy", "chance", "steps", "seconds", "attention_entropy")
 
 
@@ -77,13 +78,17 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], directory: str) -> list[str]:
   if not rows:
     return [f"No recall results in `{directory}`.", ""]
-  lines = ["| task | preset | variant | seeds | accuracy | chance | steps | seconds | attention entropy per layer |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = [f"| task | preset | variant | seeds | accuracy (per seed) | seeds at >= {SOLVED} | chance | steps | seconds "
+           "| attention entropy per layer |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
-    accuracy = (f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}" if len(r["seeds"]) > 1
+    per_seed = ", ".join(f"{a:.3f}" for a in r["accuracy_per_seed"])
+    accuracy = (f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} ({per_seed})" if len(r["seeds"]) > 1
                 else f"{r['accuracy_mean']:.3f}")
+    solved = sum(a >= SOLVED for a in r["accuracy_per_seed"])
     entropy = r["attention_entropy_per_layer"]
     lines.append(f"| {r['task']} | {r['preset']} | `{r['variant']}` | {len(r['seeds'])} | {accuracy} "
+                 f"| {solved}/{len(r['seeds'])} "
                  f"| {' / '.join(f'{c:.3f}' for c in r['chance'])} | {r['steps_mean']:.0f} | {r['seconds_mean']:.0f} "
                  f"| {', '.join(f'L{i} {e:.2f}' for i, e in enumerate(entropy)) if entropy else 'n/a'} |")
   return lines + [""]
