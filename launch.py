@@ -26,8 +26,7 @@ from neon_qtg_jax import cli
 from neon_qtg_jax.config import ConfigError, default_config, validate
 from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.parallel import distributed
-from neon_qtg_jax.training.save_faults import CheckpointSaveError
-from neon_qtg_jax.training.backup import BackupError
+from neon_qtg_jax.checkpoint.errors import BackupError, CheckpointMismatchError, CheckpointSaveError
 
 
 def reject_unknown_overrides(argv: list[str]) -> None:
@@ -113,10 +112,12 @@ def main(argv: list[str]) -> int:
                      info_format=_INFO_FORMAT.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
                      eval_data=_EVAL_DATA.value, output=_OUTPUT.value,
                      overwrite=_OVERWRITE.value, verify=_VERIFY.value, target=_TARGET.value)
-  # A missing checkpoint, an existing result, unusable data, a failed save or a bad mesh: one clear line.
+  # A missing checkpoint, an existing result, unusable data, a failed save, a checkpoint of another model
+  # shape or a bad mesh: one clear line.
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
-  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, ConfigError, BackupError) as err:
+  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, CheckpointMismatchError, ConfigError,
+          BackupError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
 

@@ -7,12 +7,12 @@ field. Field names follow the seed plan's YAML where it has one.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import re
 from typing import Any
 
 import ml_collections
-
-from neon_qtg_jax.training.backup import url_problem
 
 ATTENTION_KINDS = ("geo", "dot")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "pallas")
@@ -36,6 +36,15 @@ LOGICAL_AXIS_RULES = (
     ("act_heads", ("tensor",)),
 )
 MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
+
+# Model fields that choose how the forward pass is computed, not what it computes: they change no
+# parameter, so a checkpoint restores under other values (inference takes them from the current run).
+MODEL_EXECUTION_FIELDS = ("dtype", "attention_impl", "blockwise_min_len", "block_q", "block_k", "remat",
+                          "scan_layers", "dropout")
+
+# training.backup_url: object stores through fsspec, or a directory path.
+BACKUP_SCHEMES = {"s3": "s3fs", "gs": "gcsfs"}  # scheme -> the fsspec package it needs
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 
 
 class ConfigError(ValueError):
@@ -151,6 +160,21 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def backup_url_problem(url: str) -> str | None:
+  """Why `url` cannot be a backup location (None when it can): s3://bucket[/prefix], gs://... or a directory."""
+  if not url or "://" not in url:
+    return None
+  scheme, rest = url.split("://", 1)
+  if scheme not in BACKUP_SCHEMES:
+    return f"scheme {scheme}:// is not supported; use s3://bucket/prefix, gs://bucket/prefix or a directory path"
+  if not BUCKET_NAME.match(rest.split("/", 1)[0]):
+    return f"{url!r} does not start with a valid bucket name ({scheme}://bucket/prefix)"
+  package = BACKUP_SCHEMES[scheme]
+  if importlib.util.find_spec(package) is None:
+    return f"{scheme}:// needs the {package} package (pip install {package})"
+  return None
+
+
 def _field_paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in cfg.items():
@@ -228,7 +252,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.on_save_error in ("stop", "continue"), "training.on_save_error", "must be 'stop' or 'continue'",
          t.on_save_error)
   positive("training", ("backup_wait_minutes",), strict=False)
-  backup_problem = url_problem(t.backup_url)
+  backup_problem = backup_url_problem(t.backup_url)
   _check(backup_problem is None, "training.backup_url", str(backup_problem), t.backup_url)
 
   _check(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}", d.source)

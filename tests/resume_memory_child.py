@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from neon_qtg_jax import parallel
 from neon_qtg_jax.config import default_config, validate
-from neon_qtg_jax.training import checkpointing, trainer
+from neon_qtg_jax.checkpoint import checkpointer as checkpointing
+from neon_qtg_jax.training import trainer
 from neon_qtg_jax.training import train_step as ts
 
 

@@ -27,7 +27,7 @@ from neon_qtg_jax.inference import generate as generate_mode
 from neon_qtg_jax.inference.restore import load_model
 from neon_qtg_jax.inference.sampling import SamplingParams, generate
 from neon_qtg_jax.model import QTGModel
-from neon_qtg_jax.training.checkpointing import Checkpointer
+from neon_qtg_jax.checkpoint.checkpointer import Checkpointer
 
 TEXT = [f"def f{i}(x):\n\treturn x * {i} + {i % 7}" for i in range(60)] + \
        [f"The value {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60)]

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from neon_qtg_jax.config import default_config, validate
-from neon_qtg_jax.training import checkpointing, optimizer
+from neon_qtg_jax.checkpoint import checkpointer as checkpointing
+from neon_qtg_jax.training import optimizer
 from neon_qtg_jax.training import train_step as ts
 
 

@@ -25,17 +25,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from neon_qtg_jax.config import MODEL_EXECUTION_FIELDS
 from neon_qtg_jax.model.qtg import QTGModel
 from neon_qtg_jax.parallel.mesh import make_mesh
 from neon_qtg_jax.parallel.sharding import param_shardings
-from neon_qtg_jax.training import checkpointing
+from neon_qtg_jax.checkpoint import checkpointer
 
 log = logging.getLogger(__name__)
-
-# Model fields that change how the forward pass is computed, not what it computes.
-EXECUTION_FIELDS = ("dtype", "attention_impl", "blockwise_min_len", "block_q", "block_k", "remat", "scan_layers",
-                    "dropout")
-
 
 PARAM_DTYPES = ("float32", "compute", "auto")
 
@@ -78,9 +74,9 @@ def inference_model_config(run_config: ml_collections.ConfigDict,
   """The checkpoint's model config with the execution fields of `current` (dropout off)."""
   model_cfg = ml_collections.ConfigDict(run_config.model.to_dict())
   if current is not None:
-    for name in EXECUTION_FIELDS:
+    for name in MODEL_EXECUTION_FIELDS:
       model_cfg[name] = current.model[name]
-    differing = sorted(k for k in model_cfg.keys() if k not in EXECUTION_FIELDS
+    differing = sorted(k for k in model_cfg.keys() if k not in MODEL_EXECUTION_FIELDS
                        and model_cfg[k] != current.model.get(k))
     if differing:
       log.warning("the checkpoint's model config differs from --config in %s; using the checkpoint's", differing)
@@ -109,9 +105,9 @@ def load_model(workdir_or_path: str, which: str | int = "best",
   which: a step number, "best", "latest" or a checkpoint path. Raises FileNotFoundError
   naming the directory when there is no such checkpoint.
   """
-  run_config = checkpointing.load_run_config(workdir_or_path, which)
+  run_config = checkpointer.load_run_config(workdir_or_path, which)
   graphdef, abstract_state = abstract_model(inference_model_config(run_config, config), param_dtype)
-  params, step = checkpointing.restore_params(workdir_or_path, which, abstract_state)
+  params, step = checkpointer.restore_params(workdir_or_path, which, abstract_state)
   dtype = jax.tree.leaves(abstract_state)[0].dtype.name
   return Restored(nnx.merge(graphdef, params), step, run_config, dtype)
 

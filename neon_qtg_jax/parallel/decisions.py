@@ -1,22 +1,42 @@
-"""Decisions every process must take together, and the one process that writes.
+"""Decisions every process must take together, the one process that writes, and who this process is.
 
 A save, a stop or a checkpoint fallback that one process takes alone leaves the others waiting in
-a collective for ever. Each process proposes from its own clock, signals and errors; `agree`
-all-gathers the proposals (one tiny collective) and every process acts on their OR.
+a collective for ever. Each process proposes from its own clock, signals and errors, and every
+process acts on the OR of the proposals:
+
+- `agree` all-gathers the proposals now (a host-blocking collective): for rare moments such as a
+  resume, a save or the end of a run;
+- `StepAgreement` is the per-step form: with one process it is `agree` (no communication); with
+  several, the proposals of step k go into a tiny device all-reduce dispatched behind step k's
+  train step, and its result is read at step k + 1, when step k + 1 is already queued on the
+  devices. So every process acts at step k + 1 on what any process saw at step k, and the host
+  never waits for the devices to drain.
+
+This module is the only place that asks JAX which process this is (`is_writer`, `process_tag`).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from typing import Callable, Mapping, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+T = TypeVar("T")
 
 
 def is_writer() -> bool:
-  """Process 0 writes logs, metrics, TensorBoard, plots and samples; checkpoints go through Orbax."""
+  """Process 0 writes logs, metrics, TensorBoard, plots, samples and the backup; checkpoints go through Orbax."""
   return jax.process_index() == 0
+
+
+def process_tag() -> str:
+  """"" for a single-process run, else "process_{i}" (per-process files and log prefixes)."""
+  return "" if jax.process_count() == 1 else f"process_{jax.process_index()}"
 
 
 def agree(proposals: Mapping[str, bool]) -> dict[str, bool]:
@@ -32,3 +52,65 @@ def agree(proposals: Mapping[str, bool]) -> dict[str, bool]:
 def all_succeeded(ok: bool) -> bool:
   """True on every process only if `ok` held on every process."""
   return not agree({"failed": not ok})["failed"]
+
+
+def barrier(name: str) -> None:
+  """Returns once every process reached the barrier `name` (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def on_one_process(fn: Callable[[], T], name: str) -> T | None:
+  """Runs `fn` on process 0 only (e.g. a rename in a shared directory), then waits for every process.
+
+  Returns fn's result on process 0 and None elsewhere; after it returns, every process sees the effect.
+  """
+  result = fn() if jax.process_index() == 0 else None
+  barrier(name)
+  return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreed:
+  """What every process decided for one step: each proposal name -> whether any process proposed it."""
+  step: int                     # the step whose proposals these are
+  flags: Mapping[str, bool]
+
+  def __getitem__(self, name: str) -> bool:
+    return self.flags.get(name, False)
+
+
+class StepAgreement:
+  """Per-step agreement on boolean proposals whose names are fixed at construction.
+
+  `step(k, proposals)` returns the Agreed record to act on at step k: step k's own proposals with
+  one process, step k - 1's with several (nothing agreed at the first step).
+  """
+
+  def __init__(self, names: tuple[str, ...]):
+    self.names = tuple(sorted(names))
+    self._pending: tuple[int, jax.Array] | None = None
+    if jax.process_count() > 1:
+      devices = np.asarray(jax.devices())
+      self._mesh = Mesh(devices, ("processes",))
+      self._rows = NamedSharding(self._mesh, PartitionSpec("processes"))
+      self._reduce = jax.jit(lambda x: jnp.max(x, axis=0), out_shardings=NamedSharding(self._mesh, PartitionSpec()))
+
+  def _dispatch(self, local: np.ndarray) -> jax.Array:
+    """One row per device, every local device holding this process's proposals; the all-reduce runs async."""
+    rows = [jax.device_put(local[None], d) for d in self._mesh.local_devices]
+    array = jax.make_array_from_single_device_arrays((self._mesh.size, len(self.names)), self._rows, rows)
+    return self._reduce(array)
+
+  def step(self, step: int, proposals: Mapping[str, bool]) -> Agreed:
+    unknown = set(proposals) - set(self.names)
+    if unknown:
+      raise ValueError(f"proposals {sorted(unknown)} were not declared (have {self.names})")
+    if jax.process_count() == 1:
+      return Agreed(step, {name: bool(proposals.get(name, False)) for name in self.names})
+    previous, self._pending = self._pending, (step, self._dispatch(
+        np.array([bool(proposals.get(name, False)) for name in self.names], np.int32)))
+    if previous is None:
+      return Agreed(step - 1, {name: False for name in self.names})
+    values = np.asarray(previous[1].addressable_data(0))
+    return Agreed(previous[0], {name: bool(values[i]) for i, name in enumerate(self.names)})

@@ -46,7 +46,8 @@ def learned_gamma(workdir: str) -> list[list[float]] | None:
 def train_and_score(run: Run, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run, scores its final checkpoint on the full validation split; the record."""
   from neon_qtg_jax.evaluation import perplexity  # pylint: disable=import-outside-toplevel
-  from neon_qtg_jax.training import checkpointing, trainer  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.checkpoint import checkpointer  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.training import trainer  # pylint: disable=import-outside-toplevel
   config = run.config
   os.makedirs(os.path.join(workdir, "outputs", "logs"), exist_ok=True)
   console = os.path.join(workdir, "outputs", "logs", "console.txt")
@@ -56,7 +57,7 @@ def train_and_score(run: Run, workdir: str) -> dict[str, Any]:
     code = trainer.run(config, RunArgs(workdir=workdir))
     if code:
       raise RuntimeError(f"{run.key}: training exited with code {code} (log: {console})")
-    meta = checkpointing.load_meta(workdir, "latest")
+    meta = checkpointer.load_meta(workdir, "latest")
     if meta["step"] < config.training.total_steps and run.budget["kind"] != "wall_time":
       raise RuntimeError(f"{run.key}: stopped at step {meta['step']} of {config.training.total_steps} (log: {console})")
     eval_path = os.path.join(workdir, "eval", "final.json")

@@ -24,7 +24,9 @@ from flax import nnx
 
 from neon_qtg_jax import info, parallel
 from neon_qtg_jax.parallel import decisions, inputs
-from neon_qtg_jax.training import backup, checkpointing, plots
+from neon_qtg_jax.checkpoint import checkpointer as checkpointing
+from neon_qtg_jax.checkpoint import resume, storage, uploader as backup_uploader
+from neon_qtg_jax.training import plots
 from neon_qtg_jax.training import train_step as ts
 from neon_qtg_jax.training.metric_writers import create_run_writer, metric_writers, read_jsonl
 from neon_qtg_jax.training.preemption import PreemptionFlag
@@ -106,70 +108,54 @@ class Progress:
             "train_seconds": self.train_seconds}
 
 
-def _resume_candidates(config: ml_collections.ConfigDict, args: Any, checkpointer: checkpointing.Checkpointer
-                       ) -> tuple[checkpointing.Checkpointer, list[int], bool]:
-  """Which checkpointer and steps to try, newest first; the bool says whether the user named the step."""
-  if args.resume_from and args.resume_from not in ("latest", "best") and not args.resume_from.isdigit():
-    ref = checkpointing.resolve(args.resume_from, args.resume_from)
-    if os.path.abspath(ref.directory) != os.path.abspath(checkpointer.directory):
-      return checkpointing.Checkpointer(ref.directory, keep=config.training.keep_checkpoints), [ref.step], True
-    return checkpointer, [ref.step], True
-  steps = checkpointer.steps()
-  if args.resume_from:
-    if not steps:
-      raise FileNotFoundError(f"--resume_from={args.resume_from}: no checkpoints in {checkpointer.directory}")
-    ref = checkpointing.resolve(checkpointer.directory, args.resume_from)
-    return checkpointer, [ref.step], True
-  return checkpointer, steps, False
+def plan_resume(config: ml_collections.ConfigDict, args: Any, checkpointer: checkpointing.Checkpointer
+                ) -> resume.ResumePlan:
+  """The resume plan of this run; restores the backed-up tokenizer first when the plan may use the backup."""
+  plan = resume.plan_resume(args.resume_from, checkpointer.directory, config.training.backup_url,
+                            checkpointer.steps())
+  if any(c.source == resume.BACKUP for c in plan.candidates):
+    storage.fetch_data_files(config.training.backup_url, config.data.data_dir)
+  return plan
 
 
 def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: checkpointing.Checkpointer,
                     target: ts.TrainState, train_iter: Any, mesh: jax.sharding.Mesh,
-                    init: Callable[[], ts.TrainState]) -> tuple[ts.TrainState, Progress]:
-  """Resumes from --resume_from or the newest readable checkpoint of the workdir; else returns `init()`.
+                    init: Callable[[], ts.TrainState], plan: resume.ResumePlan | None = None
+                    ) -> tuple[ts.TrainState, Progress]:
+  """Resumes from the plan's first checkpoint that restores (resume.restore_plan); else returns `init()`.
 
   `target` is the abstract, sharded state (ShapeDtypeStructs): Orbax reads every array straight
   into its shards, so a resume never holds a freshly initialised state beside the restored one.
   """
-  source, candidates, named = _resume_candidates(config, args, checkpointer)
-  if not candidates:
+  plan = plan or plan_resume(config, args, checkpointer)
+  if plan.fresh:
     log.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
     return init(), Progress()
-  same_layout = loader_has_state(os.path.join(source.directory, str(max(candidates))))
-  data_args = iterator_args(train_iter, save=False) if train_iter is not None and same_layout else None
-  found = source.restore_latest_good(candidates, params=target.params, opt_state=target.opt_state,
-                                     data_args=data_args)
+
+  def data_args(step_dir: str) -> Any:
+    return iterator_args(train_iter, save=False) if train_iter is not None and loader_has_state(step_dir) else None
+
+  found = resume.restore_plan(plan, checkpointer, targets={"params": target.params, "opt_state": target.opt_state},
+                              data_args=data_args, config=config)
   if found is None:
-    if named:
-      raise RuntimeError(f"checkpoint {candidates[0]} in {source.directory} is unreadable (see the warning above)")
-    if config.training.backup_url:  # no local checkpoint reads: the backup's newest verified step, if any
-      workdir = os.path.dirname(checkpointer.directory)
-      fetched = backup.fetch_for_resume(config, args, workdir, local_unreadable=True)
-      if fetched.resume_from:
-        return restore_or_init(config, fetched, checkpointer, target, train_iter, mesh, init)
-    log.warning("no readable checkpoint in %s: starting from step 0", source.directory)
     return init(), Progress()
-  step, restored = found
-  meta = restored["meta"]
+  meta = found.items["meta"]
   replicated = parallel.replicated(mesh)
 
   def scalar(name: str) -> jax.Array:
     return jax.device_put(jnp.asarray(meta[name], jnp.int32), replicated)
 
-  state = target.replace(step=scalar("step"), params=restored["params"], opt_state=restored["opt_state"],
+  state = target.replace(step=scalar("step"), params=found.items["params"], opt_state=found.items["opt_state"],
                         rng=jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated),
                         nonfinite_streak=scalar("nonfinite_streak"), nonfinite_peak=scalar("nonfinite_peak"),
                         nonfinite_total=scalar("nonfinite_total"))
-  if train_iter is not None and not same_layout:
+  if train_iter is not None and "data" not in found.items:
     from neon_qtg_jax.data import loader  # pylint: disable=import-outside-toplevel
     global_rows = config.training.batch_size * config.training.grad_accum_steps
     _, count = inputs.process_rows(mesh, config.parallel.rules, global_rows)
     loader.skip_to_step(train_iter, int(meta["step"]), global_rows // count)
     log.info("data position set from step %d: the checkpoint was written under another process layout",
              int(meta["step"]))
-  if source is checkpointer:
-    checkpointer.delete_after(step)
-  log.info("resumed from %s/%d", source.directory, step)
   return state, Progress(best_val_loss=meta["best_val_loss"], train_seconds=meta["train_seconds"])
 
 
@@ -266,8 +252,10 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
   mesh = parallel.make_mesh(config.parallel)
   inputs.check_batch(config, mesh)  # a ConfigError before any work
   setup_logging(workdir)
-  args = backup.fetch_for_resume(config, args, workdir)
   t = config.training
+  checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints,
+                                            on_save_error=t.on_save_error)
+  plan = plan_resume(config, args, checkpointer)
   log.info("workdir %s; devices: %d x %s; mesh %s", workdir, jax.device_count(), jax.devices()[0].device_kind,
            parallel.describe(mesh))
 
@@ -276,14 +264,13 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
            len(data.eval_batches), data.unigram_perplexity)
 
   graphdef = ts.model_graphdef(config)
-  checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints,
-                                            on_save_error=t.on_save_error)
   state, progress = restore_or_init(config, args, checkpointer, ts.sharded_abstract_state(config, mesh),
                                     data.train_iter, mesh,
-                                    lambda: ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)[1])
+                                    lambda: ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)[1],
+                                    plan)
   start_step = int(jax.device_get(state.step))
-  backup.discard_fetched(workdir)
-  uploader = backup.start_uploader(config, workdir, start_step)
+  uploader = (backup_uploader.start_uploader(config, workdir, start_step) if decisions.is_writer()
+              else backup_uploader.NoBackup())
 
   train_step = ts.make_train_step(config, graphdef, mesh)
   eval_step = ts.make_eval_step(config, graphdef, mesh)

@@ -1,6 +1,6 @@
-"""What a checkpoint save can fail on: the error it raises, and the free-space check made before each save.
+"""What checkpoint reads and writes fail with, and the free-space check made before each save.
 
-Kept free of JAX and Orbax imports so launch.py can name the error without loading them.
+Kept free of JAX and Orbax imports so launch.py can name the errors without loading them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,17 @@ FREE_SPACE_MARGIN = 2.0  # warn when the disk holds less than this many checkpoi
 
 class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written (disk full, file too large, I/O error); earlier steps are intact."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint whose arrays do not fit this run's model or optimizer (a changed config).
+
+  Nothing is moved or deleted: the checkpoint is fine, the config is not the one it was written with.
+  """
+
+
+class BackupError(RuntimeError):
+  """A backup step or file that is missing, incomplete or differs from its index."""
 
 
 def free_space_warning(directory: str, nbytes: int) -> str | None:
