@@ -82,7 +82,7 @@ _INFO_FORMAT = flags.DEFINE_enum("info_format", "text", ["text", "json"], "Info 
 _PROMPT = flags.DEFINE_string("prompt", "", "Generate: one prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with one prompt per line.")
 _EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the validation split.")
-_TARGET = flags.DEFINE_string("target", "", "memory_test: compile for NAME:DEVICES, e.g. h200:1 or h200:8 "
+_TARGET = flags.DEFINE_string("target", "", "memory_report: compile for NAME:DEVICES, e.g. h200:1 or h200:8 "
                               "(8 per host); empty: the local devices.")
 _OUTPUT = flags.DEFINE_string("output", "", "Result file; empty: a default under the workdir.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Eval: replace an earlier result of the same name.")

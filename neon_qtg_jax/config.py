@@ -34,6 +34,8 @@ LOGICAL_AXIS_RULES = (
     ("heads", ("tensor",)),        # attention split by heads (QKV kernel, W_O input, gamma)
     ("mlp", ("tensor",)),          # the FFN hidden axis
     ("act_heads", ("tensor",)),
+    ("cache_heads", ("fsdp",)),    # decode cache keys and values (layers, B, slots, heads, head_dim)
+    ("cache_width", ("fsdp",)),    # decode cache unit states phi (layers, B, slots, 2d)
 )
 MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
 

@@ -132,8 +132,10 @@ def test_backup_resume_on_a_fresh_workdir_matches_the_uninterrupted_run(s3, data
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from_url = load_model(str(tmp_path / "elsewhere"), f"{url}/checkpoints/8")  # as --checkpoint=URL passes it
-  from_workdir = load_model(workdir, 8)
+  from neon_qtg_jax.parallel import ShardingConfig  # pylint: disable=import-outside-toplevel
+  sharding = ShardingConfig.all_fsdp()
+  from_url = load_model(str(tmp_path / "elsewhere"), f"{url}/checkpoints/8", sharding=sharding)  # as --checkpoint=URL
+  from_workdir = load_model(workdir, 8, sharding=sharding)
   assert from_url.step == 8
   jax.tree.map(np.testing.assert_array_equal, nnx.state(from_url.model, nnx.Param),
                nnx.state(from_workdir.model, nnx.Param))

@@ -270,7 +270,7 @@ class Checkpointer:
     if self.on_save_error == "continue":
       log.error("%s; training goes on (training.on_save_error='continue')", message)
       return
-    raise CheckpointSaveError(message + "; stopping (training.on_save_error='stop')") from err
+    raise CheckpointSaveError(message + "; stopping (training.on_save_error='stop')", message) from err
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

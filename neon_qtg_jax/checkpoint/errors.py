@@ -11,7 +11,14 @@ FREE_SPACE_MARGIN = 2.0  # warn when the disk holds less than this many checkpoi
 
 
 class CheckpointSaveError(RuntimeError):
-  """A checkpoint could not be written (disk full, file too large, I/O error); earlier steps are intact."""
+  """A checkpoint could not be written (disk full, file too large, I/O error); earlier steps are intact.
+
+  detail: what failed, without what the run does about it (the message may add "stopping ...").
+  """
+
+  def __init__(self, message: str, detail: str | None = None):
+    super().__init__(message)
+    self.detail = detail or message
 
 
 class CheckpointMismatchError(ValueError):

@@ -161,7 +161,9 @@ def run(config, args) -> int:
   from neon_qtg_jax.evaluation.tool_cli import write_json
   from neon_qtg_jax.inference.restore import load_model
 
-  restored = load_model(args.workdir, args.checkpoint, config)
+  from neon_qtg_jax.parallel import ShardingConfig
+
+  restored = load_model(args.workdir, args.checkpoint, config, sharding=ShardingConfig.from_config(config.parallel))
   data_dir = restored.run_config.data.data_dir
   tokenizer = Tokenizer.load(data_dir)
   if tokenizer.vocab_size > restored.model.cfg.vocab_size:

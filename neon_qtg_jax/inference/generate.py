@@ -58,7 +58,10 @@ def run(config, args) -> int:
   from neon_qtg_jax.data.tokenizer import Tokenizer
   from neon_qtg_jax.inference.restore import load_model
 
-  restored = load_model(args.workdir, args.checkpoint, config, param_dtype="auto")  # bf16 only where fp32 won't fit
+  from neon_qtg_jax.parallel import ShardingConfig
+
+  restored = load_model(args.workdir, args.checkpoint, config, param_dtype="auto",  # bf16 only where fp32 won't fit
+                        sharding=ShardingConfig.from_config(config.parallel))
   tokenizer = Tokenizer.load(restored.run_config.data.data_dir)
   sampling = config.sampling
   max_new = min(sampling.max_new_tokens, restored.model.cfg.max_seq_len - 1)
@@ -71,7 +74,7 @@ def run(config, args) -> int:
 
   outputs, stats = generate_with_stats(restored.model, prompt_ids, sampling_cfg=sampling, max_new_tokens=max_new,
                                        eos_id=tokenizer.eos_id, seed=sampling.seed,
-                                       valid_vocab=tokenizer.vocab_size)
+                                       valid_vocab=tokenizer.vocab_size, sharding=restored.sharding)
   records = []
   for text, new_ids in zip(texts, outputs):
     completion = tokenizer.decode(new_ids)
@@ -93,8 +96,10 @@ def run(config, args) -> int:
   return 0
 
 
-def text_completer(model, tokenizer, sampling_cfg, max_new_tokens: int, seed: int = 0):
+def text_completer(model, tokenizer, sampling_cfg, max_new_tokens: int, seed: int = 0, sharding=None):
   """complete(texts, call_index) -> continuations (text) of each prompt, for the benchmark tools.
+
+  sharding: where the model's parameters live (Restored.sharding); the decode cache goes there too.
 
   Each call samples with seed + call_index, so repeated samples differ and reruns reproduce.
   Prompts longer than the model allows keep their last tokens.
@@ -104,7 +109,8 @@ def text_completer(model, tokenizer, sampling_cfg, max_new_tokens: int, seed: in
   def complete(texts: list[str], call_index: int = 0) -> list[str]:
     prompt_ids, _ = encode_prompts(tokenizer, texts, model.cfg.max_seq_len - max_new)
     outputs = generate(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new,
-                       eos_id=tokenizer.eos_id, seed=seed + call_index, valid_vocab=tokenizer.vocab_size)
+                       eos_id=tokenizer.eos_id, seed=seed + call_index, valid_vocab=tokenizer.vocab_size,
+                       sharding=sharding)
     return [tokenizer.decode(ids) for ids in outputs]
 
   return complete

@@ -12,7 +12,8 @@ process acts on the OR of the proposals:
   devices. So every process acts at step k + 1 on what any process saw at step k, and the host
   never waits for the devices to drain.
 
-This module is the only place that asks JAX which process this is (`is_writer`, `process_tag`).
+This module is the only place that asks JAX which process this is (`is_writer`, `process_tag`,
+`process_position`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def is_writer() -> bool:
 def process_tag() -> str:
   """"" for a single-process run, else "process_{i}" (per-process files and log prefixes)."""
   return "" if jax.process_count() == 1 else f"process_{jax.process_index()}"
+
+
+def process_position() -> tuple[int, int]:
+  """(this process's index, the number of processes): per-process files such as the data position."""
+  return jax.process_index(), jax.process_count()
 
 
 def agree(proposals: Mapping[str, bool]) -> dict[str, bool]:

@@ -35,10 +35,11 @@ def _val_curve(metrics_path: str, tokens_per_step: int, flops_per_step: float) -
           for s in sorted(by_step)]
 
 
-def learned_gamma(workdir: str) -> list[list[float]] | None:
+def learned_gamma(workdir: str, config: Any) -> list[list[float]] | None:
   """softplus(gamma_raw) per layer and head of the latest checkpoint; None for dot-product attention."""
   from neon_qtg_jax.inference.restore import load_model  # pylint: disable=import-outside-toplevel
-  model = load_model(workdir, "latest").model
+  from neon_qtg_jax.parallel import ShardingConfig  # pylint: disable=import-outside-toplevel
+  model = load_model(workdir, "latest", config, sharding=ShardingConfig.from_config(config.parallel)).model
   gamma = model.blocks.attn.gamma()
   return None if gamma is None else np.asarray(jax.device_get(gamma), np.float64).round(4).tolist()
 
@@ -64,7 +65,7 @@ def train_and_score(run: Run, workdir: str) -> dict[str, Any]:
     code = perplexity.run(config, RunArgs(workdir=workdir, checkpoint="latest", output=eval_path))
     if code:
       raise RuntimeError(f"{run.key}: --mode=eval exited with code {code} (log: {console})")
-    gamma = learned_gamma(workdir)
+    gamma = learned_gamma(workdir, config)
   with open(eval_path, encoding="utf-8") as f:
     final = json.load(f)
   summary = info.summarize(config)

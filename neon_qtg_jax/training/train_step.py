@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh
 
-from neon_qtg_jax import parallel
+from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.loss import LossWeights, qtg_loss
 from neon_qtg_jax.model.qtg import QTGModel
 from neon_qtg_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -59,32 +58,33 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
   return jax.eval_shape(lambda key: _init_state(config, key), jax.random.PRNGKey(0))
 
 
-def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
-  """Shardings for every leaf of the train state from the parameters' logical axes and parallel.rules.
+def state_shardings(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> TrainState:
+  """Shardings for every leaf of the train state from the parameters' logical axes and the rules.
 
   The optimizer moments carry the parameters' axis names, so they are split like the parameters.
   """
   abstract = abstract_train_state(config)
-  replicated = parallel.replicated(mesh)
-  rules = config.parallel.rules
+  replicated = sharding.replicated()
   return abstract.replace(
       step=replicated, rng=replicated, nonfinite_streak=replicated, nonfinite_peak=replicated,
-      nonfinite_total=replicated, params=parallel.param_shardings(abstract.params, mesh, rules),
-      opt_state=parallel.param_shardings(abstract.opt_state, mesh, rules))
+      nonfinite_total=replicated, params=sharding.params(abstract.params), opt_state=sharding.params(abstract.opt_state))
 
 
-def sharded_abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+def sharded_abstract_state(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> TrainState:
   """TrainState of ShapeDtypeStructs carrying their shardings: a restore target, or a compile input."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract_train_state(config), state_shardings(config, mesh))
+                      abstract_train_state(config), state_shardings(config, sharding))
+
+
+def init_fn(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> Callable[[jax.Array], TrainState]:
+  """The jit-compiled fresh start: PRNG key -> TrainState built directly in its shards."""
+  return jax.jit(lambda key: _init_state(config, key), out_shardings=state_shardings(config, sharding))
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
-                       mesh: Mesh | None = None) -> tuple[nnx.GraphDef, TrainState]:
+                       sharding: ShardingConfig) -> tuple[nnx.GraphDef, TrainState]:
   """Initialises parameters and optimizer state directly in their shards: (graphdef, TrainState)."""
-  mesh = mesh or parallel.make_mesh(config.parallel)
-  init = jax.jit(lambda key: _init_state(config, key), out_shardings=state_shardings(config, mesh))
-  return model_graphdef(config), init(rng)
+  return model_graphdef(config), init_fn(config, sharding)(rng)
 
 
 def tokens_per_step(config: ml_collections.ConfigDict) -> int:
@@ -179,42 +179,33 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                    mesh: Mesh | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    sharding: ShardingConfig) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """jit-compiled train step with the state donated; works on abstract inputs for .lower().
 
-  Batch rows are split over the "batch" rule's mesh axes (parallel.check_batch rejects a batch
-  that does not divide); activations are constrained by logical names while the step traces.
+  Batch rows are split over the "batch" rule's mesh axes (parallel.inputs.check_batch rejects a
+  batch that does not divide); activations are constrained by logical names while the step traces.
   """
-  mesh = mesh or parallel.make_mesh(config.parallel)
-  rules = config.parallel.rules
-  shardings = state_shardings(config, mesh)
-  step = train_step_fn(config, graphdef, parallel.batch_sharding(mesh, rules, leading=1))
+  shardings = state_shardings(config, sharding)
+  step = train_step_fn(config, graphdef, sharding.batch(leading=1))
 
   def sharded_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    with parallel.activation_sharding(mesh, rules):
+    with sharding.activations():
       return step(state, batch)
 
-  return jax.jit(sharded_step, donate_argnums=(0,), in_shardings=(shardings, parallel.batch_sharding(mesh, rules)),
-                 out_shardings=(shardings, parallel.replicated(mesh)))
+  return jax.jit(sharded_step, donate_argnums=(0,), in_shardings=(shardings, sharding.batch()),
+                 out_shardings=(shardings, sharding.replicated()))
 
 
 def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                   mesh: Mesh | None = None) -> Callable[[nnx.State, Batch], Metrics]:
-  """jit-compiled evaluation of one batch without dropout: every loss term and the perplexity.
+                   sharding: ShardingConfig) -> Callable[[nnx.State, Batch], Metrics]:
+  """jit-compiled evaluation of one batch without dropout: every loss term.
 
-  With a mesh, activations follow parallel.rules and the scalars come back replicated (readable
-  on every process).
+  Activations follow the rules and the scalars come back replicated (readable on every process).
   """
   weights = LossWeights.from_config(config.training)
 
   def evaluate(params: nnx.State, batch: Batch) -> Metrics:
-    _, terms = loss_fn(graphdef, params, batch, weights, None)
+    with sharding.activations():
+      _, terms = loss_fn(graphdef, params, batch, weights, None)
     return {k: terms[k] for k in LOSS_TERMS}
-
-  if mesh is None:
-    return jax.jit(evaluate)
-
-  def sharded_evaluate(params: nnx.State, batch: Batch) -> Metrics:
-    with parallel.activation_sharding(mesh, config.parallel.rules):
-      return evaluate(params, batch)
-  return jax.jit(sharded_evaluate, out_shardings=parallel.replicated(mesh))
+  return jax.jit(evaluate, out_shardings=sharding.replicated())

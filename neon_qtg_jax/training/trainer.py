@@ -69,7 +69,7 @@ class RunData:
   unigram_perplexity: float
 
 
-def load_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunData:
+def load_data(config: ml_collections.ConfigDict, sharding: parallel.ShardingConfig) -> RunData:
   """Prepares the dataset when its shards are missing, then opens the training and validation data.
 
   The training iterator yields this process's rows of each global batch (parallel.inputs).
@@ -82,10 +82,9 @@ def load_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run
                                       config.model.vocab_size)
   batches = loader.eval_batches(config, split="val", num_batches=config.training.eval_batches,
                                 batch_size=config.training.batch_size)
-  rules = config.parallel.rules
-  index, count = inputs.process_rows(mesh, rules, config.training.batch_size * config.training.grad_accum_steps)
+  index, count = inputs.process_rows(sharding, config.training.batch_size * config.training.grad_accum_steps)
   return RunData(loader.make_train_iterator(config, shard_index=index, shard_count=count),
-                 [inputs.replicated_batch(b, mesh, rules) for b in batches], tokenizer, unigram)
+                 [inputs.replicated_batch(b, sharding) for b in batches], tokenizer, unigram)
 
 
 def iterator_args(train_iter: Any, save: bool) -> Any:
@@ -119,7 +118,7 @@ def plan_resume(config: ml_collections.ConfigDict, args: Any, checkpointer: chec
 
 
 def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: checkpointing.Checkpointer,
-                    target: ts.TrainState, train_iter: Any, mesh: jax.sharding.Mesh,
+                    target: ts.TrainState, train_iter: Any, sharding: parallel.ShardingConfig,
                     init: Callable[[], ts.TrainState], plan: resume.ResumePlan | None = None
                     ) -> tuple[ts.TrainState, Progress]:
   """Resumes from the plan's first checkpoint that restores (resume.restore_plan); else returns `init()`.
@@ -140,7 +139,7 @@ def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: 
   if found is None:
     return init(), Progress()
   meta = found.items["meta"]
-  replicated = parallel.replicated(mesh)
+  replicated = sharding.replicated()
 
   def scalar(name: str) -> jax.Array:
     return jax.device_put(jnp.asarray(meta[name], jnp.int32), replicated)
@@ -152,7 +151,7 @@ def restore_or_init(config: ml_collections.ConfigDict, args: Any, checkpointer: 
   if train_iter is not None and "data" not in found.items:
     from neon_qtg_jax.data import loader  # pylint: disable=import-outside-toplevel
     global_rows = config.training.batch_size * config.training.grad_accum_steps
-    _, count = inputs.process_rows(mesh, config.parallel.rules, global_rows)
+    _, count = inputs.process_rows(sharding, global_rows)
     loader.skip_to_step(train_iter, int(meta["step"]), global_rows // count)
     log.info("data position set from step %d: the checkpoint was written under another process layout",
              int(meta["step"]))
@@ -173,7 +172,7 @@ def evaluate(eval_step: Any, params: nnx.State, batches: list[dict[str, jax.Arra
 
 
 def write_samples(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: nnx.State, tokenizer: Any,
-                  workdir: str, step: int) -> str:
+                  workdir: str, step: int, sharding: parallel.ShardingConfig) -> str:
   """Continues config.sampling.prompts with the configured sampling; writes outputs/samples/step_XXXXXXX.txt."""
   from neon_qtg_jax.inference.sampling import generate  # pylint: disable=import-outside-toplevel
   s = config.sampling
@@ -181,7 +180,7 @@ def write_samples(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, par
   prompt_ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
   max_new = min(s.max_new_tokens, config.model.max_seq_len - max(len(p) for p in prompt_ids))
   outputs = generate(nnx.merge(graphdef, params), prompt_ids, sampling_cfg=s, max_new_tokens=max_new,
-                     eos_id=tokenizer.eos_id, seed=s.seed, valid_vocab=tokenizer.vocab_size)
+                     eos_id=tokenizer.eos_id, seed=s.seed, valid_vocab=tokenizer.vocab_size, sharding=sharding)
   text = "\n\n".join(f"=== prompt {i}: {p!r}\n{p}{tokenizer.decode(o)}" for i, (p, o) in enumerate(zip(prompts, outputs)))
   path = os.path.join(workdir, "outputs", "samples", f"step_{step:07d}.txt")
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -249,31 +248,31 @@ class WindowStats:
 
 def run(config: ml_collections.ConfigDict, args: Any) -> int:
   workdir = os.path.abspath(args.workdir)
-  mesh = parallel.make_mesh(config.parallel)
-  inputs.check_batch(config, mesh)  # a ConfigError before any work
+  sharding = parallel.ShardingConfig.from_config(config.parallel)
+  inputs.check_batch(config, sharding)  # a ConfigError before any work
   setup_logging(workdir)
   t = config.training
   checkpointer = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), keep=t.keep_checkpoints,
                                             on_save_error=t.on_save_error)
   plan = plan_resume(config, args, checkpointer)
   log.info("workdir %s; devices: %d x %s; mesh %s", workdir, jax.device_count(), jax.devices()[0].device_kind,
-           parallel.describe(mesh))
+           parallel.describe(sharding.mesh))
 
-  data = load_data(config, mesh)
+  data = load_data(config, sharding)
   log.info("data ready: %d validation batches; unigram perplexity of the validation split: %.2f",
            len(data.eval_batches), data.unigram_perplexity)
 
   graphdef = ts.model_graphdef(config)
-  state, progress = restore_or_init(config, args, checkpointer, ts.sharded_abstract_state(config, mesh),
-                                    data.train_iter, mesh,
-                                    lambda: ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)[1],
+  state, progress = restore_or_init(config, args, checkpointer, ts.sharded_abstract_state(config, sharding),
+                                    data.train_iter, sharding,
+                                    lambda: ts.create_train_state(config, jax.random.PRNGKey(config.seed), sharding)[1],
                                     plan)
   start_step = int(jax.device_get(state.step))
   uploader = (backup_uploader.start_uploader(config, workdir, start_step) if decisions.is_writer()
               else backup_uploader.NoBackup())
 
-  train_step = ts.make_train_step(config, graphdef, mesh)
-  eval_step = ts.make_eval_step(config, graphdef, mesh)
+  train_step = ts.make_train_step(config, graphdef, sharding)
+  eval_step = ts.make_eval_step(config, graphdef, sharding)
   writer = create_run_writer(workdir) if decisions.is_writer() else metric_writers.MultiWriter([])
   plot_loss_curves = plots.plot_loss_curves if decisions.is_writer() else lambda *a, **k: None
   global_rows = t.batch_size * t.grad_accum_steps
@@ -299,7 +298,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
     step = start_step
     while step < t.total_steps:
       fetch_start = time.perf_counter()
-      batch = inputs.global_batch(next(data.train_iter), mesh, config.parallel.rules, global_rows)
+      batch = inputs.global_batch(next(data.train_iter), sharding, global_rows)
       window.data_wait += time.perf_counter() - fetch_start
       state, metrics = train_step(state, batch)
       window.metrics.append(metrics)
@@ -360,7 +359,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
       if (step % t.sample_steps == 0 or out_of_time) and jax.process_count() > 1:
         log.info("step %d: no samples during multi-process training; run --mode=generate on the checkpoint", step)
       elif step % t.sample_steps == 0 or out_of_time:
-        text = write_samples(config, graphdef, state.params, data.tokenizer, workdir, step)
+        text = write_samples(config, graphdef, state.params, data.tokenizer, workdir, step, sharding)
         writer.write_texts(step, {"samples": text.replace("\n", "  \n")})
 
       due = step % t.save_steps == 0 or last or agreed["preempted"] or agreed["save_interval"]
