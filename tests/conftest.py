@@ -9,7 +9,7 @@ if not os.environ.get("JAX_PLATFORMS"):  # unset or empty: the CPU (the CUDA plu
 
 @pytest.fixture(autouse=True)
 def _restore_package_logger():
-  """trainer.setup_logging gives the package logger its own handlers and stops propagation to the root
+  """outputs.setup_logging gives the package logger its own handlers and stops propagation to the root
   logger that caplog listens on; undo that after each test so later tests in the worker see their records."""
   logger = logging.getLogger("neon_qtg_jax")
   handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level

@@ -180,7 +180,7 @@ def test_bf16_eval_scores_the_model_that_training_evaluated(run_dir, tmp_path, m
   from neon_qtg_jax.data import loader
   from neon_qtg_jax.inference import restore
   from neon_qtg_jax.training import train_step as ts
-  from neon_qtg_jax.training.trainer import evaluate
+  from neon_qtg_jax.training.hooks import evaluate
 
   _, base, _, _ = run_dir
   config = ml_collections.ConfigDict(base.to_dict())
