@@ -26,7 +26,8 @@ from neon_qtg_jax import cli
 from neon_qtg_jax.config import ConfigError, default_config, validate
 from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.parallel import distributed
-from neon_qtg_jax.checkpoint.errors import BackupError, CheckpointMismatchError, CheckpointSaveError
+from neon_qtg_jax.checkpoint.errors import (BackupError, CheckpointMismatchError, CheckpointSaveError,
+                                           CheckpointUnreadableError)
 
 
 def reject_unknown_overrides(argv: list[str]) -> None:
@@ -116,8 +117,8 @@ def main(argv: list[str]) -> int:
   # shape or a bad mesh: one clear line.
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
-  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, CheckpointMismatchError, ConfigError,
-          BackupError) as err:
+  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, CheckpointMismatchError,
+          CheckpointUnreadableError, ConfigError, BackupError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
 

@@ -115,10 +115,17 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.on_save_error = "stop"    # a checkpoint that cannot be written (disk full): "stop" the run or "continue"
   t.sample_steps = 200
-  t.max_consecutive_nonfinite = 5
+  t.max_consecutive_nonfinite = 5  # that many skipped non-finite steps in a row: roll back (the spike guard)
+  t.spike_sigmas = 6.0        # a loss above the running mean by this many running std devs rolls back; 0: off
+  t.spike_window = 100        # steps the running mean and std average over (and are seen before checking)
+  t.spike_lr_scale = 1.0      # learning rate factor applied at each rollback (1: unchanged)
+  t.spike_max_rollbacks = 3   # stop (exit 1) at the next event after this many rollbacks ...
+  t.spike_rollback_window = 1000  # ... within this many steps
   t.max_train_minutes = 0.0   # 0: no wall-clock limit
   t.backup_url = ""           # s3://bucket/prefix, gs://bucket/prefix or a directory; empty: no backup
   t.backup_wait_minutes = 10.0  # how long the end of a run waits for pending backup uploads
+  t.profile_start_step = 0    # first step of a JAX profiler trace into tensorboard/plugins/profile
+  t.profile_num_steps = 0     # steps in the trace; 0: no trace
 
   d = c.data = ml_collections.ConfigDict()
   d.source = "stdlib"
@@ -253,7 +260,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.end_lr <= t.lr, "training.end_lr", f"must be <= training.lr={t.lr}", t.end_lr)
   _check(t.on_save_error in ("stop", "continue"), "training.on_save_error", "must be 'stop' or 'continue'",
          t.on_save_error)
-  positive("training", ("backup_wait_minutes",), strict=False)
+  positive("training", ("backup_wait_minutes", "profile_start_step", "profile_num_steps", "spike_sigmas",
+                        "spike_max_rollbacks"), strict=False)
+  positive("training", ("spike_window", "spike_rollback_window"))
+  _check(0.0 < t.spike_lr_scale <= 1.0, "training.spike_lr_scale", "must be in (0, 1]", t.spike_lr_scale)
+  _check(t.profile_num_steps == 0 or t.profile_start_step >= 1, "training.profile_start_step",
+         "must be >= 1 (the first traced step, as logged) when training.profile_num_steps > 0", t.profile_start_step)
   backup_problem = backup_url_problem(t.backup_url)
   _check(backup_problem is None, "training.backup_url", str(backup_problem), t.backup_url)
 

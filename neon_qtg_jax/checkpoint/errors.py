@@ -28,6 +28,10 @@ class CheckpointMismatchError(ValueError):
   """
 
 
+class CheckpointUnreadableError(RuntimeError):
+  """The checkpoint the user named (--resume_from) cannot be read; it was moved aside (kept, not deleted)."""
+
+
 class BackupError(RuntimeError):
   """A backup step or file that is missing, incomplete or differs from its index."""
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from neon_qtg_jax.checkpoint import storage
 from neon_qtg_jax.checkpoint.checkpointer import Checkpointer, resolve
-from neon_qtg_jax.checkpoint.errors import BackupError
+from neon_qtg_jax.checkpoint.errors import BackupError, CheckpointUnreadableError
 from neon_qtg_jax.parallel import decisions
 
 log = logging.getLogger("neon_qtg_jax")
@@ -143,8 +143,8 @@ def restore_plan(plan: ResumePlan, checkpointer: Checkpointer, *, targets: dict[
 
   targets: params and opt_state to restore into (abstract, sharded); data_args(step_dir): the data
   iterator's restore args for that step directory, or None to leave the iterator alone. Every
-  process takes the same path (the checks are agreed). Raises RuntimeError when a named checkpoint
-  is unreadable, CheckpointMismatchError when a checkpoint does not fit the run.
+  process takes the same path (the checks are agreed). Raises CheckpointUnreadableError when a named
+  checkpoint is unreadable, CheckpointMismatchError when a checkpoint does not fit the run.
   """
   fetched_failed: set[int] = set()
   for candidate in plan.candidates:
@@ -166,7 +166,7 @@ def restore_plan(plan: ResumePlan, checkpointer: Checkpointer, *, targets: dict[
                " (fetched from the backup, checksums matched)" if candidate.source == BACKUP else "")
       return RestoredCheckpoint(candidate.step, candidate, restored)
     if plan.named:
-      raise RuntimeError(f"checkpoint {candidate.describe()} is unreadable (see the warning above)")
+      raise CheckpointUnreadableError(f"checkpoint {candidate.describe()} is unreadable (see the warning above)")
     log.warning("checkpoint %s unusable: falling back to the next candidate", candidate.describe())
   if plan.candidates:
     log.warning("no readable checkpoint among %s: starting from step 0",

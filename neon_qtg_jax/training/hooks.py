@@ -16,7 +16,6 @@ from typing import Any, Callable, Mapping
 import jax
 import ml_collections
 import numpy as np
-import psutil
 from flax import nnx
 
 from neon_qtg_jax.checkpoint.checkpointer import Checkpointer
@@ -44,6 +43,9 @@ class TrainMetrics(Hook):
   def observe(self, ctx: StepContext) -> None:
     self.window.append({k: ctx.metrics[k] for k in (*WINDOW_MEANS, "param_norm", "lr", "finite")})
 
+  def rewound(self, step: int) -> None:
+    self.window = []
+
   def run(self, ctx: StepContext, loop: Loop) -> None:
     fetched, self.window = jax.device_get(self.window), []
     out = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in WINDOW_MEANS}
@@ -54,29 +56,13 @@ class TrainMetrics(Hook):
     ctx.scalars.update(out)
 
 
-def device_memory_gib() -> dict[str, float]:
-  """Device memory in use and its peak (GiB) where the backend reports it; else the host process RSS."""
-  stats = jax.local_devices()[0].memory_stats()
-  if stats and "bytes_in_use" in stats:
-    return {"memory/device_gib": stats["bytes_in_use"] / 2**30,
-            "memory/device_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
-  return {"memory/host_rss_gib": psutil.Process().memory_info().rss / 2**30}
-
-
-class DeviceMemory(Hook):
-  """memory/* at each log step."""
-
-  def __init__(self, log_steps: int):
-    self.every, self.at_last = log_steps, True
-
-  def run(self, ctx: StepContext, loop: Loop) -> None:
-    ctx.scalars.update(device_memory_gib())
-
-
 class Throughput(Hook):
-  """Progress: steps/s, tokens/s, MFU where the device's peak is known, data wait, ETA; the run's training time.
+  """Progress: steps/s, tokens/s, model FLOP/s and MFU, step time split into data wait and compute; the run's
+  training time. MFU = model FLOPs per token (info.flops_per_token) x tokens/s / (peak x devices).
 
-  The first step compiles: it is timed on its own and left out of the rates.
+  The first step compiles: it is timed on its own and left out of the rates. Times are the host's:
+  the data wait is the time next() took, compute the rest of the step (dispatch, device work the
+  host waited for).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, progress: Progress, peak_flops: float | None,
@@ -115,10 +101,14 @@ class Throughput(Hook):
     if timed <= 0:  # only the compiling first step: no rates yet
       return
     tokens_per_s = timed * self.tokens_per_step / elapsed
+    model_flops = self.flops_per_token * tokens_per_s
     ctx.scalars.update({"perf/step_time_s": elapsed / timed, "perf/steps_per_s": timed / elapsed,
-                        "perf/tokens_per_s": tokens_per_s, "perf/data_wait_s": self.data_wait / timed})
+                        "perf/tokens_per_s": tokens_per_s, "perf/data_wait_s": self.data_wait / timed,
+                        "perf/compute_s": (elapsed - self.data_wait) / timed,
+                        "perf/data_wait_fraction": self.data_wait / elapsed,
+                        "perf/model_tflops_per_s": model_flops / 1e12})
     if self.peak_flops:
-      ctx.scalars["perf/mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * jax.device_count())
+      ctx.scalars["perf/mfu"] = model_flops / (self.peak_flops * jax.device_count())
 
 
 def _duration(seconds: float) -> str:
@@ -238,14 +228,18 @@ class Checkpoints(Hook):
   def start(self, loop: Loop) -> None:
     self.last_saved, self.last_save_time = loop.step, time.perf_counter()
 
-  def _checked(self, action: Callable[[], None]) -> None:
+  def rewound(self, step: int) -> None:
+    self.last_saved = step  # the restored checkpoint
+
+  def checked(self, action: Callable[[], None]) -> None:
+    """Runs a checkpointer call; a CheckpointSaveError it raises becomes this process's save_failed proposal."""
     try:
       action()
     except CheckpointSaveError as err:
       self.failure = self.failure or err
 
   def propose(self, step: int) -> Mapping[str, bool]:
-    self._checked(self.checkpointer.check)  # a save that failed in the background (disk full)
+    self.checked(self.checkpointer.check)  # a save that failed in the background (disk full)
     return {"save_interval": time.perf_counter() - self.last_save_time >= 60 * self.t.save_interval_minutes,
             "save_failed": self.failure is not None}
 
@@ -259,7 +253,7 @@ class Checkpoints(Hook):
     return ctx.agreed["save_failed"] or self.will_save(ctx)
 
   def save(self, state: ts.TrainState, step: int, val_loss: float | None) -> None:
-    self._checked(lambda: self.checkpointer.save(
+    self.checked(lambda: self.checkpointer.save(
         step, params=state.params, opt_state=state.opt_state, meta=self.progress.meta(state), config=self.config,
         data_args=iterator_args(self.train_iter, save=True), val_loss=val_loss))
     log.info("checkpoint %d saving (asynchronous) to %s", step, self.checkpointer.directory)
@@ -284,7 +278,7 @@ class Checkpoints(Hook):
       self.save(ctx.state, ctx.step, ctx.val_loss)
 
   def close(self, loop: Loop) -> None:
-    self._checked(self.checkpointer.close)  # waits for the last save
+    self.checked(self.checkpointer.close)  # waits for the last save
     if decisions.agree({"save_failed": self.failure is not None})["save_failed"]:
       self._failed(loop)
 

@@ -71,6 +71,9 @@ class Hook:
   def close(self, loop: "Loop") -> None:
     """After the last step; hooks close in reverse order (the last save finishes before the backup waits)."""
 
+  def rewound(self, step: int) -> None:
+    """The loop went back to `step` (Loop.rewind): drop what was kept about the later steps."""
+
   def abort(self) -> None:
     """Instead of close() when the loop raised: release what start() took (signal handlers, a trace)."""
 
@@ -85,6 +88,13 @@ class Loop:
     self.state: Any = None
     self.step = 0
     self.stopped: Stop | None = None
+
+  def rewind(self, state: Any, step: int, train_step: Callable | None = None) -> None:
+    """Continues from an earlier state (the spike guard's rollback); the data iterator is not rewound."""
+    self.state, self.step = state, step
+    self.train_step = train_step or self.train_step
+    for hook in self.hooks:
+      hook.rewound(step)
 
   def stop(self, reason: str, exit_code: int = 0, error: Exception | None = None) -> None:
     if self.stopped is None:

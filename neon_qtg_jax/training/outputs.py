@@ -78,10 +78,12 @@ class RunOutputs:
       self.writer.write_scalars(step, scalars)
 
   def plot_losses(self, unigram_perplexity: float | None) -> None:
-    """outputs/plots/loss.png from metrics.jsonl."""
+    """outputs/plots/loss.png and layers.png (gradient norms and update ratios per layer) from metrics.jsonl."""
     if self.is_writer:
       self.writer.flush()
-      plots.plot_loss_curves(read_jsonl(self.metrics_path), self.plot_path, unigram_perplexity=unigram_perplexity)
+      records = read_jsonl(self.metrics_path)
+      plots.plot_loss_curves(records, self.plot_path, unigram_perplexity=unigram_perplexity)
+      plots.plot_layer_stats(records, os.path.join(os.path.dirname(self.plot_path), "layers.png"))
 
   def write_samples(self, step: int, header: str, text: str) -> None:
     """outputs/samples/step_XXXXXXX.txt and the TensorBoard text tab."""

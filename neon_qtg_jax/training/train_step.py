@@ -92,6 +92,52 @@ def tokens_per_step(config: ml_collections.ConfigDict) -> int:
   return t.batch_size * t.grad_accum_steps * config.data.max_length
 
 
+LAYER_KINDS = {"attn": "attention", "w_o": "attention", "w_psi": "attention", "w_1": "mlp", "w_2": "mlp",
+               "ln1": "norm", "ln2": "norm"}
+TOP_LEVEL_GROUPS = {"embed": "embedding", "head": "embedding", "ln_f": "final_norm"}
+
+
+def _group_of(path: tuple[Any, ...]) -> tuple[bool, str]:
+  """(per layer, group) of a parameter path: block kinds (attention, mlp, norm) or a top-level group."""
+  keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+  if keys[0] == "blocks":
+    return True, LAYER_KINDS.get(keys[1], keys[1])
+  return False, TOP_LEVEL_GROUPS.get(keys[0], keys[0])
+
+
+def layer_groups(params: nnx.State, num_layers: int) -> tuple[str, ...]:
+  """The names of group_norms' entries: block_{i:02d}/{kind} for every layer, then the top-level groups."""
+  per_layer, top = set(), set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    layered, group = _group_of(path)
+    (per_layer if layered else top).add(group)
+  return tuple(f"block_{i:02d}/{kind}" for i in range(num_layers) for kind in sorted(per_layer)) + tuple(sorted(top))
+
+
+def group_norms(tree: nnx.State) -> jax.Array:
+  """L2 norm of a params-shaped tree per layer_groups entry, float32 (G,): one fused pass, no host sync.
+
+  The stacked blocks' leading axis is the layer, so a block parameter adds one value per layer.
+  """
+  per_layer: dict[str, jax.Array] = {}
+  top: dict[str, jax.Array] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    layered, group = _group_of(path)
+    square = jnp.square(leaf.astype(jnp.float32))
+    if layered:
+      per_layer[group] = per_layer.get(group, 0.0) + square.sum(axis=tuple(range(1, leaf.ndim)))
+    else:
+      top[group] = top.get(group, 0.0) + square.sum()
+  blocks = jnp.stack([per_layer[k] for k in sorted(per_layer)], axis=1).reshape(-1)  # layer-major
+  return jnp.sqrt(jnp.concatenate([blocks, jnp.stack([top[k] for k in sorted(top)])]))
+
+
+def layer_stats(grads: nnx.State, updates: nnx.State, params: nnx.State) -> dict[str, jax.Array]:
+  """grad_norm and update_ratio (|update| / |param| before the update) per layer_groups entry."""
+  return {"grad_norm": group_norms(grads),
+          "update_ratio": group_norms(updates) / jnp.maximum(group_norms(params), 1e-8)}
+
+
 def _tree_select(keep_new: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda a, b: jnp.where(keep_new, a, b), new, old)
 
@@ -146,7 +192,11 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, w
 def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                   micro_sharding: jax.sharding.Sharding | None = None
                   ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """The uncompiled step: (state, batch) -> (state, metrics); batch arrays are (accum * batch_size, L)."""
+  """The uncompiled step: (state, batch) -> (state, metrics); batch arrays are (accum * batch_size, L).
+
+  metrics: the loss terms, perplexity, grad_norm, param_norm, lr, finite (scalars) and layers
+  ({"grad_norm", "update_ratio"}: (G,) per layer_groups entry).
+  """
   t = config.training
   optimizer = make_optimizer(t)
   schedule = learning_rate_schedule(t)
@@ -168,7 +218,8 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     applied = state.step - state.nonfinite_total  # updates applied before this step
     metrics = dict(terms, perplexity=jnp.exp(terms["ce"]), grad_norm=grad_norm,
-                   param_norm=optax.global_norm(params), lr=schedule(applied), finite=finite)
+                   param_norm=optax.global_norm(params), lr=schedule(applied), finite=finite,
+                   layers=layer_stats(grads, updates, state.params))
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, nonfinite_streak=streak,
         nonfinite_peak=jnp.maximum(state.nonfinite_peak, streak),

@@ -17,7 +17,7 @@ import ml_collections
 from neon_qtg_jax import info, parallel
 from neon_qtg_jax.checkpoint.checkpointer import Checkpointer, checkpoint_dir
 from neon_qtg_jax.parallel import ShardingConfig, inputs
-from neon_qtg_jax.training import hooks, resume, spike
+from neon_qtg_jax.training import hooks, observe, resume, spike
 from neon_qtg_jax.training import train_step as ts
 from neon_qtg_jax.training.loop import Hook, Loop
 from neon_qtg_jax.training.outputs import RunOutputs, describe_devices, flat_config, open_outputs
@@ -51,23 +51,61 @@ def load_data(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> Ru
                  [inputs.replicated_batch(b, sharding) for b in batches], tokenizer, unigram)
 
 
+def peak_flops(config: ml_collections.ConfigDict) -> float:
+  """The device's dense peak FLOP/s for MFU: the data sheet's, else (CPU) a measured float32 matmul rate."""
+  kind = jax.devices()[0].device_kind
+  peak = info.peak_flops(kind, config.model.dtype)
+  if peak is None:
+    peak = observe.measured_matmul_flops()
+    log.info("MFU is against a measured float32 matmul rate of %.1f GFLOP/s per device (no data-sheet peak for %s)",
+             peak / 1e9, kind)
+  return peak
+
+
+def scaled_learning_rate(config: ml_collections.ConfigDict, lr_scale: float) -> ml_collections.ConfigDict:
+  """A copy of config whose schedule (training.lr, training.end_lr) is multiplied by lr_scale."""
+  if lr_scale == 1.0:
+    return config
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.training.lr *= lr_scale
+  out.training.end_lr *= lr_scale
+  return out
+
+
 def make_hooks(config: ml_collections.ConfigDict, sharding: ShardingConfig, data: RunData, graphdef: Any,
                checkpointer: Checkpointer, progress: resume.Progress, outputs: RunOutputs, start_step: int
                ) -> list[Hook]:
   """The run's hooks in the order they act at a step (hooks.py explains why the order matters)."""
   t = config.training
-  peak = info.peak_flops(jax.devices()[0].device_kind, config.model.dtype)
+  evaluate = hooks.Evaluate(t.eval_steps, ts.make_eval_step(config, graphdef, sharding), data.eval_batches,
+                            data.unigram_perplexity, progress, outputs)
+  checkpoints = hooks.Checkpoints(config, checkpointer, progress, data.train_iter)
+  target = ts.sharded_abstract_state(config, sharding)
+
+  def restore(steps: list[int]) -> tuple[int, ts.TrainState, dict[str, Any]]:
+    """The spike guard's rollback: the newest readable checkpoint, data position untouched."""
+    checkpoints.checked(checkpointer.wait)
+    found = checkpointer.restore_latest_good(steps, params=target.params, opt_state=target.opt_state, config=config)
+    if found is None:
+      raise RuntimeError(f"no checkpoint of {steps} in {checkpointer.directory} is readable to roll back to")
+    return found[0], resume.state_from_items(target, found[1], sharding), found[1]["meta"]
+
+  def make_step(lr_scale: float) -> Any:
+    return ts.make_train_step(scaled_learning_rate(config, lr_scale), graphdef, sharding)
+
   return [
+      observe.Profile(t.profile_start_step, t.profile_num_steps, outputs),
       hooks.TrainMetrics(t.log_steps),
-      hooks.Throughput(config, progress, peak, info.flops_per_token(config)["train"]),
-      hooks.DeviceMemory(t.log_steps),
+      observe.LayerStats(t.log_steps, ts.layer_groups(ts.abstract_train_state(config).params, config.model.num_layers)),
+      hooks.Throughput(config, progress, peak_flops(config), info.flops_per_token(config)["train"]),
+      observe.DeviceStats(t.log_steps),
       hooks.Backup(t.log_steps, outputs.start_uploader(config, start_step), t.backup_wait_minutes),
       hooks.LogLine(t.log_steps, t.total_steps),
-      spike.SpikeGuard(t.log_steps, t.max_consecutive_nonfinite, checkpointer),
-      hooks.Evaluate(t.eval_steps, ts.make_eval_step(config, graphdef, sharding), data.eval_batches,
-                     data.unigram_perplexity, progress, outputs),
+      spike.SpikeGuard(config, checkpointer, progress, restore=restore, make_step=make_step,
+                       also_due=lambda ctx: evaluate.due(ctx) or checkpoints.will_save(ctx)),
+      evaluate,
       hooks.Samples(config, graphdef, data.tokenizer, sharding, outputs),
-      hooks.Checkpoints(config, checkpointer, progress, data.train_iter),
+      checkpoints,
       hooks.StopSignals(t.max_train_minutes),
   ]
 
@@ -95,7 +133,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
            t.total_steps, ts.tokens_per_step(config), f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
   global_rows = t.batch_size * t.grad_accum_steps
 
-  loop = Loop(train_step=ts.make_train_step(config, graphdef, sharding),
+  loop = Loop(train_step=ts.make_train_step(scaled_learning_rate(config, progress.lr_scale), graphdef, sharding),
               next_batch=lambda: inputs.global_batch(next(data.train_iter), sharding, global_rows),
               hooks=make_hooks(config, sharding, data, graphdef, checkpointer, progress, outputs, start_step),
               total_steps=t.total_steps, write_scalars=outputs.write_scalars)
