@@ -114,6 +114,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.save_interval_minutes = 10.0
   t.keep_checkpoints = 3
   t.on_save_error = "stop"    # a checkpoint that cannot be written (disk full): "stop" the run or "continue"
+  t.save_timeout_minutes = 20.0  # longest background save; with several processes, how long a save that
+                                 # failed on one process holds the others before all of them see it
   t.sample_steps = 200
   t.max_consecutive_nonfinite = 5  # that many skipped non-finite steps in a row: roll back (the spike guard)
   t.spike_sigmas = 6.0        # a loss above the running mean by this many running std devs rolls back; 0: off
@@ -262,7 +264,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          t.on_save_error)
   positive("training", ("backup_wait_minutes", "profile_start_step", "profile_num_steps", "spike_sigmas",
                         "spike_max_rollbacks"), strict=False)
-  positive("training", ("spike_window", "spike_rollback_window"))
+  positive("training", ("spike_window", "spike_rollback_window", "save_timeout_minutes"))
   _check(0.0 < t.spike_lr_scale <= 1.0, "training.spike_lr_scale", "must be in (0, 1]", t.spike_lr_scale)
   _check(t.profile_num_steps == 0 or t.profile_start_step >= 1, "training.profile_start_step",
          "must be >= 1 (the first traced step, as logged) when training.profile_num_steps > 0", t.profile_start_step)

@@ -39,6 +39,7 @@ from neon_qtg_jax.parallel import decisions
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+DEFAULT_SAVE_TIMEOUT_MINUTES = 20.0  # Orbax's own default
 BEST_METRIC = "val_loss"
 
 
@@ -55,8 +56,14 @@ def _best_metric(metrics: dict[str, float]) -> float:
   return metrics[BEST_METRIC]
 
 
-def make_manager(directory: str, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  """CheckpointManager for `directory` (a run's checkpoints/): async, atomic, keeps the last `keep` plus the best."""
+def make_manager(directory: str, *, keep: int = 3, read_only: bool = False,
+                 timeout_minutes: float = DEFAULT_SAVE_TIMEOUT_MINUTES) -> ocp.CheckpointManager:
+  """CheckpointManager for `directory` (a run's checkpoints/): async, atomic, keeps the last `keep` plus the best.
+
+  timeout_minutes: how long a background save may take, the processes' wait for each other at its
+  end included (Orbax's AsyncOptions.timeout_secs). A process whose writes failed never reaches
+  that barrier: the others then fail this save after timeout_minutes, so every process sees it.
+  """
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=keep),
       checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=True, n=1,
@@ -65,7 +72,9 @@ def make_manager(directory: str, *, keep: int = 3, read_only: bool = False) -> o
   options = ocp.CheckpointManagerOptions(
       best_fn=_best_metric, best_mode="min", preservation_policy=None if read_only else policy,
       enable_async_checkpointing=not read_only, read_only=read_only, create=not read_only,
-      save_interval_steps=0 if read_only else 1)
+      save_interval_steps=0 if read_only else 1,
+      async_options=ocp.AsyncOptions(timeout_secs=max(1, round(60 * timeout_minutes)),
+                                     barrier_sync_fn=decisions.SaveBarrier() if jax.process_count() > 1 else None))
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -253,9 +262,10 @@ def config_differences(saved: ml_collections.ConfigDict, current: ml_collections
 class Checkpointer:
   """Saves and restores full training checkpoints in one directory (a run's checkpoints/)."""
 
-  def __init__(self, directory: str, keep: int, on_save_error: str = "stop", read_only: bool = False):
+  def __init__(self, directory: str, keep: int, on_save_error: str = "stop", read_only: bool = False,
+               timeout_minutes: float = DEFAULT_SAVE_TIMEOUT_MINUTES):
     self.directory = os.path.abspath(directory)
-    self.manager = make_manager(self.directory, keep=keep, read_only=read_only)
+    self.manager = make_manager(self.directory, keep=keep, read_only=read_only, timeout_minutes=timeout_minutes)
     self.on_save_error = on_save_error  # "stop": raise CheckpointSaveError; "continue": log it and go on
     self.pending: int | None = None     # the step whose asynchronous save may still be running
 
@@ -265,6 +275,9 @@ class Checkpointer:
     reason = str(err).splitlines()[0] if str(err) else ""
     if len(reason) > 400:  # TensorStore's messages put the OS reason ("File too large") last
       reason = f"{reason[:150]} ... {reason[-250:]}"
+    if isinstance(err, TimeoutError):
+      reason += (" another process did not finish its part in time (training.save_timeout_minutes); its own error "
+                 "names the cause")
     message = (f"checkpoint {step} could not be written to {self.directory} ({type(err).__name__}: {reason}); "
                f"earlier checkpoints {intact} are intact")
     if self.on_save_error == "continue":

@@ -18,7 +18,10 @@ This module is the only place that asks JAX which process this is (`is_writer`, 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
+import time
 from typing import Callable, Mapping, TypeVar
 
 import jax
@@ -74,6 +77,41 @@ def on_one_process(fn: Callable[[], T], name: str) -> T | None:
   result = fn() if jax.process_index() == 0 else None
   barrier(name)
   return result
+
+
+class SaveBarrier:
+  """The barrier of Orbax's background saves (ocp.AsyncOptions.barrier_sync_fn) that stays in step after a failure.
+
+  A process whose writes fail skips Orbax's "async_write_complete" barrier and goes on to the
+  barriers that end the save; the others wait at "async_write_complete" until the save's timeout.
+  With Orbax's default barrier (the coordination service's, which numbers repeated uses of a
+  name) the failed process may give up on the end-of-save barrier just before the others arrive,
+  and every later save then meets misnumbered barriers and fails too. Here the write barrier keeps
+  the given timeout and every other barrier waits twice as long, so the others always arrive in
+  time, and the n-th use of a name is the same barrier on every process (each passes Orbax's
+  barriers in the same order). State lives in JAX's distributed key-value store.
+  """
+  PREFIX = "neon_qtg_jax/save_barriers"
+  POLL_SECONDS = 0.1
+  SKIPPED_ON_FAILURE = "async_write_complete"  # the barrier a process whose writes failed never reaches
+
+  def __init__(self):
+    from orbax.checkpoint import multihost  # pylint: disable=import-outside-toplevel
+    self.client = multihost.get_jax_distributed_client()
+    self._uses: collections.Counter[str] = collections.Counter()
+    self._lock = threading.Lock()  # Orbax calls barriers from several background threads
+
+  def __call__(self, *, key: str, timeout_ms: int) -> None:
+    with self._lock:
+      self._uses[key] += 1
+      barrier = f"{self.PREFIX}/{key}/{self._uses[key]}"
+    self.client.key_value_set(f"{barrier}/{jax.process_index()}", "arrived")
+    timeout_s = timeout_ms / 1000 * (1 if self.SKIPPED_ON_FAILURE in key else 2)
+    deadline = time.monotonic() + timeout_s
+    while len(self.client.key_value_dir_get(f"{barrier}/")) < jax.process_count():
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"barrier {key}: not every process arrived within {timeout_s:.0f} s")
+      time.sleep(self.POLL_SECONDS)
 
 
 @dataclasses.dataclass(frozen=True)

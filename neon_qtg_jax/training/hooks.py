@@ -223,6 +223,7 @@ class Checkpoints(Hook):
     self.config, self.t = config, config.training
     self.checkpointer, self.progress, self.train_iter = checkpointer, progress, train_iter
     self.failure: CheckpointSaveError | None = None
+    self.handled_at = -1  # the step at which the last agreed failure was acted on
     self.last_saved, self.last_save_time = -1, time.perf_counter()
 
   def start(self, loop: Loop) -> None:
@@ -263,7 +264,7 @@ class Checkpoints(Hook):
     """Acts on an agreed save failure: stops the loop (True) or logs it and goes on (False)."""
     err = self.failure or CheckpointSaveError(f"a checkpoint could not be written on another process; earlier "
                                               f"checkpoints {self.checkpointer.steps()} are intact")
-    self.failure = None
+    self.failure, self.handled_at = None, loop.step
     if self.t.on_save_error == "continue":
       log.error("%s; training goes on (training.on_save_error='continue')", err.detail)
       return False
@@ -271,7 +272,13 @@ class Checkpoints(Hook):
     return True
 
   def run(self, ctx: StepContext, loop: Loop) -> None:
-    if ctx.agreed["save_failed"] and self._failed(loop):
+    failed = ctx.agreed["save_failed"] and ctx.agreed.step > self.handled_at  # not one acted on already
+    if self.will_save(ctx):
+      # Every process starts the save or none does: the previous save's outcome is agreed first (with
+      # several processes a blocking all-gather, once per save).
+      self.checked(self.checkpointer.wait)
+      failed = failed or decisions.agree({"save_failed": self.failure is not None})["save_failed"]
+    if failed and self._failed(loop):
       ctx.dropped = True
       return
     if self.will_save(ctx):

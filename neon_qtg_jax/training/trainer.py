@@ -116,7 +116,8 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
   inputs.check_batch(config, sharding)  # a ConfigError before any work
   outputs = open_outputs(workdir)
   log.info("workdir %s; devices: %s; mesh %s", workdir, describe_devices(), parallel.describe(sharding.mesh))
-  checkpointer = Checkpointer(checkpoint_dir(workdir), keep=t.keep_checkpoints)  # failures: hooks.Checkpoints
+  checkpointer = Checkpointer(checkpoint_dir(workdir), keep=t.keep_checkpoints,  # failures: hooks.Checkpoints
+                              timeout_minutes=t.save_timeout_minutes)
   plan = resume.plan(config, args.resume_from, checkpointer)
   data = load_data(config, sharding)
   log.info("data ready: %d validation batches; unigram perplexity of the validation split: %.2f",
