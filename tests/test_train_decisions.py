@@ -6,7 +6,10 @@ step k + 1. A save that fails on one process stops (or, with on_save_error=conti
 all of them together. Runs are launch.py subprocesses (tiny overrides of test_train_resume).
 """
 
+import concurrent.futures
 import os
+import re
+import shutil
 import signal
 import subprocess
 
@@ -14,7 +17,7 @@ import pytest
 
 import test_train_resume as train_runs
 from test_train_multiprocess import MESH, TIMEOUT, command as mp_command, env as mp_env, free_port
-from test_train_resume import data_dir  # noqa: F401 - a fixture
+from test_train_resume import data_dir, reference  # noqa: F401 - fixtures
 
 
 def steps_in(workdir: str) -> list[int]:
@@ -57,8 +60,9 @@ def _two_processes(data_dir, workdir, total_steps, *extra, preexec=(None, None))
                             cwd=train_runs.ROOT, env=mp_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=preexec[i])
            for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+  try:  # read both processes' pipes at once: one that fills its pipe (long tracebacks) would block
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      outputs = list(pool.map(lambda p: p.communicate(timeout=TIMEOUT), procs))
   finally:
     for p in procs:
       if p.poll() is None:
@@ -81,22 +85,44 @@ def test_two_processes_act_on_a_time_limit_one_step_after_it_was_seen(data_dir, 
 
 @pytest.mark.parametrize("on_error", ["stop", "continue"])
 def test_a_save_failing_on_one_process_stops_or_continues_both(data_dir, tmp_path, on_error):  # noqa: F811
-  # Process 1 cannot write files over 100 kB: its part of every checkpoint fails; process 0 writes its own and
+  # Process 1 cannot write files over 30 kB: its part of every checkpoint fails; process 0 writes its own and
   # waits for process 1 at the end of the save until training.save_timeout_minutes (15 s here).
   workdir = str(tmp_path)
   codes, outputs = _two_processes(data_dir, workdir, 6, f"--config.training.on_save_error={on_error}",
                                   "--config.training.log_steps=5", "--config.training.save_timeout_minutes=0.25",
-                                  preexec=(None, train_runs._file_size_limit(100_000)))  # pylint: disable=protected-access
+                                  preexec=(None, train_runs._file_size_limit(30_000)))  # pylint: disable=protected-access
   (out0, err0), (_, err1) = outputs
-  assert "checkpoint 3 could not be written" in err1 and "File too large" in err1, err1
-  assert "checkpoint 3 could not be written" in err0 and "another process did not finish its part" in err0, err0
+  failed = re.search(r"checkpoint (\d+) could not be written", err1)
+  assert failed and "File too large" in err1, err1
+  step = int(failed.group(1))
+  log0 = out0 + err0  # process 0 logs to stdout, launch.py's error line goes to stderr
+  assert f"checkpoint {step} could not be written" in log0 and "another process did not finish its part" in log0, log0
   if on_error == "stop":
     assert codes == [2, 2], outputs
-    assert any(line.startswith("error: checkpoint 3 could not be written") for line in err1.splitlines())
-    assert any(line.startswith("error: checkpoint 3 could not be written") for line in err0.splitlines())
-    assert "stopped at step 4 (a checkpoint could not be written)" in out0  # both act at the next save step
+    for err in (err0, err1):  # one line each, the same checkpoint
+      assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+          line for line in err.splitlines() if line.startswith(f"error: checkpoint {step} could not be written")]
+    stopped = int(re.search(r"stopped at step (\d+) \(a checkpoint could not be written\)", out0).group(1))
+    assert step < stopped < 6  # both acted together at a step after the failed save, before the end
   else:
     assert codes == [0, 0], outputs
-    assert "training goes on" in err1 and "stopped at step 6 (finished)" in out0
+    assert "training goes on" in err1 and "training goes on" in out0 and "stopped at step 6 (finished)" in out0
     # The barriers stay in step: every later save fails for process 1's own reason, not a misnumbered barrier.
     assert err1.count("File too large") >= 2 and "Barrier timed out" not in err0 + err1
+
+
+def test_two_processes_fall_back_from_an_unreadable_step_together(data_dir, reference, tmp_path):  # noqa: F811
+  # The single-process reference's checkpoints 4 and 8, step 8 unreadable: both processes agree, one of them
+  # moves it aside behind a barrier, both resume from 4 (data position set from the step: another layout).
+  reference_dir, _, _ = reference
+  workdir = str(tmp_path)
+  shutil.copytree(os.path.join(reference_dir, "checkpoints"), os.path.join(workdir, "checkpoints"))
+  for dirpath, _, filenames in os.walk(os.path.join(workdir, "checkpoints", "8", "params")):
+    for name in filenames:
+      if "metadata" not in name.lower():
+        with open(os.path.join(dirpath, name), "wb") as f:
+          f.write(b"not a checkpoint")
+  codes, outputs = _two_processes(data_dir, workdir, 5)
+  assert codes == [0, 0], outputs
+  assert f"resumed from {os.path.join(workdir, 'checkpoints')}/4" in outputs[0][0]
+  assert sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "unreadable" in n) == ["8.unreadable"]
