@@ -78,13 +78,17 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/neon_qtg_tiny.py", 
 _MODE = flags.DEFINE_enum("mode", "train", sorted(cli.MODES), "What to run.")
 _WORKDIR = flags.DEFINE_string("workdir", cli.RunArgs.workdir, "Run directory: checkpoints, logs, samples.")
 _RESUME_FROM = flags.DEFINE_string("resume_from", "", "Train: a step, 'best', 'latest', 'backup' or a path.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "Eval/generate: a step, 'best', 'latest', a path or a URL.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "Eval/generate/serve: a step, 'best', 'latest', a path or a URL.")
 _INFO_FORMAT = flags.DEFINE_enum("info_format", "text", ["text", "json"], "Info mode output format.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Generate: one prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with one prompt per line.")
-_EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the validation split.")
+_EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the split --eval_split.")
+_EVAL_SPLIT = flags.DEFINE_enum("eval_split", "val", ["val", "tune"],
+                                "Eval: the prepared split to score (tune: needs data.tune_fraction > 0).")
 _TARGET = flags.DEFINE_string("target", "", "memory_report: compile for NAME:DEVICES, e.g. h200:1 or h200:8 "
                               "(8 per host); empty: the local devices.")
+_HOST = flags.DEFINE_string("host", cli.RunArgs.host, "Serve: the address to listen on (0.0.0.0: every interface).")
+_PORT = flags.DEFINE_integer("port", cli.RunArgs.port, "Serve: the TCP port.")
 _OUTPUT = flags.DEFINE_string("output", "", "Result file; empty: a default under the workdir.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Eval: replace an earlier result of the same name.")
 _VERIFY = flags.DEFINE_bool("verify", False, "Prepare: read every data file against the manifest's checksums.")
@@ -111,8 +115,9 @@ def main(argv: list[str]) -> int:
     return 2
   args = cli.RunArgs(workdir=_WORKDIR.value, resume_from=_RESUME_FROM.value, checkpoint=_CHECKPOINT.value,
                      info_format=_INFO_FORMAT.value, prompt=_PROMPT.value, prompts_file=_PROMPTS_FILE.value,
-                     eval_data=_EVAL_DATA.value, output=_OUTPUT.value,
-                     overwrite=_OVERWRITE.value, verify=_VERIFY.value, target=_TARGET.value)
+                     eval_data=_EVAL_DATA.value, eval_split=_EVAL_SPLIT.value, output=_OUTPUT.value,
+                     overwrite=_OVERWRITE.value, verify=_VERIFY.value, target=_TARGET.value,
+                     host=_HOST.value, port=_PORT.value)
   # A missing checkpoint, an existing result, unusable data, a failed save, a checkpoint of another model
   # shape or a bad mesh: one clear line.
   try:

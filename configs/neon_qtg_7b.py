@@ -43,9 +43,12 @@ def get_config():
   d.val_fraction = 0.005
   d.tokenizer_sample_sentences = 2000000
   d.num_workers = 8
+  d.filters = "fineweb"     # Gopher, C4 and FineWeb quality rules, length, exact and MinHash dedup (docs/DATA.md)
+  d.filter_tasks = 32       # one datatrove task per core of the seed's 32-core machine
 
   c.sampling.max_new_tokens = 256
   c.sampling.prompts = ("The meaning of life is", "In a shocking finding, scientists", "def fibonacci(n):")
+  c.inference.weight_dtype = "bfloat16"  # --config.inference.weight_dtype=int8 for 15 GB (docs/PERFORMANCE.md)
   c.eval.max_length = 2048
   c.eval.stride = 1024
   return c

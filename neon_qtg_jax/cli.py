@@ -17,6 +17,7 @@ MODES: dict[str, str] = {
     "memory_test": "neon_qtg_jax.training.memory_report:run",  # the former name of memory_report, still accepted
     "eval": "neon_qtg_jax.evaluation.perplexity:run",
     "generate": "neon_qtg_jax.inference.generate:run",
+    "serve": "neon_qtg_jax.serving.server:run",
 }
 
 
@@ -28,11 +29,14 @@ class RunArgs:
   info_format: str = "text"    # "text" or "json"
   prompt: str = ""
   prompts_file: str = ""
-  eval_data: str = ""          # JSONL or text file for --mode=eval; empty: the prepared validation split
+  eval_data: str = ""          # JSONL or text file for --mode=eval; empty: a prepared split (eval_split)
+  eval_split: str = "val"      # eval: the prepared split scored without eval_data, "val" or "tune"
   output: str = ""             # result file; empty: a default under the workdir
   overwrite: bool = False      # eval: replace an earlier result of the same name
   verify: bool = False         # prepare: read every data file against the manifest's checksums
   target: str = ""             # memory_report: compile for e.g. "h200:8" (parallel/targets); empty: local devices
+  host: str = "127.0.0.1"      # serve: the address to listen on
+  port: int = 8000             # serve: the TCP port
 
 
 def mode_function(mode: str) -> Callable[[ml_collections.ConfigDict, RunArgs], int | None]:

@@ -15,13 +15,22 @@ from typing import Any
 import ml_collections
 
 ATTENTION_KINDS = ("geo", "dot")
+SPHERE_MAPS = ("seed", "scaled", "normed")
+SCALE_PARAMS = ("softplus", "exp")
+ATTENTION_WIDTHS = ("complex", "residual")
+W_PSI_INITS = ("normal", "orthogonal")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "pallas")
 REMAT_POLICIES = ("none", "block", "dots", "dots_no_batch")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "relu")
 DTYPES = ("float32", "bfloat16")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")  # inference/quantize.py
 DATA_SOURCES = ("stdlib", "openwebtext", "jsonl", "text")
 TEXT_SPLITS = ("file", "blank_line", "percent_line")
+# data.filters (data/filters.py runs them): the steps in pipeline order, the presets, the word tokenizers
+FILTER_STEPS = ("length", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality", "exact_dedup", "minhash")
+FILTER_PRESETS = {"fineweb": FILTER_STEPS}
+FILTER_TOKENIZERS = ("regex", "spacy")
 
 
 # Logical axis -> mesh axes. Every parameter and the block-boundary activations name their axes
@@ -69,6 +78,13 @@ def default_config() -> ml_collections.ConfigDict:
   m.tau = 1.0
   m.gamma = 8.0               # initial Fisher-Rao scale per head (the seed used 1.0)
   m.learn_gamma = True        # False freezes gamma at its initial value
+  m.sphere_map = "normed"     # what sqrt(softmax(.)) receives: beta_h q / rms(q) ("normed"), beta_h q ("scaled"),
+                              # q and k as projected ("seed", the spec's); model/qtg.py GeoAttention, docs/MODEL.md
+  m.beta = 1.0                # initial per-head beta_h of the scaled and normed sphere maps (learned)
+  m.scale_param = "softplus"  # gamma and beta kept positive as softplus(mult * raw) or exp(mult * raw)
+  m.scale_lr_mult = 1.0       # mult above: a learning-rate multiplier for gamma and beta
+  m.qk_init_std = 0.0         # init std of W_Q and W_K (0: init_std)
+  m.w_psi_init = "orthogonal"  # W_psi: a random orthogonal matrix (norm-preserving), or "normal" (init_std, the spec's)
   m.dropout = 0.0
   m.attention = "geo"         # "geo" (Fisher-Rao) or "dot" (plain GPT)
   m.topofilter = True         # False: f = psi, no s_t
@@ -78,7 +94,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.topo_stop_grad = False    # stop gradients through s_t
   m.norm = "layernorm"
   m.activation = "gelu"
-  m.mlp_ratio = 4             # W_1: 2d -> mlp_ratio * d (the spec's 4d)
+  m.mlp_ratio = 4             # W_1: 2d -> mlp_ratio * d (the spec's 4d; 8 is the standard GPT's 4x residual)
+  m.attention_width = "complex"  # width of Q, K, V and W_O's input: d ("complex", the spec's) or 2d ("residual",
+                                 # a standard-shape GPT)
+  m.tie_embeddings = False    # logits from the token table (E LN_f(h)) instead of an untied W_lm
   m.use_bias = False
   m.norm_eps = 1e-5
   m.eps = 1e-6                # guard for the amplitude / unit-state normalisations
@@ -138,12 +157,23 @@ def default_config() -> ml_collections.ConfigDict:
   d.max_length = 128          # window length in tokens (<= model.max_seq_len)
   d.stride = 64
   d.val_fraction = 0.02
+  d.tune_fraction = 0.0       # a tuning split carved out of train by the same hash (data/splits.py); 0: none
   d.tokenizer_sample_sentences = 50000  # lines sampled to train SentencePiece (unigram: ~20 s on 2 cores)
   d.tokenizer_model_type = "unigram"
   d.max_documents = 0         # 0: all
   d.num_workers = 0           # grain worker processes
   d.prefetch = 2
   d.shuffle_seed = 0
+  # Pre-filtering before tokenization (data/filters.py, docs/DATA.md; needs the `filters` extra):
+  # ordered comma-separated steps (data/filters.py STEPS), or the preset "fineweb" (all of them); "": none.
+  d.filters = ""
+  d.filter_tokenizer = "regex"  # words for the Gopher, C4, FineWeb and MinHash steps: "regex" or "spacy" (slower)
+  d.filter_tasks = 0          # datatrove tasks; 0: data.num_workers (at least 1). Kept documents do not depend on it
+  d.filter_min_words = 50     # "length" step: whitespace-separated words per document (Gopher's bounds)
+  d.filter_max_words = 100000
+  d.minhash_ngrams = 5        # "minhash" step: word n-gram shingles, LSH buckets x hashes per bucket (FineWeb's)
+  d.minhash_buckets = 14
+  d.minhash_hashes_per_bucket = 8
 
   s = c.sampling = ml_collections.ConfigDict()
   s.temperature = 0.8
@@ -152,6 +182,15 @@ def default_config() -> ml_collections.ConfigDict:
   s.max_new_tokens = 64
   s.prompts = ("def ", "import ", "The ")
   s.seed = 0
+
+  n = c.inference = ml_collections.ConfigDict()
+  n.weight_dtype = "float32"  # parameters for eval/generate/serve: float32 (training's), bfloat16, int8 (Qwix)
+
+  v = c.serve = ml_collections.ConfigDict()
+  v.slots = 8                 # sequences decoded together (cache rows); one compiled decode step for all
+  v.max_queue = 32            # requests waiting for a slot; more get 429
+  v.model_name = ""           # the id /v1/models reports; empty: the workdir's name
+  v.drain_seconds = 60.0      # SIGTERM: how long in-flight requests may run before the server stops
 
   e = c.eval = ml_collections.ConfigDict()
   e.max_length = 128          # perplexity window (<= model.max_seq_len)
@@ -184,6 +223,70 @@ def backup_url_problem(url: str) -> str | None:
   if importlib.util.find_spec(package) is None:
     return f"{scheme}:// needs the {package} package (pip install {package})"
   return None
+
+def parse_filters(spec: str) -> tuple[str, ...]:
+  """The ordered steps of a data.filters value: "" -> (), a preset name, or comma-separated FILTER_STEPS."""
+  names = [n.strip() for n in spec.split(",") if n.strip()]
+  if len(names) == 1 and names[0] in FILTER_PRESETS:
+    return FILTER_PRESETS[names[0]]
+  unknown = [n for n in names if n not in FILTER_STEPS]
+  if unknown:
+    raise ValueError(f"unknown step(s) {unknown}; steps are {list(FILTER_STEPS)} or a preset {list(FILTER_PRESETS)}")
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ValueError(f"step(s) {repeated} given more than once")
+  return tuple(names)
+
+
+def filter_spec_problem(spec: str) -> str | None:
+  """Why a data.filters value is unusable, or None."""
+  try:
+    parse_filters(spec)
+  except ValueError as err:
+    return str(err)
+  return None
+
+
+# Fields added after checkpoints were written, with the value that reproduces what those checkpoints
+# were trained with (not today's default). complete_saved_config fills a saved config's gaps from here,
+# then from default_config().
+FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {
+    "model.sphere_map": "seed", "model.beta": 1.0, "model.scale_param": "softplus", "model.scale_lr_mult": 1.0,
+    "model.qk_init_std": 0.0, "model.w_psi_init": "normal", "model.attention_width": "complex",
+    "model.tie_embeddings": False,
+}
+
+
+def complete_saved_config(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A config saved by an older version with every field it lacks: the value the older code used
+  (FIELDS_BEFORE_THEY_EXISTED), else today's default. Fields the schema no longer has are kept."""
+  saved_fields = _field_paths(saved)
+  config = default_config()
+  apply_overrides(config, {k: v for k, v in FIELDS_BEFORE_THEY_EXISTED.items() if k not in saved_fields},
+                  "older checkpoint")
+  for path, value in saved_fields.items():
+    node = config
+    *parents, leaf = path.split(".")
+    for part in parents:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any], where: str) -> None:
+  """Sets dotted fields ("model.attention": "dot") in place; an unknown field raises ConfigError naming it."""
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split(".")
+    for part in parents:
+      if part not in node:
+        raise ConfigError(f"{where}: config field '{path}': unknown field")
+      node = node[part]
+    if leaf not in node:
+      raise ConfigError(f"{where}: config field '{path}': unknown field")
+    node[leaf] = value
 
 
 def _field_paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -236,7 +339,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   positive("model", ("vocab_size", "embed_dim", "num_layers", "num_heads", "max_seq_len",
                      "tau", "gamma", "topo_k", "mlp_ratio", "norm_eps", "eps", "init_std",
                      "blockwise_min_len", "block_q", "block_k"))
-  positive("model", ("persistence_threshold",), strict=False)
+  positive("model", ("persistence_threshold", "qk_init_std"), strict=False)
+  positive("model", ("beta", "scale_lr_mult"))
+  _check(m.sphere_map in SPHERE_MAPS, "model.sphere_map", f"must be one of {SPHERE_MAPS}", m.sphere_map)
+  _check(m.scale_param in SCALE_PARAMS, "model.scale_param", f"must be one of {SCALE_PARAMS}", m.scale_param)
+  _check(m.w_psi_init in W_PSI_INITS, "model.w_psi_init", f"must be one of {W_PSI_INITS}", m.w_psi_init)
+  _check(m.attention_width in ATTENTION_WIDTHS, "model.attention_width", f"must be one of {ATTENTION_WIDTHS}",
+         m.attention_width)
   _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
   _check(m.embed_dim % m.num_heads == 0, "model.embed_dim",
          f"must be divisible by model.num_heads={m.num_heads}", m.embed_dim)
@@ -281,8 +390,18 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"window longer than model.max_seq_len={m.max_seq_len}", d.max_length)
   _check(d.stride <= d.max_length, "data.stride", f"must be <= data.max_length={d.max_length}", d.stride)
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)", d.val_fraction)
+  _check(0.0 <= d.tune_fraction < 1.0 - d.val_fraction, "data.tune_fraction",
+         f"must be in [0, 1 - data.val_fraction={d.val_fraction}) (train keeps the rest)", d.tune_fraction)
   _check(d.tokenizer_model_type in ("unigram", "bpe"), "data.tokenizer_model_type",
          "must be 'unigram' or 'bpe'", d.tokenizer_model_type)
+  _check(d.filter_tokenizer in FILTER_TOKENIZERS, "data.filter_tokenizer", f"must be one of {FILTER_TOKENIZERS}",
+         d.filter_tokenizer)
+  filter_problem = filter_spec_problem(d.filters)
+  _check(filter_problem is None, "data.filters", str(filter_problem), d.filters)
+  positive("data", ("filter_tasks", "filter_min_words"), strict=False)
+  positive("data", ("filter_max_words", "minhash_ngrams", "minhash_buckets", "minhash_hashes_per_bucket"))
+  _check(d.filter_max_words > d.filter_min_words, "data.filter_max_words",
+         f"must be > data.filter_min_words={d.filter_min_words}", d.filter_max_words)
 
   _check(s.temperature >= 0, "sampling.temperature", "must be >= 0 (0 is greedy)", s.temperature)
   _check(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 keeps all)", s.top_k)
@@ -292,6 +411,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"window longer than model.max_seq_len={m.max_seq_len}", e.max_length)
   _check(0 < e.stride <= e.max_length, "eval.stride", f"must be in (0, eval.max_length={e.max_length}]",
          e.stride)
+  _check(cfg.inference.weight_dtype in WEIGHT_DTYPES, "inference.weight_dtype", f"must be one of {WEIGHT_DTYPES}",
+         cfg.inference.weight_dtype)
+  positive("serve", ("slots", "max_queue", "drain_seconds"))
   _check(0.0 < cfg.info.mfu <= 1.0, "info.mfu", "must be in (0, 1]", cfg.info.mfu)
   _validate_parallel(cfg)
   _check(cfg.info.num_devices > 0, "info.num_devices", "must be > 0", cfg.info.num_devices)
@@ -315,3 +437,33 @@ def _validate_parallel(cfg: ml_collections.ConfigDict) -> None:
     _check(m.num_heads % p.tensor == 0, "parallel.tensor", f"must divide model.num_heads={m.num_heads}", p.tensor)
     _check(m.mlp_ratio * m.embed_dim % p.tensor == 0, "parallel.tensor",
            f"must divide the FFN width model.mlp_ratio * model.embed_dim={m.mlp_ratio * m.embed_dim}", p.tensor)
+
+
+def apply_assignments(cfg: ml_collections.ConfigDict, assignments: list[str]) -> ml_collections.ConfigDict:
+  """Applies "section.field=value" strings (the tools' --config.section.field=value) typed by the schema.
+
+  Raises ConfigError naming the field for an unknown field or a value of the wrong type; call
+  validate() afterwards for the value rules.
+  """
+  schema = _field_paths(default_config())
+  for assignment in assignments:
+    path, sep, text = assignment.partition("=")
+    _check(bool(sep), path, "expected section.field=value", assignment)
+    _check(path in schema, path, "unknown field (not in the schema of neon_qtg_jax.config)", text)
+    expected = schema[path]
+    try:
+      if isinstance(expected, bool):
+        _check(text.lower() in ("true", "false"), path, "must be true or false", text)
+        value: Any = text.lower() == "true"
+      elif isinstance(expected, (int, float, str)):
+        value = type(expected)(text)
+      else:
+        raise ConfigError(f"config field '{path}': cannot be set from the command line")
+    except ValueError:
+      raise ConfigError(f"config field '{path}' = {text!r}: must be a {type(expected).__name__}") from None
+    section, name = path.rsplit(".", 1)
+    node = cfg
+    for part in section.split("."):
+      node = node[part]
+    node[name] = value
+  return cfg

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from neon_qtg_jax.model import QTGModel
+from neon_qtg_jax.model.qtg import attention_dim
 from neon_qtg_jax.parallel import targets
 from neon_qtg_jax.parallel.mesh import mesh_shape
 
@@ -58,10 +59,11 @@ def parameter_breakdown(model_cfg: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def block_matmul_parameters(model_cfg: ml_collections.ConfigDict) -> int:
-  """Weights of one block's matrices: W_psi (4 d^2, optional), W_qkv (6 d^2), W_O (2 d^2), the MLP."""
-  d = model_cfg.embed_dim
+  """Weights of one block's matrices: W_psi (4 d^2, optional), W_qkv (2d x 3a), W_O (a x 2d), the MLP,
+  with a the attention width (d by default)."""
+  d, a = model_cfg.embed_dim, attention_dim(model_cfg)
   w_psi = 4 * d * d if model_cfg.w_psi else 0
-  return w_psi + 6 * d * d + 2 * d * d + 2 * (2 * d * model_cfg.mlp_ratio * d)
+  return w_psi + 6 * d * a + 2 * a * d + 2 * (2 * d * model_cfg.mlp_ratio * d)
 
 
 def spec_block_parameters(model_cfg: ml_collections.ConfigDict) -> int:
@@ -71,9 +73,11 @@ def spec_block_parameters(model_cfg: ml_collections.ConfigDict) -> int:
   matrices = block_matmul_parameters(model_cfg)
   norms = 2 * (2 * d) * (2 if model_cfg.norm == "layernorm" else 1)
   w_psi_bias = 2 * d if model_cfg.w_psi else 0
-  biases = (w_psi_bias + 3 * d + 2 * d + model_cfg.mlp_ratio * d + 2 * d) if model_cfg.use_bias else 0
-  gamma = model_cfg.num_heads if model_cfg.attention == "geo" else 0
-  return matrices + norms + biases + gamma
+  a = attention_dim(model_cfg)
+  biases = (w_psi_bias + 3 * a + 2 * d + model_cfg.mlp_ratio * d + 2 * d) if model_cfg.use_bias else 0
+  geo = model_cfg.attention == "geo"
+  scales = model_cfg.num_heads * ((1 if geo else 0) + (1 if geo and model_cfg.sphere_map != "seed" else 0))
+  return matrices + norms + biases + scales
 
 
 def flops_per_token(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -86,7 +90,7 @@ def flops_per_token(config: ml_collections.ConfigDict) -> dict[str, float]:
   d, n, length = m.embed_dim, m.num_layers, config.data.max_length
   matmuls = 2.0 * (n * block_matmul_parameters(m) + 2 * d * m.vocab_size)
   # QK^T and A V over (on average) L/2 keys per query, for every layer.
-  attention = n * 2.0 * (2.0 * d * length / 2)
+  attention = n * 2.0 * (2.0 * attention_dim(m) * length / 2)
   topofilter = n * 2.0 * (2 * d) * length / 2 if m.topofilter else 0.0
   forward = matmuls + attention + topofilter
   return {"matmuls": matmuls, "attention": attention, "topofilter": topofilter,
@@ -99,8 +103,8 @@ def _activation_bytes_per_token_layer(m: ml_collections.ConfigDict, length: int,
 
   Heads and the FFN hidden axis are split over `tensor` devices; the 2d-wide states are not.
   """
-  d, c = m.embed_dim, (2 if m.dtype == "bfloat16" else 4)
-  hidden, qkv, heads_out, heads = m.mlp_ratio * d / tensor, 3 * d / tensor, d / tensor, m.num_heads / tensor
+  d, a, c = m.embed_dim, attention_dim(m), (2 if m.dtype == "bfloat16" else 4)
+  hidden, qkv, heads_out, heads = m.mlp_ratio * d / tensor, 3 * a / tensor, a / tensor, m.num_heads / tensor
   # No remat: norms, psi, f, qkv, sphere points, attention out, MLP in/out, residuals, and the
   # per-head softmax row (H x L floats per query, fp32) of the reference attention.
   everything = (c * (2 * d * 4 + qkv + heads_out + 2 * hidden) + 4 * (2 * d * 3 + 2 * d)
@@ -143,6 +147,18 @@ def training_memory(config: ml_collections.ConfigDict, num_params: int, num_devi
   return out
 
 
+def variant_sizes(config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
+  """Parameters and training FLOPs per token of every named variant (model/variants.py) at this config's
+  shape (d, layers, heads, vocabulary, window): what QTG is compared with."""
+  from neon_qtg_jax.model.variants import VARIANTS, variant_config  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name in VARIANTS:
+    variant = variant_config(config, name)
+    out[name] = {"params": sum(parameter_breakdown(variant.model).values()),
+                 "train_flops_per_token": flops_per_token(variant)["train"]}
+  return out
+
+
 def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Everything --mode=info reports, as plain JSON-able values."""
   m, t = config.model, config.training
@@ -181,6 +197,7 @@ def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "dtype": m.dtype,
       "mfu_assumed": config.info.mfu,
       "estimates": estimates,
+      "variants": variant_sizes(config),
   }
 
 
@@ -213,6 +230,10 @@ def format_text(info: dict[str, Any]) -> str:
                  f"{_gib(usable)} ({est['allocator_fraction']:.0%} of {_gib(est['device_memory_bytes'])} = "
                  f"{est['device_memory_bytes'] / 1e9:.1f} GB)")
   lines.append("  (estimates; --mode=memory_report --target=h200:N gives XLA's own figure for the H200)")
+  lines += ["", "the named variants at this shape (neon_qtg_jax/model/variants.py; qtg is QTG's defaults, not",
+            "necessarily this config):", "  variant      parameters   train FLOPs/token"]
+  for name, sizes in info["variants"].items():
+    lines.append(f"  {name:<10} {sizes['params']:>13,} {sizes['train_flops_per_token']:>18.4e}")
   return "\n".join(lines)
 
 

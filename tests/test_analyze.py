@@ -54,6 +54,23 @@ def test_traced_attention_is_causal_and_reproduces_the_layer_output(overrides):
   np.testing.assert_allclose(normalized_entropy(uniform), 1.0)
 
 
+def test_traces_of_an_attention_the_analysis_does_not_know_are_refused(monkeypatch):
+  """A model whose scores attention_probs re-derives wrongly (say, a new attention switch it does not
+  know yet) gets an error, not the maps of another attention."""
+  from neon_qtg_jax import analysis
+  model = small_model()
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 61, dtype=jnp.int32)
+
+  def uniform_probs(layer, f):
+    _, v = attention_probs(layer, f)
+    probs = jnp.tril(jnp.ones((12, 12))) / jnp.arange(1, 13)[:, None]
+    return jnp.broadcast_to(probs, (2, 2, 12, 12)), v
+
+  monkeypatch.setattr(analysis, "attention_probs", uniform_probs)
+  with pytest.raises(ValueError, match=r"layer 0: analysis\.attention_probs does not reproduce the model's attention"):
+    layer_traces(model, tokens)
+
+
 def test_analyze_writes_the_pictures_and_tensorboard_images(tmp_path):
   import analyze  # tools/analyze.py
   config = default_config()

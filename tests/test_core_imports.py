@@ -23,7 +23,7 @@ LAYERS = (
     ("checkpoint", "info"),
     ("inference",),
     ("training",),
-    ("evaluation", "analysis"),
+    ("evaluation", "analysis", "serving"),
     ("study",),
 )
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

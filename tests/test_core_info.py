@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def spec_count(m) -> int:
   d = m.embed_dim
-  per_block = 28 * d * d + 2 * (2 * 2 * d) + m.num_heads  # matrices, two LayerNorms (scale+bias), gamma
+  scales = m.num_heads * (2 if m.sphere_map == "normed" else 1)  # gamma per head, and beta with the normed map
+  per_block = 28 * d * d + 2 * (2 * 2 * d) + scales  # matrices, two LayerNorms (scale+bias), scales
   embeddings = m.vocab_size * 2 * d + m.max_seq_len * 2 * d
   head_and_final_norm = 2 * d * m.vocab_size + 2 * 2 * d
   return m.num_layers * per_block + embeddings + head_and_final_norm
@@ -42,7 +43,7 @@ def test_standard_gpt_count_and_the_equal_parameter_ffn_width():
   qtg = default_config().model
   gpt = default_config().model
   gpt.update(dict(attention="dot", topofilter=False, w_psi=False, amplitude_embedding=False))
-  gamma = qtg.num_layers * qtg.num_heads
+  gamma = qtg.num_layers * qtg.num_heads * (2 if qtg.sphere_map == "normed" else 1)  # gamma (and beta) per head
   d = qtg.embed_dim
   qtg_count, gpt_count = sum(parameter_breakdown(qtg).values()), sum(parameter_breakdown(gpt).values())
   assert qtg_count - gpt_count == qtg.num_layers * 4 * d * d + gamma
@@ -82,3 +83,19 @@ def test_summary_days_follow_from_step_time():
   config = importlib.import_module("configs.neon_qtg_7b").get_config()
   est = summarize(config)["estimates"]["H200"]
   assert abs(est["days_for_total_steps"] - est["step_seconds"] * 200000 / 86400) < 1e-9
+
+
+def test_info_lists_every_variant_with_its_real_parameter_count():
+  from flax import nnx
+  import jax
+  from neon_qtg_jax.config import default_config
+  from neon_qtg_jax.model import QTGModel
+  from neon_qtg_jax.model.variants import VARIANTS, variant_config
+  config = default_config()
+  listed = summarize(config)["variants"]
+  assert sorted(listed) == sorted(VARIANTS)
+  for name, sizes in listed.items():
+    model = QTGModel(variant_config(config, name).model, rngs=nnx.Rngs(0))
+    assert sizes["params"] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))), name
+    assert sizes["train_flops_per_token"] == flops_per_token(variant_config(config, name))["train"]
+  assert listed["gpt"]["train_flops_per_token"] > listed["qtg"]["train_flops_per_token"]

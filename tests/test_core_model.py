@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from neon_qtg_jax.config import default_config
+from neon_qtg_jax import info
+from neon_qtg_jax.config import complete_saved_config, default_config
 from neon_qtg_jax.model import QTGModel
+from neon_qtg_jax.model.qtg import positive_scale, rms_normalize
 
 
 def small_model_config(**overrides):
@@ -38,6 +40,11 @@ def test_contract_shapes_and_dtypes():
     {"attention": "dot", "topofilter": False},
     {"attention": "dot", "topofilter": False, "w_psi": False, "amplitude_embedding": False},
     {"scan_layers": True, "remat": "block"},
+    {"sphere_map": "scaled", "beta": 3.0},
+    {"sphere_map": "normed", "beta": 2.0},
+    {"sphere_map": "seed", "w_psi_init": "normal"},
+    {"attention": "dot", "topofilter": False, "w_psi": False, "amplitude_embedding": False,
+     "attention_width": "residual", "mlp_ratio": 8, "tie_embeddings": True},
 ])
 def test_causality(overrides):
   model = QTGModel(small_model_config(**overrides), rngs=nnx.Rngs(1))
@@ -131,3 +138,88 @@ def test_embedding_is_unit_norm():
   positions = jnp.broadcast_to(jnp.arange(20), tokens.shape)
   x = model.embed(tokens, positions)
   np.testing.assert_allclose(jnp.linalg.norm(x, axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sphere_map", ["scaled", "normed"])
+def test_sphere_map_inputs_are_scaled_and_normalized_per_head(sphere_map):
+  model = QTGModel(small_model_config(sphere_map=sphere_map, beta=2.5), rngs=nnx.Rngs(0))
+  attn = nnx.merge(nnx.graphdef(model.blocks.attn), jax.tree.map(lambda x: x[0], nnx.state(model.blocks.attn)))
+  np.testing.assert_allclose(attn.beta(), 2.5, rtol=1e-6)
+  f = jax.random.normal(jax.random.key(1), (2, 20, 32))
+  raw = attn.w_qkv(f)
+  q, k, v = attn.project(f)
+  expected_q = 2.5 * (rms_normalize(raw[:, :, 0], attn.eps) if sphere_map == "normed" else raw[:, :, 0])
+  np.testing.assert_allclose(q, expected_q, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(v, raw[:, :, 2])
+  if sphere_map == "normed":  # every head's q has RMS beta, whatever the scale of W_Q
+    np.testing.assert_allclose(jnp.sqrt(jnp.mean(k ** 2, axis=-1)), 2.5, rtol=1e-3)
+
+
+def test_seed_sphere_map_has_no_beta_and_is_the_default_for_old_checkpoints():
+  model = QTGModel(small_model_config(sphere_map="seed"), rngs=nnx.Rngs(0))
+  assert "beta_raw" not in nnx.to_pure_dict(nnx.state(model, nnx.Param))["blocks"]["attn"]
+  saved = default_config()
+  for name in ("sphere_map", "beta", "scale_param", "scale_lr_mult", "qk_init_std", "attention_width",
+               "tie_embeddings"):
+    del saved.model[name]
+  completed = complete_saved_config(saved)
+  assert completed.model.sphere_map == "seed" and completed.model.attention_width == "complex"
+  assert not completed.model.tie_embeddings
+
+
+@pytest.mark.parametrize("param", ["softplus", "exp"])
+def test_positive_scales_start_at_their_value_and_lr_mult_scales_the_step(param):
+  model = QTGModel(small_model_config(sphere_map="normed", gamma=6.0, beta=1.5, scale_param=param,
+                                      scale_lr_mult=4.0), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(model.blocks.attn.gamma(), 6.0, rtol=1e-5)
+  np.testing.assert_allclose(model.blocks.attn.beta(), 1.5, rtol=1e-5)
+  # d scale / d raw is lr_mult times the map's own slope: a step of size s on raw moves the scale's
+  # pre-image by lr_mult * s.
+  raw = model.blocks.attn.beta_raw[...][0, 0]
+  slope = jax.grad(lambda r: positive_scale(r, param, 4.0))(raw)
+  one = jax.grad(lambda r: positive_scale(r, param, 1.0))(4.0 * raw)
+  np.testing.assert_allclose(slope, 4.0 * one, rtol=1e-5)
+
+
+def test_qk_init_std_sets_the_query_and_key_weights_only():
+  model = QTGModel(small_model_config(qk_init_std=0.5, init_std=0.02), rngs=nnx.Rngs(0))
+  kernel = model.blocks.attn.w_qkv.kernel[...]  # (layers, 2d, 3, H, hd)
+  stds = [float(jnp.std(kernel[:, :, i])) for i in range(3)]
+  assert 0.4 < stds[0] < 0.6 and 0.4 < stds[1] < 0.6 and 0.015 < stds[2] < 0.025
+
+
+def test_standard_shape_gpt_has_wide_attention_a_4x_ffn_and_tied_embeddings():
+  cfg = small_model_config(attention="dot", topofilter=False, w_psi=False, amplitude_embedding=False,
+                           attention_width="residual", mlp_ratio=8, tie_embeddings=True)
+  model = QTGModel(cfg, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  d, width = 16, 32
+  assert params["blocks"]["attn"]["w_qkv"]["kernel"].shape == (2, width, 3, 2, width // 2)
+  assert params["blocks"]["w_o"]["kernel"].shape == (2, width, width)
+  assert params["blocks"]["w_1"]["kernel"].shape == (2, width, 4 * width)
+  assert "head" not in params
+  count = sum(x.size for x in jax.tree.leaves(params))
+  per_block = info.spec_block_parameters(cfg)
+  assert count == 2 * per_block + 97 * width + 32 * width + 2 * width  # blocks, table, positions, LN_f
+  tokens = random_tokens(1)
+  logits, aux = model(tokens, return_aux=True)
+  expected = jnp.einsum("blc,vc->blv", model.ln_f(aux["residual"]), params["embed"]["tokens"]["embedding"])
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sphere_map", ["seed", "normed"])
+def test_reference_and_blockwise_models_agree(sphere_map):
+  tokens = random_tokens(11, shape=(2, 30))
+  ref = QTGModel(small_model_config(sphere_map=sphere_map, attention_impl="reference"), rngs=nnx.Rngs(3))
+  fast = QTGModel(small_model_config(sphere_map=sphere_map, attention_impl="blockwise", block_q=8, block_k=16),
+                  rngs=nnx.Rngs(3))
+  np.testing.assert_allclose(fast(tokens), ref(tokens), atol=2e-5, rtol=1e-5)
+
+
+def test_orthogonal_w_psi_keeps_the_norm_of_every_state():
+  model = QTGModel(small_model_config(w_psi_init="orthogonal"), rngs=nnx.Rngs(0))
+  kernel = model.blocks.w_psi.kernel[...]  # (layers, 2d, 2d)
+  for layer in kernel:
+    np.testing.assert_allclose(layer @ layer.T, np.eye(32), atol=1e-5)
+  normal = QTGModel(small_model_config(w_psi_init="normal", init_std=0.02), rngs=nnx.Rngs(0))
+  assert 0.015 < float(jnp.std(normal.blocks.w_psi.kernel[...])) < 0.025

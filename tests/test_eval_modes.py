@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.prepare import prepare_dataset
 from neon_qtg_jax.data.tokenizer import Tokenizer
 from neon_qtg_jax.evaluation import perplexity
-from neon_qtg_jax.evaluation.result_files import ResultExistsError
+from neon_qtg_jax.evaluation.result_files import ResultExistsError, claim
 from neon_qtg_jax.inference import generate as generate_mode
 from neon_qtg_jax.inference.restore import load_model
 from neon_qtg_jax.inference.sampling import SamplingParams, generate
@@ -110,6 +111,20 @@ def test_eval_mode_scores_the_prepared_validation_split(run_dir):
   assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / result["bytes"])
 
 
+def test_eval_mode_with_int8_weights_names_them_in_the_result(run_dir, tmp_path):
+  root, config, _, _ = run_dir
+  int8 = ml_collections.ConfigDict(config.to_dict())
+  int8.inference.weight_dtype = "int8"
+  workdir = tmp_path / "work"
+  subprocess.run(["cp", "-r", str(root / "work"), str(workdir)], check=True)
+  assert perplexity.run(config, RunArgs(workdir=str(workdir), output=str(tmp_path / "f32.json"))) == 0
+  assert perplexity.run(int8, RunArgs(workdir=str(workdir))) == 0
+  (path,) = (workdir / "eval").glob("perplexity_val_*weightsint8*.json")
+  result, reference = json.loads(path.read_text()), json.loads((tmp_path / "f32.json").read_text())
+  assert result["weight_dtype"] == "int8" and reference["weight_dtype"] == "float32"
+  assert result["bits_per_byte"] == pytest.approx(reference["bits_per_byte"], rel=0.01)
+
+
 def test_eval_results_are_named_after_the_data_and_never_overwritten(run_dir, tmp_path):
   root, config, _, _ = run_dir
   workdir = tmp_path / "work"
@@ -126,6 +141,90 @@ def test_eval_results_are_named_after_the_data_and_never_overwritten(run_dir, tm
     perplexity.run(config, RunArgs(workdir=str(workdir)))
   assert (workdir / "eval" / names[2]).read_text() == first
   assert perplexity.run(config, RunArgs(workdir=str(workdir), overwrite=True)) == 0
+
+
+def test_claims_are_exclusive_when_made_at_the_same_moment(tmp_path):
+  path = str(tmp_path / "eval" / "result.json")
+  barrier, results = threading.Barrier(8), []
+
+  def race():
+    barrier.wait()
+    try:
+      results.append(claim(path, overwrite=False))
+    except ResultExistsError as err:
+      results.append(err)
+
+  threads = [threading.Thread(target=race) for _ in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert sum(r == path for r in results) == 1, results
+  assert all("claimed by another evaluation" in str(r) for r in results if r != path)
+
+
+def test_two_evaluations_at_once_never_overwrite(run_dir, tmp_path, monkeypatch):
+  root, config, _, _ = run_dir
+  workdir = tmp_path / "work"
+  subprocess.run(["cp", "-r", str(root / "work"), str(workdir)], check=True)
+  scoring, finished, lock = threading.Event(), [], threading.Lock()
+  real_score = perplexity.score_stream
+
+  def score_when_both_got_here(*args, **kwargs):  # holds the first run at the work until the other is past its claim
+    with lock:
+      finished.append("scoring")
+      if finished.count("scoring") == 2:
+        scoring.set()
+    assert scoring.wait(timeout=60)
+    return real_score(*args, **kwargs)
+
+  monkeypatch.setattr(perplexity, "score_stream", score_when_both_got_here)
+  results = []
+
+  def evaluate():
+    try:
+      results.append(perplexity.run(config, RunArgs(workdir=str(workdir))))
+    except ResultExistsError as err:
+      results.append(err)
+    finally:
+      scoring.set()
+
+  threads = [threading.Thread(target=evaluate) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(results) == 2 and results.count(0) == 1, results
+  refused = next(r for r in results if r != 0)
+  assert isinstance(refused, ResultExistsError) and "claimed by another evaluation" in str(refused)
+  assert sorted(os.listdir(workdir / "eval")) == ["perplexity_val_len16_stride8_step3.json",
+                                                   "perplexity_val_len16_stride8_step3.png"]
+
+
+def test_the_histogram_is_named_like_its_result_and_never_overwritten(run_dir, tmp_path):
+  root, config, _, _ = run_dir
+  output = tmp_path / "ppl.json"
+  png = tmp_path / "ppl.png"
+  png.write_bytes(b"an earlier histogram")
+  with pytest.raises(ResultExistsError, match=r"ppl\.png already holds an earlier result"):
+    perplexity.run(config, RunArgs(workdir=str(root / "work"), output=str(output)))
+  assert png.read_bytes() == b"an earlier histogram" and not output.exists()  # the JSON's claim is released
+  png.unlink()
+  assert perplexity.run(config, RunArgs(workdir=str(root / "work"), output=str(output))) == 0
+  assert png.read_bytes().startswith(b"\x89PNG") and json.loads(output.read_text())["tokens"] > 0
+
+
+def test_a_failed_evaluation_releases_its_claims(run_dir, tmp_path, monkeypatch):
+  root, config, _, _ = run_dir
+  output = tmp_path / "ppl.json"
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("scoring failed")
+
+  monkeypatch.setattr(perplexity, "score_stream", fail)
+  with pytest.raises(RuntimeError, match="scoring failed"):
+    perplexity.run(config, RunArgs(workdir=str(root / "work"), output=str(output)))
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_generate_mode_prints_text_speed_and_memory(run_dir, capsys):

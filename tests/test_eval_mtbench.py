@@ -1,27 +1,18 @@
 """MT-Bench: answers in FastChat's format, turn 2 sees turn 1; the judge reads ratings from an OpenAI-style endpoint."""
 
 import http.server
-import importlib.metadata
 import json
 import threading
 
 import pytest
 
 from neon_qtg_jax.evaluation import mtbench, mtbench_judge
+from optional import needs
 
 
 
-def installed(name: str) -> bool:
-  try:
-    importlib.metadata.distribution(name)
-    return True
-  except importlib.metadata.PackageNotFoundError:
-    return False
+needs_package = needs(mtbench.PACKAGE)
 
-
-HAVE_PACKAGE = installed(mtbench.PACKAGE)
-needs_package = pytest.mark.skipif(not HAVE_PACKAGE, reason=f"the `{mtbench.PACKAGE}` package (extra `eval`) "
-                                                            "is not installed")
 
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Make it shorter."]},

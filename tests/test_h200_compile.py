@@ -17,6 +17,9 @@ from neon_qtg_jax.config import default_config, validate
 from neon_qtg_jax.parallel import targets
 from neon_qtg_jax.training import memory_report, programs
 from neon_qtg_jax.training import train_step as ts
+from optional import needs
+
+needs_cuda_plugin = needs("jax-cuda12-plugin", extra="cuda12", module="jax_plugins.xla_cuda12")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +46,7 @@ def test_without_the_cuda_plugin_the_error_names_the_extra(monkeypatch):
     targets.compile_target("h200:1")
 
 
+@needs_cuda_plugin
 @pytest.mark.parametrize("spec", ["h200:1", "h200:8"])
 def test_tiny_train_eval_and_decode_steps_compile_for_h200(spec):
   config = tiny_gpu_config()
@@ -61,6 +65,7 @@ def test_tiny_train_eval_and_decode_steps_compile_for_h200(spec):
   assert train.aliased >= 0.9 * train.arguments - 2**20  # the donated state is updated in place
 
 
+@needs_cuda_plugin
 @pytest.mark.slow  # ~1-2 min: the 7b train step and its init program compiled for sm_90
 def test_7b_fits_on_one_h200_with_headroom_and_info_agrees():
   result = subprocess.run([sys.executable, "launch.py", "--config=configs/neon_qtg_7b.py", "--mode=memory_test",
@@ -74,6 +79,7 @@ def test_7b_fits_on_one_h200_with_headroom_and_info_agrees():
   assert abs(report["estimate_bytes"] / report["peak_bytes"] - 1) <= 0.10
 
 
+@needs_cuda_plugin
 @pytest.mark.parametrize("kind, kernel", [("geo", "__gpu$xla.gpu.triton"), ("dot", "__cudnn$fmha")])
 def test_pallas_attention_follows_the_compile_target_not_this_host(kind, kernel):
   """Under a GPU target `pallas` lowers to the Pallas (Triton) kernel or cuDNN; on this CPU host it cannot."""
@@ -91,3 +97,23 @@ def test_pallas_attention_follows_the_compile_target_not_this_host(kind, kernel)
     on_target = jax.jit(attend).lower(x, x, x, gamma).as_text()
   on_host = jax.jit(attend).lower(*[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, x, x, gamma)]).as_text()
   assert kernel in on_target and kernel not in on_host
+
+
+def test_int8_weights_shrink_the_compiled_decode_step_and_the_tool_takes_config_overrides(tmp_path):
+  """tools/h200_compile.py --config.inference.weight_dtype=int8: the decode program's parameters are int8."""
+  out = tmp_path / "int8.json"
+  args = ["--config=configs/neon_qtg_tiny.py", "--config.model.dtype=bfloat16", "--programs=decode",
+          "--context=128"]
+  runs = {}
+  for weights in ("bfloat16", "int8"):
+    result = subprocess.run([sys.executable, "tools/h200_compile.py", *args, f"--config.inference.weight_dtype={weights}",
+                             f"--output={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs[weights] = json.loads(out.read_text())
+  assert runs["int8"]["weight_dtype"] == "int8" and [r["program"] for r in runs["int8"]["programs"]] == [
+      "decode step (batch 1, 128 slots)"]
+  bf16, int8 = (runs[w]["programs"][0]["arguments_bytes"] for w in ("bfloat16", "int8"))
+  assert int8 < 0.75 * bf16
+  bad = subprocess.run([sys.executable, "tools/h200_compile.py", *args, "--config.inference.weight_dtype=int4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and "inference.weight_dtype" in bad.stderr

@@ -31,7 +31,10 @@ forward_cached = nnx.jit(decoding.forward_cached, static_argnames=("last_only",)
     ({"attention": "dot", "topofilter": False}, 2e-5),
     ({"attention": "dot", "topofilter": False, "w_psi": False, "amplitude_embedding": False}, 2e-5),
     ({"dtype": "bfloat16"}, 3e-2),
-], ids=["qtg", "qtg_topo_k2", "gpt_baseline", "gpt_standard", "qtg_bf16"])
+    ({"sphere_map": "seed", "w_psi_init": "normal"}, 2e-5),
+    ({"attention": "dot", "topofilter": False, "w_psi": False, "amplitude_embedding": False,
+      "attention_width": "residual", "mlp_ratio": 8, "tie_embeddings": True}, 2e-5),
+], ids=["qtg", "qtg_topo_k2", "gpt_spec", "gpt_spec_no_psi", "qtg_bf16", "qtg_seed_form", "gpt_standard_shape"])
 def test_cached_logits_match_full_forward_at_every_step(overrides, tol):
   model = tiny_model(**overrides)
   rng = np.random.default_rng(0)

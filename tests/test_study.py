@@ -1,6 +1,7 @@
 """tools/study.py: seed statistics, budgets, run order, and a smoke study end to end (resumable)."""
 
 import json
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from conftest import restored_package_logger
 from neon_qtg_jax.config import ConfigError
-from neon_qtg_jax.study import spec, stats
+from neon_qtg_jax.study import provenance, readout, report, runner, spec, stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -37,8 +39,16 @@ def test_an_interval_that_includes_zero_is_never_a_win():
   assert stats.mean_std([2.0]) == (2.0, 0.0)
 
 
-def _study_file(tmp_path: Path, corpus: Path, steps: int = 4, kind: str = "flops", extra: str = "") -> Path:
-  path = tmp_path / "smoke_study.py"
+def _study_file(tmp_path: Path, corpus: Path, steps: int = 4, kind: str = "flops", extra: str = "",
+                top: str = "", name: str = "smoke_study.py", base: Path = ROOT / "configs" / "neon_qtg_tiny.py",
+                groups: str = "") -> Path:
+  """A tiny study file: one group `g` of qtg and gpt (or `groups`), study-wide overrides plus `extra`,
+  top-level keys `top`."""
+  path = tmp_path / name
+  groups = groups or f"""[{{"name": "g", "budget": {{"kind": "{kind}", "steps": {steps}, "reference": "qtg"}},
+                        "variants": [{{"name": "qtg", "overrides": {{}}, "seeds": 1, "tier": 1}},
+                                     {{"name": "gpt", "overrides": GPT, "seeds": 1, "tier": 1}}]}}]"""
+  groups = " ".join(groups.split())  # one line: the file text below is dedented
   path.write_text(textwrap.dedent(f"""
       GPT = {{"model.attention": "dot", "model.topofilter": False, "model.w_psi": False,
              "model.amplitude_embedding": False, "training.lambda_topo": 0.0, "training.lambda_geo": 0.0,
@@ -46,7 +56,7 @@ def _study_file(tmp_path: Path, corpus: Path, steps: int = 4, kind: str = "flops
 
       def get_study():
         return {{
-            "name": "smoke", "base_config": "{ROOT / 'configs' / 'neon_qtg_tiny.py'}", "baseline": "gpt",
+            "name": "smoke", "base_config": "{base}", "baseline": "gpt",{top}
             "overrides": {{
                 "model.vocab_size": 384, "model.embed_dim": 16, "model.num_layers": 1, "model.num_heads": 2,
                 "model.max_seq_len": 32, "data.source": "text", "data.paths": "{corpus}",
@@ -55,9 +65,7 @@ def _study_file(tmp_path: Path, corpus: Path, steps: int = 4, kind: str = "flops
                 "training.batch_size": 4, "training.warmup_steps": 1, "training.max_train_minutes": 0.0,
                 "training.sample_steps": 1000, "training.log_steps": 2, "training.eval_batches": 2{extra},
             }},
-            "groups": [{{"name": "g", "budget": {{"kind": "{kind}", "steps": {steps}, "reference": "qtg"}},
-                        "variants": [{{"name": "qtg", "overrides": {{}}, "seeds": 1, "tier": 1}},
-                                     {{"name": "gpt", "overrides": GPT, "seeds": 1, "tier": 1}}]}}],
+            "groups": {groups},
             "notes": ["smoke"],
         }}
       """))
@@ -66,7 +74,11 @@ def _study_file(tmp_path: Path, corpus: Path, steps: int = 4, kind: str = "flops
 
 @pytest.fixture
 def corpus(tmp_path):
-  path = tmp_path / "corpus.txt"
+  return _write_corpus(tmp_path)
+
+
+def _write_corpus(directory: Path) -> Path:
+  path = directory / "corpus.txt"
   path.write_text("\n\n".join([f"def f{i}(x):\n\treturn x * {i} + {i % 7}" for i in range(60)]
                               + [f"The value {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60)]))
   return path
@@ -86,6 +98,22 @@ def test_equal_flops_budget_and_run_order(tmp_path, corpus):
   assert [r.variant for r in runs] == ["qtg", "gpt"]
 
 
+def test_groups_and_variants_select_runs_and_name_unknown_ones(tmp_path, corpus, capsys):
+  import study as study_tool  # tools/study.py
+  path = _study_file(tmp_path, corpus)
+  base = [f"--study={path}", f"--out={tmp_path / 'out'}", "--list"]
+  assert study_tool.main(base + ["--variants=gpt"]) == 0
+  listing = capsys.readouterr().out
+  assert "g/gpt/seed0" in listing and "g/qtg/seed0" not in listing
+  assert study_tool.main(base + ["--groups=g", "--variants=qtg,gpt"]) == 0
+  listing = capsys.readouterr().out
+  assert "g/gpt/seed0" in listing and "g/qtg/seed0" in listing
+  assert study_tool.main(base + ["--variants=gpt,nope"]) == 2
+  assert "--variants: no variant ['nope']" in capsys.readouterr().err
+  assert study_tool.main(base + ["--groups=h"]) == 2
+  assert "--groups: no group ['h']" in capsys.readouterr().err
+
+
 def test_wall_time_and_token_budgets(tmp_path, corpus):
   study = spec.load_study(str(_study_file(tmp_path, corpus, steps=7, kind="tokens")))
   assert {r.config.training.total_steps for r in spec.expand(study)} == {7}
@@ -100,6 +128,307 @@ def test_an_unknown_override_is_named(tmp_path, corpus):
     spec.expand(study)
 
 
+def test_lr_grid_expands_to_tuning_runs_first_and_is_checked(tmp_path, corpus):
+  top = '\n            "lr_grid": [1e-3, 3e-3], "tune_budget": {"kind": "tokens", "steps": 2},'
+  study = spec.load_study(str(_study_file(tmp_path, corpus, steps=5, kind="tokens", top=top,
+                                          extra=', "data.tune_fraction": 0.2')))
+  runs = spec.expand(study)
+  assert [(r.phase, r.variant, r.lr) for r in runs] == [
+      ("tune", "qtg", 1e-3), ("tune", "qtg", 3e-3), ("tune", "gpt", 1e-3), ("tune", "gpt", 3e-3),
+      ("final", "qtg", None), ("final", "gpt", None)]
+  tune = runs[0]
+  assert tune.config.training.lr == 1e-3 and tune.config.training.total_steps == 2
+  assert tune.seed == spec.DEFAULT_TUNE_SEED == tune.config.data.shuffle_seed and tune.key == "g/qtg/tune_lr0.001"
+  final = spec.resolve_lr(runs[4], 3e-3)
+  assert final.config.training.lr == 3e-3 and final.config.training.total_steps == 5 and final.seed == 0
+  # A grid needs a tuning split; a bad grid or a tuning seed among the seeds is named.
+  study_without = spec.load_study(str(_study_file(tmp_path, corpus, top=top, name="no_tune.py")))
+  with pytest.raises(ConfigError, match=r"g/qtg: an lr_grid needs a tuning split: set data\.tune_fraction"):
+    spec.expand(study_without)
+  for bad, message in (('"lr_grid": [1e-3, -1.0],', "lr_grid must be a list of learning rates > 0"),
+                       ('"lr_grid": [1e-3], "tune_seed": 0,', "tune_seed 0 is one of variant 'qtg''s seeds"),
+                       ('"lr_grid": [1e-3], "tune_budget": {"kind": "tokens"},', "a 'tokens' budget needs 'steps'")):
+    with pytest.raises(ValueError, match=message):
+      spec.load_study(str(_study_file(tmp_path, corpus, top="\n            " + bad, name="bad.py")))
+
+
+def _tuning(lr, bits, diverged=False):
+  return {"lr": lr, "seed": 100, "budget": {}, "steps": 2, "stopped_by_clock": False,
+          "tune": {"bits_per_byte": None, "diverged": True} if diverged else {"bits_per_byte": bits}}
+
+
+def test_choose_lr_takes_the_lowest_tuning_bits_never_a_diverged_one():
+  grid = (1e-3, 3e-3, 1e-2)
+  assert runner.choose_lr(grid, [_tuning(1e-3, 2.5), _tuning(3e-3, 2.1), _tuning(1e-2, 2.3)])["chosen"] == 3e-3
+  assert runner.choose_lr(grid, [_tuning(1e-3, 2.5), _tuning(3e-3, 2.1), _tuning(1e-2, 0, True)])["chosen"] == 3e-3
+  assert runner.choose_lr(grid, [_tuning(1e-3, 2.5), _tuning(1e-2, 2.0)]) is None  # 3e-3 not run yet
+  assert runner.choose_lr(grid, [_tuning(lr, 0, True) for lr in grid])["chosen"] is None
+  assert runner.choose_lr(grid, [_tuning(1e-3, 2.0), _tuning(3e-3, 2.0), _tuning(1e-2, 2.2)])["chosen"] == 1e-3
+
+
+# An equal-wall-time group with an lr grid: its tuning runs get the same wall-time budget. The clock
+# (0.06 s) stops every run at its first check (the trainer checks every step: step 1) of at most 50 steps.
+TUNED_GROUPS = """[{"name": "w", "budget": {"kind": "wall_time", "minutes": 0.001, "max_steps": 50},
+                    "variants": [{"name": "gpt", "overrides": GPT, "seeds": 1, "tier": 1}]}]"""
+TUNED_TOP = '\n            "lr_grid": [1e-3, 3e-2],'
+
+
+@pytest.fixture(scope="module")
+def tuned_study(tmp_path_factory):
+  """A study with an lr grid of 2 values for a wall-time group of gpt: 2 tuning runs and 1 final run, run
+  once for the tests below."""
+  import study as study_tool  # tools/study.py
+  tmp_path = tmp_path_factory.mktemp("tuned")
+  corpus = _write_corpus(tmp_path)
+  study_path = _study_file(tmp_path, corpus, top=TUNED_TOP, extra=', "data.tune_fraction": 0.2',
+                           groups=TUNED_GROUPS)
+  out = tmp_path / "out"
+  with restored_package_logger():  # it trains in process, before the per-test logger fixture looks
+    code = study_tool.main([f"--study={study_path}", f"--out={out}", f"--publish={tmp_path / 'docs' / 'RESULTS.md'}"])
+  return tmp_path, corpus, study_path, out, code
+
+
+def test_lr_grid_picks_the_lowest_tuning_bits_and_reruns_nothing(tuned_study, capsys):
+  import study as study_tool  # tools/study.py
+  tmp_path, _, study_path, out, code = tuned_study
+  assert code == 0
+  result = json.loads((out / "study.json").read_text())
+  assert result["runs_finished"] == result["runs_planned"] == 3 and not result["failures"]
+  assert len(result["tuning_runs"]) == 2 and len(result["runs"]) == 1
+  for tuning in result["tuning_runs"]:
+    assert tuning["eval_split"] == "tune" and tuning["eval_file"] == "eval/final_tune.json"
+    scored = json.loads(Path(tuning["workdir"], tuning["eval_file"]).read_text())
+    assert scored["data"].endswith("(tune split)") and scored["bits_per_byte"] == tuning["tune"]["bits_per_byte"]
+    assert "final" not in tuning and tuning["config"]["training"]["lr"] == tuning["lr"]
+    assert tuning["stopped_by_clock"] and tuning["steps"] == 1 and tuning["planned_steps"] == 50
+  for name, choice in result["lr_choices"].items():
+    group, variant = name.split("/")
+    mine = {t["lr"]: t["tune"]["bits_per_byte"] for t in result["tuning_runs"]
+            if (t["group"], t["variant"]) == (group, variant)}
+    assert choice["chosen"] == min(mine, key=mine.get) and choice["tune_bits_per_byte"] == [mine[1e-3], mine[3e-2]]
+    final = next(r for r in result["runs"] if (r["group"], r["variant"]) == (group, variant))
+    assert final["lr"] == final["config"]["training"]["lr"] == choice["chosen"] and final["eval_split"] == "val"
+  assert sorted(result["lr_choices"]) == ["w/gpt"]
+  # Tuning and final runs train on the train split only; the tune split is disjoint from both.
+  with np.load(tmp_path / "data" / "documents.npz") as z:
+    is_val, is_tune, hashes = z["is_val"], z["is_tune"], z["hash"]
+  assert is_tune.any() and not (is_val & is_tune).any()
+  assert not set(hashes[is_tune].tolist()) & set(hashes[~(is_val | is_tune)].tolist())
+  # The clock stops the final run too; the report gives the steps reached.
+  wall = result["runs"][0]
+  assert wall["stopped_by_clock"] and wall["steps"] == 1 and wall["planned_steps"] == 50
+  report_text = (tmp_path / "docs" / "RESULTS.md").read_text()
+  assert "| variant | lr 0.001 | lr 0.03 | chosen |" in report_text
+  assert "tuning split" in report_text and "never scored in the tables of this report" in report_text
+  choice = result["lr_choices"]["w/gpt"]
+  bold = f"**{choice['tune_bits_per_byte'][[1e-3, 3e-2].index(choice['chosen'])]:.4f} (1 steps, clock)**"
+  assert bold in report_text and f"| {choice['chosen']:g} |" in report_text
+  assert "| 1 of 50, 1/1 stopped by the clock |" in report_text
+  assert (tmp_path / "docs" / "results" / "w_lr_grid.png").exists()
+  # A second call runs nothing and changes nothing.
+  capsys.readouterr()
+  assert study_tool.main([f"--study={study_path}", f"--out={out}"]) == 0
+  assert "3 with a result, 0 to run" in capsys.readouterr().out
+  again = json.loads((out / "study.json").read_text())
+  assert again["runs"] == result["runs"] and again["tuning_runs"] == result["tuning_runs"]
+  # --list: the CPU time from the measured seconds per FLOP of the finished runs.
+  assert study_tool.main([f"--study={study_path}", f"--out={out}", "--list"]) == 0
+  listing = capsys.readouterr().out
+  assert "w/gpt/tune_lr0.001" in listing and "(finished)" in listing
+  assert re.search(r"CPU time \(one process.*\): \d+\.\d\d h in all, \d+\.\d\d h done, 0\.00 h left", listing)
+  # Before a study has run: measured on another study's runs (a published study.json), same variant name.
+  tokens_study = _study_file(tmp_path, tmp_path / "corpus.txt", steps=500, kind="tokens", name="tokens.py")
+  assert study_tool.main([f"--study={tokens_study}", f"--out={tmp_path / 'empty'}", "--list",
+                          f"--calibrate_from={out / 'study.json'}"]) == 0
+  listing = capsys.readouterr().out
+  assert re.search(r"g/gpt/seed0 .* 500 steps .* min \(variant\)", listing)
+  assert re.search(r"g/qtg/seed0 .* min \(all runs\)", listing)
+  assert re.search(r"CPU time \(one process.*study\.json\): \d+\.\d\d h in all, 0\.00 h done", listing)
+
+
+def test_a_changed_study_override_or_base_config_makes_runs_stale(tuned_study, capsys):
+  import study as study_tool  # tools/study.py
+  tmp_path, corpus, _, out, _ = tuned_study
+  before = sorted(p.stat().st_mtime_ns for p in out.rglob("result.json"))
+  changed_override = _study_file(tmp_path, corpus, top=TUNED_TOP, groups=TUNED_GROUPS, name="changed.py",
+                                 extra=', "data.tune_fraction": 0.2, "training.weight_decay": 0.1')
+  base = tmp_path / "base_config.py"
+  base.write_text((ROOT / "configs" / "neon_qtg_tiny.py").read_text()
+                  + "\n\n_get = get_config\n\n\ndef get_config():\n  c = _get()\n  c.training.beta2 = 0.99\n"
+                  + "  return c\n")
+  changed_base = _study_file(tmp_path, corpus, top=TUNED_TOP, groups=TUNED_GROUPS, name="changed_base.py",
+                             extra=', "data.tune_fraction": 0.2', base=base)
+  for study_path, field in ((changed_override, "training.weight_decay: 0.01 -> 0.1"),
+                            (changed_base, "training.beta2: 0.999 -> 0.99")):
+    capsys.readouterr()
+    assert study_tool.main([f"--study={study_path}", f"--out={out}", "--report_only"]) == 1
+    err = capsys.readouterr().err
+    result = json.loads((out / "study.json").read_text())
+    assert result["runs_finished"] == 0 and len(result["stale"]) == 2  # the tuning runs; the seed waits on them
+    assert all(field in line for line in result["stale"]) and "stale: w/gpt/tune_lr0.001" in err
+    assert len(result["failures"]) == 1 and "lr tuning did not finish" in result["failures"][0]
+    assert "## Stale runs (made under other settings; not reused)" in (out / "report.md").read_text()
+  assert sorted(p.stat().st_mtime_ns for p in out.rglob("result.json")) == before  # nothing touched
+
+
+def test_code_versions_are_recorded_per_run_and_checked_on_request(tuned_study):
+  _, _, study_path, out, _ = tuned_study
+  records = [json.loads(p.read_text()) for p in out.rglob("result.json")]
+  now = provenance.code_version()
+  assert len(records) == 3 and now["commit"] != "unknown"
+  for record in records:
+    assert record["code"] == now and record["code_attempts"] == [now]
+  assert report.code_versions(records) == {"versions": [{"label": provenance.version_label(now),
+                                                         "describe": now["describe"], "runs": 3}],
+                                           "majority": provenance.version_label(now), "flagged": []}
+  runs = spec.expand(spec.load_study(str(study_path)))
+  tune = runs[0]
+  workdir = runner.run_workdir(str(out), tune)
+  other = now | {"commit": "0" * 40}
+  assert runner.stale_reason(workdir, tune, other) == ""                 # by default the config decides
+  assert "--require_same_code" in runner.stale_reason(workdir, tune, other, require_same_code=True)
+  # A run made (partly) by other code than the majority's is flagged in the report.
+  records[0]["code_attempts"] = [now, other]
+  versions = report.code_versions(records)
+  assert versions["flagged"] == [records[0]["key"]] and len(versions["versions"]) == 2
+
+
+@pytest.mark.parametrize("scale_param", ["softplus", "exp"])
+def test_learned_attention_scalars_are_the_models_own_scales(scale_param):
+  """gamma and beta per layer and head, however they are stored (softplus or exp, with an lr multiplier)."""
+  from flax import nnx
+  from neon_qtg_jax.config import default_config
+  from neon_qtg_jax.model import QTGModel
+
+  cfg = default_config().model
+  cfg.update(vocab_size=31, embed_dim=16, num_layers=2, num_heads=2, max_seq_len=16, sphere_map="normed",
+             gamma=6.0, beta=1.5, scale_param=scale_param, scale_lr_mult=3.0)
+  scalars = readout.attention_scalars(QTGModel(cfg, rngs=nnx.Rngs(0)))
+  assert sorted(scalars) == ["beta", "gamma"]
+  assert np.allclose(scalars["gamma"], 6.0, atol=1e-3) and np.allclose(scalars["beta"], 1.5, atol=1e-3)
+  assert np.asarray(scalars["gamma"]).shape == (2, 2)
+
+
+def test_a_retried_run_resumes_and_scores_into_a_fresh_file(tmp_path, corpus, monkeypatch, capsys):
+  import study as study_tool  # tools/study.py
+  from neon_qtg_jax.evaluation import perplexity
+  groups = """[{"name": "g", "budget": {"kind": "tokens", "steps": 2},
+                 "variants": [{"name": "gpt", "overrides": GPT, "seeds": 1, "tier": 1}]}]"""
+  study_path = _study_file(tmp_path, corpus, groups=groups)
+  out = tmp_path / "out"
+  workdir = out / "runs" / "g" / "gpt" / "seed0"
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("injected")
+
+  # 1: fails after training, before scoring.
+  with monkeypatch.context() as m:
+    m.setattr(perplexity, "run", fail)
+    assert study_tool.main([f"--study={study_path}", f"--out={out}"]) == 1
+  assert "g/gpt/seed0: RuntimeError: injected" in capsys.readouterr().err
+  assert (workdir / "checkpoints").is_dir() and not (workdir / "result.json").exists()
+  # 2: fails after scoring (its eval/final_val.json is written).
+  with monkeypatch.context() as m:
+    m.setattr(readout, "attention_entropy", fail)
+    assert study_tool.main([f"--study={study_path}", f"--out={out}"]) == 1
+  first_eval = (workdir / "eval" / "final_val.json").read_text()
+  # 3: the retry does not trip over that file, leaves it as it was, and scores into a fresh one.
+  assert study_tool.main([f"--study={study_path}", f"--out={out}"]) == 0
+  record = json.loads((workdir / "result.json").read_text())
+  assert record["eval_file"] == "eval/final_val.2.json" and record["steps"] == 2
+  assert (workdir / "eval" / "final_val.json").read_text() == first_eval
+  assert json.loads(first_eval)["bits_per_byte"] == record["final"]["bits_per_byte"]  # the same checkpoint
+  assert len((workdir / "attempts.jsonl").read_text().splitlines()) == 3
+  assert record["attention_entropy"] and len(record["attention_entropy"]) == 1  # one layer of 2 heads
+  # A result is never overwritten; a stale run is moved aside on request, never deleted.
+  with pytest.raises(FileExistsError):
+    runner._write_new_json(str(workdir / "result.json"), {})  # pylint: disable=protected-access
+  changed = _study_file(tmp_path, corpus, groups=groups, name="changed.py", extra=', "training.weight_decay": 0.0')
+  run = spec.expand(spec.load_study(str(changed)))[0]
+  assert "training.weight_decay: 0.01 -> 0.0" in runner.stale_reason(str(workdir), run)
+  moved = runner.move_aside(str(workdir))
+  assert moved.endswith("seed0.stale1") and Path(moved, "result.json").exists() and not workdir.exists()
+
+
+def test_a_resumed_wall_time_run_gets_only_the_minutes_left(tmp_path, monkeypatch):
+  from neon_qtg_jax.config import default_config
+  from neon_qtg_jax.checkpoint import checkpointer as checkpointing
+  config = default_config()
+  config.training.max_train_minutes = 3.0
+  assert runner._training_config(config, str(tmp_path)) is config  # pylint: disable=protected-access
+  (tmp_path / "checkpoints").mkdir()
+  for used_seconds, left in ((60.0, 2.0), (180.0, None), (200.0, None)):
+    monkeypatch.setattr(checkpointing, "load_meta", lambda *a, s=used_seconds: {"train_seconds": s, "step": 7})
+    resumed = runner._training_config(config, str(tmp_path))  # pylint: disable=protected-access
+    assert (resumed is None) if left is None else resumed.training.max_train_minutes == pytest.approx(left)
+  assert config.training.max_train_minutes == 3.0  # the run's own config (and identity) is unchanged
+  config.training.max_train_minutes = 0.0  # no wall-time budget: trained as configured
+  assert runner._training_config(config, str(tmp_path)) is config  # pylint: disable=protected-access
+
+
+def _recall_result(directory: Path, name: str, **fields) -> None:
+  result = {"variant": "gpt", "task": "mqar", "preset": "small", "seed": 0, "accuracy": 1.0, "chance": 0.25,
+            "steps": 1000, "seconds": 60.0, "attention_entropy": [0.8, 0.3]} | fields
+  (directory / name).write_text(json.dumps(result))
+
+
+def test_report_renders_the_recall_table_first(tmp_path, corpus, capsys):
+  import study as study_tool  # tools/study.py
+  recall = tmp_path / "recall"
+  (recall / "sweep").mkdir(parents=True)
+  _recall_result(recall, "gpt0.json")
+  _recall_result(recall, "gpt1.json", seed=1, accuracy=0.9, steps=1200, attention_entropy=[0.6, 0.5])
+  _recall_result(recall, "qtg0.json", variant="qtg", accuracy=0.97, attention_entropy=[[0.2, 0.4], [0.9, 0.9]])
+  _recall_result(recall / "sweep", "qtg_seed0.json", variant="qtg_seed", task="lookup", preset="hard",
+                 accuracy=0.31, chance=0.125)
+  study_path = _study_file(tmp_path, corpus, top=f'\n            "recall_dir": "{recall}", "headline": "qtg",')
+  publish = tmp_path / "RESULTS.md"
+  # Report only: nothing runs, the recall table comes from the study file's recall_dir.
+  assert study_tool.main([f"--study={study_path}", f"--out={tmp_path / 'out'}", "--report_only",
+                          f"--publish={publish}"]) == 0
+  text = publish.read_text()
+  assert text.index("## Associative recall") < text.index("## Main result") < text.index("## g")
+  assert "| lookup | hard | `qtg_seed` | 1 | 0.310 | 0.125 | 1000 | 60 | L0 0.80, L1 0.30 |" in text
+  assert "| mqar | small | `gpt` | 2 | 0.950 ± 0.071 | 0.250 | 1100 | 60 | L0 0.70, L1 0.40 |" in text
+  assert "| mqar | small | `qtg` | 1 | 0.970 | 0.250 | 1000 | 60 | L0 0.30, L1 0.90 |" in text
+  assert "## Not run yet" in text and "INCOMPLETE: 0 of 2 runs finished" in text
+  # A result without a field stops the tool before any run, naming the file and the field.
+  _recall_result(recall, "broken.json")
+  broken = json.loads((recall / "broken.json").read_text())
+  del broken["chance"]
+  (recall / "broken.json").write_text(json.dumps(broken))
+  capsys.readouterr()
+  assert study_tool.main([f"--study={study_path}", f"--out={tmp_path / 'out'}", f"--recall_dir={recall}"]) == 2
+  assert re.search(r"broken\.json: not a tools/recall\.py result: no field 'chance'", capsys.readouterr().err)
+  assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_report_says_worse_plainly():
+  group = {"variants": [{"name": "gpt", "label": "GPT", "seeds_done": 3},
+                        {"name": "qtg", "label": "QTG", "seeds_done": 3, "verdict": "worse",
+                         "vs_baseline_bits_per_byte": {"difference": 0.05, "low": 0.02, "high": 0.08}}]}
+  assert report._findings(group, "gpt") == [  # pylint: disable=protected-access
+      "- QTG: WORSE than `gpt`: bits/byte higher by 0.0500 (95% CI +0.0500 [+0.0200, +0.0800]; 3 seeds against 3)."]
+  variant = {"bits_per_byte": {"mean": 2.0, "std": 0.01}, "seeds_done": 3}
+  study_json = {"study": {"baseline": "gpt", "headline": "qtg"}, "groups": [
+      {"title": "A", "variants": [dict(variant, name="gpt"), dict(variant, name="qtg", verdict="worse",
+                                                                  vs_baseline_bits_per_byte=None)]}]}
+  lines = report.main_table(study_json)
+  assert lines[0].startswith("Of 1 group(s) with both run, `qtg` is worse than `gpt` in 1, better in 0")
+  assert "| `qtg` worse than `gpt` |" in lines[-1]
+
+
+def test_an_unmeasured_attention_entropy_is_said_not_hidden():
+  records = [{"attention_entropy": None, "attention_entropy_error": "layer 0: analysis.attention_probs does not "
+              "reproduce the model's attention output", "workdir": "/nonexistent"}]
+  entropy = report._entropy_per_layer(records)  # pylint: disable=protected-access
+  group = {"variants": [{"label": "QTG", "attention_entropy_per_layer": entropy,
+                         "attention_entropy_errors": [records[0]["attention_entropy_error"]]}]}
+  lines = report._per_layer_lines(group)  # pylint: disable=protected-access
+  assert "- QTG: not measured: layer 0: analysis.attention_probs does not reproduce the model's attention output" \
+      in lines
+
+
 def test_smoke_study_end_to_end_and_resumable(tmp_path, corpus, capsys):
   import study as study_tool  # tools/study.py
   study_path = _study_file(tmp_path, corpus, steps=3, kind="tokens")
@@ -112,23 +441,26 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path, corpus, capsys):
     assert run["steps"] == 3 and run["tokens"] == 3 * 4 * 16
     assert run["final"]["bits_per_byte"] > 0 and run["final"]["checkpoint_step"] == 3
     assert run["curve"] and run["best_val_ce"] is not None
-  gamma = {r["variant"]: r["gamma"] for r in result["runs"]}
-  assert gamma["gpt"] is None and np.asarray(gamma["qtg"]).shape == (1, 2)
+    assert run["config"]["training"]["total_steps"] == 3 and run["eval_file"] == "eval/final_val.json"
+  scalars = {r["variant"]: r["attention_scalars"] for r in result["runs"]}
+  assert scalars["gpt"] == {} and np.asarray(scalars["qtg"]["gamma"]).shape == (1, 2)
   params = {r["variant"]: r["params"] for r in result["runs"]}
-  assert params["qtg"] - params["gpt"] == (2 * 16) ** 2 + 2  # W_psi and the two heads' gamma
+  assert params["qtg"] - params["gpt"] == (2 * 16) ** 2 + 2 + 2  # W_psi, the two heads' gamma and beta (normed map)
   qtg_summary = result["groups"][0]["variants"][0]
   assert qtg_summary["verdict"] == "too few seeds for an interval"
-  report = publish.read_text()
-  assert "| qtg |" in report and "smoke" in report and "too few seeds" in report
+  report_text = publish.read_text()
+  assert "| qtg |" in report_text and "smoke" in report_text and "too few seeds" in report_text
+  assert "`gamma`: L0:" in report_text and "## Code versions" in report_text
   assert (publish.parent / "results" / "g_curves.png").exists()
   assert (out / "tensorboard" / "g" / "qtg").is_dir()
   capsys.readouterr()
   # Resuming runs nothing new and reproduces the same numbers.
   assert study_tool.main([f"--study={study_path}", f"--out={out}"]) == 0
-  assert "2 already finished, 0 to run" in capsys.readouterr().out
+  assert "2 with a result, 0 to run" in capsys.readouterr().out
   again = json.loads((out / "study.json").read_text())
   assert [r["final"] for r in again["runs"]] == [r["final"] for r in result["runs"]]
   # A study file whose budget changed does not silently reuse the old runs.
   changed = _study_file(tmp_path, corpus, steps=5, kind="tokens")
   assert study_tool.main([f"--study={changed}", f"--out={out}", "--report_only"]) == 1
-  assert "made by a different study file (steps 3 != 5)" in capsys.readouterr().err
+  assert "made with another config (training.eval_steps: 1 -> 1" not in capsys.readouterr().err
+  assert any("training.total_steps: 3 -> 5" in line for line in json.loads((out / "study.json").read_text())["stale"])

@@ -23,6 +23,9 @@ from neon_qtg_jax.checkpoint.errors import BackupError
 from neon_qtg_jax.checkpoint.uploader import BackupUploader
 from neon_qtg_jax.config import default_config, validate
 from neon_qtg_jax.data import prepare
+from optional import needs
+
+needs_s3fs = needs("s3fs", extra="backup", module="s3fs")  # s3:// through fsspec
 
 BUCKET = "backups"
 
@@ -103,6 +106,7 @@ def verified_steps(url: str, tmp_dir: str) -> list[int]:
   return backup.backed_up_steps(url)
 
 
+@needs_s3fs
 def test_backup_resume_on_a_fresh_workdir_matches_the_uninterrupted_run(s3, data_dir, tmp_path):
   url, workdir = f"s3://{BUCKET}/resume", str(tmp_path / "run")
   stdout = train(s3, data_dir, workdir, 8, url)
@@ -141,6 +145,7 @@ def test_backup_resume_on_a_fresh_workdir_matches_the_uninterrupted_run(s3, data
                nnx.state(from_workdir.model, nnx.Param))
 
 
+@needs_s3fs
 def test_backup_outage_training_goes_on_and_the_upload_completes(s3, data_dir, tmp_path):
   url, workdir = f"s3://{BUCKET}/outage", str(tmp_path / "run")
   # The 8 steps of the resume test (the same compiled program); a checkpoint and an evaluation every step.
@@ -178,6 +183,7 @@ def test_backup_outage_training_goes_on_and_the_upload_completes(s3, data_dir, t
   assert "backup/pending_steps" in train_runs.tensorboard_tags(os.path.join(workdir, "tensorboard"))
 
 
+@needs_s3fs
 def test_backup_index_rejects_partial_and_changed_steps(s3, tmp_path):
   url = f"s3://{BUCKET}/unit"
   steps = {}

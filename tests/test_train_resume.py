@@ -88,20 +88,22 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 240.0) -> No
     time.sleep(0.005)
 
 
-def tensorboard_tags(logdir: str) -> set[str]:
-  """Summary tags in the TFRecord event files of logdir (length, crc, Event proto, crc per record)."""
+def tensorboard_events(logdir: str):
+  """The Event protos of the TFRecord event files of logdir (length, crc, Event proto, crc per record)."""
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
-  tags = set()
   for name in os.listdir(logdir):
     with open(os.path.join(logdir, name), "rb") as f:
       data = f.read()
     offset = 0
     while offset < len(data):
       length = struct.unpack("<Q", data[offset:offset + 8])[0]
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-      tags.update(value.tag for value in event.summary.value)
+      yield event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
       offset += 12 + length + 4
-  return tags
+
+
+def tensorboard_tags(logdir: str) -> set[str]:
+  """Summary tags in the event files of logdir."""
+  return {value.tag for event in tensorboard_events(logdir) for value in event.summary.value}
 
 
 @pytest.fixture(scope="module")

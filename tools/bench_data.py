@@ -8,15 +8,23 @@ means for OpenWebText (38 GB) on 32 cores against the seed plan's 4-6 hour budge
 Loader: batches/s of `make_train_iterator` against plain numpy (random window starts, slice and
 stack from the memmap) for the same batch shape.
 
+Filters (--filters): the data.filters pass over the same corpus as one in-process datatrove task
+(so this process's CPU time is all of it), as MB of input per CPU second per stage and in total;
+then preparation with filters (filter pass + tokenizing the kept documents) against without, and
+the hours that means for OpenWebText on 32 cores. --planted benchmarks the planted corpus
+(fortunes prose with duplicates, spam and short documents; data/planted.py).
+
   python tools/bench_data.py                                  # the stdlib corpus, all cores
   python tools/bench_data.py --max_documents=500 --num_processes=2 --output=bench_data.json
   python tools/bench_data.py --source=jsonl --paths=data/train.jsonl
   python tools/bench_data.py --openwebtext_layout      # stdlib text packed as urlsf_subset00.tar (xz members)
+  python tools/bench_data.py --planted --filters=fineweb --num_processes=2 --loader_batches=0
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -59,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--docs_per_member", type=int, default=100)
   p.add_argument("--workdir", default="", help="scratch directory (default: a temporary one, removed)")
   p.add_argument("--output", default="", help="write the results as JSON here")
+  p.add_argument("--filters", default="", help="data.filters to benchmark as well (e.g. fineweb); '' for none")
+  p.add_argument("--filter_tokenizer", default="regex", choices=["regex", "spacy"], help="data.filter_tokenizer")
+  p.add_argument("--planted", action="store_true", help="benchmark the planted corpus (data/planted.py) as jsonl")
   return p.parse_args(argv)
 
 
@@ -124,6 +135,43 @@ def baseline_prepare(config, model_file: str, out_path: str) -> tuple[float, flo
   return time.perf_counter() - start, time.process_time() - cpu, text_bytes, tokens
 
 
+def bench_filters(args, config, text_bytes: int, manifest, owt_hours: float) -> dict:
+  """The data.filters pass over the same corpus as one in-process task, and what it adds to preparation.
+
+  MB are UTF-8 text of the documents read (as for tokenizing); CPU seconds are this process's."""
+  from neon_qtg_jax.data import filters
+
+  c = copy.deepcopy(config)
+  c.data.filters, c.data.filter_tasks, c.data.filter_tokenizer = args.filters, 1, args.filter_tokenizer
+  c.data.data_dir = os.path.join(os.path.dirname(config.data.data_dir), "filtered")
+  validate(c)
+  files = sources.source_files(c.data.source, c.data.paths, sources.Issues())
+  start, cpu = time.perf_counter(), time.process_time()
+  filters.filter_corpus(c, files, sources.Issues(), progress=False, num_processes=1)
+  wall_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+  summary = filters.load_summary(c.data.data_dir)
+  filter_rate = summary["bytes_in"] / cpu_s / 1e6
+  tokenize_cpu = manifest.timings["worker_cpu_s"] + manifest.timings["main_cpu_tokenize_s"]
+  tokenize_rate = text_bytes / tokenize_cpu / 1e6
+  kept = summary["bytes_out"] / summary["bytes_in"]
+  with_rate = 1 / (1 / filter_rate + kept / tokenize_rate)      # MB of input per CPU second, filtered then tokenized
+  filter_hours = OPENWEBTEXT_BYTES / (SEED_CORES * filter_rate * 1e6) / 3600
+  print(f"filters {args.filters} ({args.filter_tokenizer} words): {summary['documents_in']} documents, {summary['bytes_in'] / 1e6:.2f} MB in, "
+        f"{kept:.1%} of the bytes kept; one in-process task: {wall_s:.1f} s, {cpu_s:.1f} CPU s")
+  for stage in summary["stages"]:
+    print(f"  {stage['name']:<24} {stage['main_cpu_s']:7.2f} CPU s  "
+          f"{summary['bytes_in'] / max(stage['main_cpu_s'], 1e-9) / 1e6:8.2f} MB per CPU second")
+  print(f"MB of input per CPU second: without filters (tokenize) {tokenize_rate:.2f}, filter pass {filter_rate:.3f}, "
+        f"with filters (filter, then tokenize the kept {kept:.0%}) {with_rate:.3f}")
+  print(f"OpenWebText 38 GB on {SEED_CORES} cores: filter pass {filter_hours:.2f} h + tokenizing the kept text "
+        f"{owt_hours * kept:.2f} h = {filter_hours + owt_hours * kept:.2f} h (without filters {owt_hours:.2f} h)")
+  return {"filters": args.filters, "filter_tokenizer": args.filter_tokenizer, "mb_in": summary["bytes_in"] / 1e6, "kept_bytes_fraction": kept,
+          "filter_cpu_s": cpu_s, "filter_wall_s": wall_s, "filter_mb_per_cpu_s": filter_rate,
+          "without_filters_mb_per_cpu_s": tokenize_rate, "with_filters_mb_per_cpu_s": with_rate,
+          "stages": summary["stages"], "owt_filter_hours_32_cores": filter_hours,
+          "owt_hours_32_cores_with_filters": filter_hours + owt_hours * kept}
+
+
 def time_batches(next_batch, count: int) -> float:
   for _ in range(5):
     next_batch()
@@ -138,6 +186,10 @@ def main(argv=None) -> int:
   num_processes = args.num_processes or prepare._num_processes()
   workdir = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
   try:
+    if args.planted:
+      from neon_qtg_jax.data import planted
+      args.source, args.paths = "jsonl", os.path.join(workdir, "planted.jsonl")
+      planted.write_jsonl(planted.planted_corpus(), args.paths)
     config = make_config(args, os.path.join(workdir, "prepared"))
     if args.openwebtext_layout:
       docs = sources.documents_from_config(config.data, sources.Issues())
@@ -191,6 +243,20 @@ def main(argv=None) -> int:
           f"(seed budget {SEED_BUDGET_HOURS[0]:.0f}-{SEED_BUDGET_HOURS[1]:.0f} h: "
           f"{SEED_BUDGET_HOURS[0] / owt_hours:.0f}-{SEED_BUDGET_HOURS[1] / owt_hours:.0f}x faster)")
 
+    results = {
+        "source": args.source, "text_mb": ours_bytes / 1e6, "processes": num_processes,
+        "baseline_mb_s": base_mbs, "prepare_mb_s": ours_mbs, "tokenize_phase_mb_s": stream_mbs,
+        "worker_mb_per_cpu_s": per_core, "baseline_mb_per_cpu_s": base_per_core, "main_mb_per_cpu_s": main_mbs,
+        "timings": manifest.timings,
+        "speedup_vs_baseline": ours_mbs / base_mbs, "owt_hours_32_cores": owt_hours,
+    }
+    if args.filters:
+      results["filters"] = bench_filters(args, config, ours_bytes, manifest, owt_hours)
+    if args.output:
+      with open(args.output, "w") as f:
+        json.dump(results, f, indent=2)
+    if args.loader_batches <= 0:
+      return 0
     # Imported here, not at the top: preparation's spawned workers re-import this module, and Grain
     # would add seconds to each worker's start.
     import grain.python as pygrain
@@ -214,15 +280,8 @@ def main(argv=None) -> int:
           f"= {grain_bps * args.batch_size * args.max_length / 1e6:.2f} M tokens/s; plain numpy {plain_bps:8.1f} "
           f"batches/s (ratio {grain_bps / plain_bps:.2f}); Grain default read options {default_bps:8.1f} batches/s "
           f"(ours {grain_bps / default_bps:.1f}x)")
-    results = {
-        "source": args.source, "text_mb": ours_bytes / 1e6, "processes": num_processes,
-        "baseline_mb_s": base_mbs, "prepare_mb_s": ours_mbs, "tokenize_phase_mb_s": stream_mbs,
-        "worker_mb_per_cpu_s": per_core, "baseline_mb_per_cpu_s": base_per_core, "main_mb_per_cpu_s": main_mbs,
-        "timings": manifest.timings,
-        "speedup_vs_baseline": ours_mbs / base_mbs, "owt_hours_32_cores": owt_hours,
-        "loader_batches_s": grain_bps, "plain_batches_s": plain_bps, "grain_default_batches_s": default_bps, "loader_workers": args.loader_workers,
-        "batch": [args.batch_size, args.max_length],
-    }
+    results.update({"loader_batches_s": grain_bps, "plain_batches_s": plain_bps, "grain_default_batches_s": default_bps,
+                    "loader_workers": args.loader_workers, "batch": [args.batch_size, args.max_length]})
     if args.output:
       with open(args.output, "w") as f:
         json.dump(results, f, indent=2)

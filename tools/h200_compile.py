@@ -5,6 +5,11 @@ GPT baseline's train step (cuDNN fused attention), the eval step, prefill and on
 prints a table of XLA's memory analysis per device and writes it as JSON.
 
   python tools/h200_compile.py --config=configs/neon_qtg_7b.py --target=h200:1 --output=docs/h200_compile_7b.json
+  python tools/h200_compile.py --config=configs/neon_qtg_7b.py --config.inference.weight_dtype=int8 \
+      --programs=prefill,decode --output=docs/h200_compile_7b_int8.json
+
+--config.SECTION.FIELD=VALUE sets a config field as launch.py does (prefill and decode store the
+parameters as inference.weight_dtype says).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # as launch.py 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from neon_qtg_jax import parallel  # noqa: E402
-from neon_qtg_jax.config import validate  # noqa: E402
+from neon_qtg_jax.config import ConfigError, apply_assignments, validate  # noqa: E402
 from neon_qtg_jax.parallel import targets  # noqa: E402
 from neon_qtg_jax.training import memory_report, programs  # noqa: E402
 
@@ -35,20 +40,29 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=1, help="prefill/decode batch")
   p.add_argument("--context", type=int, default=2048, help="prefill tokens and decode cache slots")
   p.add_argument("--output", default="h200_compile.json", help="where the JSON goes")
-  return p.parse_args(argv)
+  p.add_argument("--programs", default="", help="comma-separated name prefixes to compile (default: all), "
+                 "e.g. prefill,decode")
+  args, rest = p.parse_known_args(argv)
+  unknown = [a for a in rest if not a.startswith("--config.")]
+  if unknown:
+    p.error(f"unrecognized arguments: {' '.join(unknown)}")
+  args.assignments = [a[len("--config."):] for a in rest]
+  return args
 
 
-def load_config(path: str):
+def load_config(path: str, assignments: list[str] = ()):
   spec = importlib.util.spec_from_file_location("compile_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return validate(module.get_config())
+  return validate(apply_assignments(module.get_config(), list(assignments)))
 
 
-def compile_all(config, target: targets.Target, batch: int, context: int) -> list[dict]:
+def compile_all(config, target: targets.Target, batch: int, context: int, only: tuple[str, ...] = ()) -> list[dict]:
   sharding = parallel.ShardingConfig.from_config(config.parallel, list(target.devices))
   rows = []
   for name, lower in programs.production_programs(config, sharding, batch=batch, context=context).items():
+    if only and not name.startswith(only):
+      continue
     print(f"compiling {name} ...", file=sys.stderr, flush=True)
     try:
       r = memory_report.compile_report(lower, target)
@@ -79,17 +93,24 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  config = load_config(args.config)
+  try:
+    config = load_config(args.config, args.assignments)
+  except ConfigError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
   try:
     target = targets.compile_target(args.target)
   except targets.TargetError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  rows = compile_all(config, target, args.batch, args.context)
+  only = tuple(p for p in args.programs.split(",") if p)
+  rows = compile_all(config, target, args.batch, args.context, only)
   print(f"{config.name} on {target.name} ({len(target.devices)} x {target.device_kind}, allocator "
-        f"{target.device_bytes / 2**30:.1f} GiB of {target.device_memory_bytes / 2**30:.1f} GiB), per device:")
+        f"{target.device_bytes / 2**30:.1f} GiB of {target.device_memory_bytes / 2**30:.1f} GiB), "
+        f"inference weights {config.inference.weight_dtype}, per device:")
   print(table(rows))
-  Path(args.output).write_text(json.dumps({"config": config.name, "target": target.name, "programs": rows}, indent=1))
+  Path(args.output).write_text(json.dumps({"config": config.name, "target": target.name,
+                                            "weight_dtype": config.inference.weight_dtype, "programs": rows}, indent=1))
   print(f"wrote {args.output}")
   return 0 if all(row.get("fits") for row in rows) else 1
 

@@ -24,7 +24,7 @@ import ml_collections
 
 from neon_qtg_jax.evaluation import humaneval
 from neon_qtg_jax.evaluation.sandbox import Limits, choose_isolation
-from neon_qtg_jax.evaluation.result_files import claim, result_path
+from neon_qtg_jax.evaluation.result_files import claimed, result_path
 from neon_qtg_jax.inference.generate import text_completer
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
 from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool, write_json
@@ -73,26 +73,26 @@ def main(argv=None) -> int:
               "tok": args.max_new_tokens, "seed": args.seed}
   if args.limit:
     settings["limit"] = args.limit
-  output = claim(args.output or result_path(args.workdir, "humaneval", "164", step=restored.step, settings=settings),
-                 args.overwrite)
-  samples_path = claim(os.path.splitext(output)[0] + "_samples.jsonl", args.overwrite)
-  sampling = ml_collections.ConfigDict({"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p})
-  complete = text_completer(restored.model, tokenizer, sampling, args.max_new_tokens, seed=args.seed)
-  samples = humaneval.generate_samples(complete, problems, args.num_samples, args.batch_size)
-  outcomes = humaneval.execute(problems, samples, allow_execution=True, limits=limits, workers=args.workers)
-  scores = humaneval.pass_at_k(samples, outcomes, ks)
-  humaneval.write_samples(samples_path, samples, outcomes)
-  statuses = {}
-  for o in outcomes:
-    statuses[o.status] = statuses.get(o.status, 0) + 1
-  result = {k: v for k, v in scores.items() if k.startswith("pass@")} | {
-      "checkpoint_step": restored.step, "problems": len(problems), "num_samples": args.num_samples,
-      "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-      "outcomes": statuses, "network_isolation": sorted({o.network for o in outcomes}),
-      "filesystem_isolation": sorted({o.filesystem for o in outcomes}),
-      "samples_file": samples_path, "per_task": scores["per_task"],
-  }
-  write_json(output, result, overwrite=args.overwrite)
+  output = args.output or result_path(args.workdir, "humaneval", "164", step=restored.step, settings=settings)
+  samples_path = os.path.splitext(output)[0] + "_samples.jsonl"
+  with claimed([output, samples_path], args.overwrite):
+    sampling = ml_collections.ConfigDict({"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p})
+    complete = text_completer(restored.model, tokenizer, sampling, args.max_new_tokens, seed=args.seed)
+    samples = humaneval.generate_samples(complete, problems, args.num_samples, args.batch_size)
+    outcomes = humaneval.execute(problems, samples, allow_execution=True, limits=limits, workers=args.workers)
+    scores = humaneval.pass_at_k(samples, outcomes, ks)
+    humaneval.write_samples(samples_path, samples, outcomes)
+    statuses = {}
+    for o in outcomes:
+      statuses[o.status] = statuses.get(o.status, 0) + 1
+    result = {k: v for k, v in scores.items() if k.startswith("pass@")} | {
+        "checkpoint_step": restored.step, "problems": len(problems), "num_samples": args.num_samples,
+        "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+        "outcomes": statuses, "network_isolation": sorted({o.network for o in outcomes}),
+        "filesystem_isolation": sorted({o.filesystem for o in outcomes}),
+        "samples_file": samples_path, "per_task": scores["per_task"],
+    }
+    write_json(output, result)
   print(" ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("pass@")) +
         f" over {len(problems)} problems x {args.num_samples} samples; outcomes {statuses} -> {output}")
   return 0

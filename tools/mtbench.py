@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ml_collections
 
 from neon_qtg_jax.evaluation import mtbench
-from neon_qtg_jax.evaluation.result_files import claim, data_tag, result_name
+from neon_qtg_jax.evaluation.result_files import claimed, data_tag, result_name
 from neon_qtg_jax.inference.generate import text_completer
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
 from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool
@@ -51,19 +51,19 @@ def main(argv=None) -> int:
     settings["limit"] = args.limit
   model_id = args.model_id or result_name("neon-qtg", data_tag(args.questions, "mtbench"), step=restored.step,
                                           settings=settings)
-  output = claim(args.output or os.path.join(args.workdir, "eval", "mt_bench", "model_answer", f"{model_id}.jsonl"),
-                 args.overwrite)
-  completers = {}
+  output = args.output or os.path.join(args.workdir, "eval", "mt_bench", "model_answer", f"{model_id}.jsonl")
+  with claimed([output], args.overwrite):
+    completers = {}
 
-  def complete(prompts: list[str], temperature: float) -> list[str]:
-    if temperature not in completers:
-      sampling = ml_collections.ConfigDict({"temperature": temperature, "top_k": args.top_k, "top_p": args.top_p})
-      completers[temperature] = text_completer(restored.model, tokenizer, sampling, args.max_new_tokens, args.seed,
-                                              sharding=restored.sharding)
-    return completers[temperature](prompts, 0)
+    def complete(prompts: list[str], temperature: float) -> list[str]:
+      if temperature not in completers:
+        sampling = ml_collections.ConfigDict({"temperature": temperature, "top_k": args.top_k, "top_p": args.top_p})
+        completers[temperature] = text_completer(restored.model, tokenizer, sampling, args.max_new_tokens, args.seed,
+                                                sharding=restored.sharding)
+      return completers[temperature](prompts, 0)
 
-  answers = mtbench.generate_answers(complete, questions, batch_size=args.batch_size)
-  mtbench.write_jsonl(output, mtbench.answer_records(answers, model_id))
+    answers = mtbench.generate_answers(complete, questions, batch_size=args.batch_size)
+    mtbench.write_jsonl(output, mtbench.answer_records(answers, model_id))
   print(f"{len(answers)} MT-Bench answers of {model_id} (checkpoint step {restored.step}) -> {output}")
   print("scores need an LLM judge: python tools/mtbench_judge.py --answers=" + output + " --judge_url=... "
         "--judge_model=...")

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neon_qtg_jax.evaluation import mtbench, mtbench_judge
-from neon_qtg_jax.evaluation.result_files import claim
+from neon_qtg_jax.evaluation.result_files import claimed
 from neon_qtg_jax.evaluation.tool_cli import add_overwrite_arg, run_tool, write_json
 
 
@@ -48,16 +48,17 @@ def main(argv=None) -> int:
   output = args.output or os.path.join(default_dir, f"{args.judge_model.replace('/', '_')}_single.jsonl")
   model_ids = sorted({a["model_id"] for a in answers})
   # The judgments file is shared by models (FastChat's layout, resumable); the summary is per model.
-  summary_path = claim(f"{os.path.splitext(output)[0]}_{'_'.join(model_ids)}_summary.json", args.overwrite)
-  chat = mtbench_judge.openai_chat(args.judge_url, args.judge_model, os.environ.get(args.api_key_env),
-                                   timeout_s=args.timeout_s)
-  judgments = mtbench_judge.judge_answers(chat, args.judge_model, questions, answers, output,
-                                          prompts_path=args.judge_prompts or None,
-                                          references_path=args.references or None)
-  summary = mtbench_judge.summarize(judgments, questions) | {
-      "judge_model": args.judge_model, "judge_url": args.judge_url, "answers": os.path.abspath(args.answers),
-      "judgments": os.path.abspath(output)}
-  write_json(summary_path, summary, overwrite=args.overwrite)
+  summary_path = f"{os.path.splitext(output)[0]}_{'_'.join(model_ids)}_summary.json"
+  with claimed([summary_path], args.overwrite):
+    chat = mtbench_judge.openai_chat(args.judge_url, args.judge_model, os.environ.get(args.api_key_env),
+                                     timeout_s=args.timeout_s)
+    judgments = mtbench_judge.judge_answers(chat, args.judge_model, questions, answers, output,
+                                            prompts_path=args.judge_prompts or None,
+                                            references_path=args.references or None)
+    summary = mtbench_judge.summarize(judgments, questions) | {
+        "judge_model": args.judge_model, "judge_url": args.judge_url, "answers": os.path.abspath(args.answers),
+        "judgments": os.path.abspath(output)}
+    write_json(summary_path, summary)
   score = f"{summary['score']:.3f}" if summary["score"] is not None else "n/a"
   print(f"MT-Bench score {score} (turn 1 {summary['turn_1']}, turn 2 {summary['turn_2']}) from "
         f"{summary['judged_turns']} judged turns, {summary['unparsed_ratings']} without a rating -> {summary_path}")

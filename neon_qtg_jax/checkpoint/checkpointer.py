@@ -33,7 +33,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from neon_qtg_jax.checkpoint import storage
 from neon_qtg_jax.checkpoint.errors import CheckpointMismatchError, CheckpointSaveError, free_space_warning
-from neon_qtg_jax.config import MODEL_EXECUTION_FIELDS
+from neon_qtg_jax.config import MODEL_EXECUTION_FIELDS, complete_saved_config
 from neon_qtg_jax.parallel import decisions
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
     if isinstance(value, list):
       return tuple(tuples(v) for v in value)
     return value
-  return ml_collections.ConfigDict(tuples(data))
+  return complete_saved_config(ml_collections.ConfigDict(tuples(data)))
 
 
 @dataclasses.dataclass(frozen=True)

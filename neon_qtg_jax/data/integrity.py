@@ -16,7 +16,8 @@ from typing import Any, Iterable
 from neon_qtg_jax.data.sources import DataError
 
 CHUNK_BYTES = 4 << 20
-CHECKED_FILES = ("train.bin", "val.bin", "documents.npz")  # what training and evaluation read
+# What runs read; in this order an older manifest's files are checked (documents.npz before the splits it describes).
+CHECKED_FILES = ("tokenizer.model", "tokenizer.json", "documents.npz", "train.bin", "val.bin")
 SAMPLED_CHUNKS = 2
 
 
@@ -34,8 +35,15 @@ def file_checksums(path: str, chunk_bytes: int | None = None) -> dict[str, Any]:
   return {"bytes": size, "chunk_bytes": chunk_bytes, "crc32": crcs}
 
 
-def directory_checksums(data_dir: str) -> dict[str, dict[str, Any]]:
-  return {name: file_checksums(os.path.join(data_dir, name)) for name in CHECKED_FILES}
+def checked_files(splits: Iterable[str]) -> tuple[str, ...]:
+  """The files of a directory with these splits that the manifest checksums: CHECKED_FILES, then any other
+  split (tune.bin)."""
+  extra = tuple(f"{s}.bin" for s in splits if f"{s}.bin" not in CHECKED_FILES)
+  return CHECKED_FILES + extra
+
+
+def directory_checksums(data_dir: str, names: Iterable[str] = CHECKED_FILES) -> dict[str, dict[str, Any]]:
+  return {name: file_checksums(os.path.join(data_dir, name)) for name in names}
 
 
 def verify_file(path: str, record: dict[str, Any], chunks: Iterable[int] | None = None) -> int:

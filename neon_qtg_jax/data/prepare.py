@@ -6,8 +6,9 @@ Work is cut into units (a chunk of at most CHUNK_BYTES of documents, or one `.xz
 OpenWebText archive, decompressed in the worker). Worker processes on every core tokenize the
 units; the main process writes each finished unit as a shard, in order. A shard whose meta file
 exists is done: a rerun skips it without tokenizing, so an interrupted run resumes. Documents go
-to train or val by a hash of their text, so the split does not depend on order, workers or
-reruns, and exact duplicates always land in the same split.
+to train, val (or tune, with data.tune_fraction > 0; data/splits.py) by a hash of their text, so
+the split does not depend on order, workers or reruns, and exact duplicates always land in the
+same split.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import tqdm
 
-from neon_qtg_jax.data import integrity
+from neon_qtg_jax.data import filters, integrity, plans
 from neon_qtg_jax.data import sources as src
+from neon_qtg_jax.data import splits as split_rule
 from neon_qtg_jax.data.manifest import MANIFEST_FILE, SETTINGS_FILE, SPLITS, Manifest, data_settings, token_dtype
 from neon_qtg_jax.data.sources import DataError, Issues
 from neon_qtg_jax.data.tokenizer import Tokenizer, sample_sentences, train_tokenizer
@@ -38,7 +40,7 @@ from neon_qtg_jax.data.tokenizer import Tokenizer, sample_sentences, train_token
 CHUNK_BYTES = 4 << 20      # most text per unit of work for the document sources
 MIN_CHUNK_BYTES = 256 << 10
 PLAN_FILE = "plan.json"
-DOC_FIELDS = ("hash", "num_tokens", "num_bytes", "num_words", "is_val")
+DOC_FIELDS = ("hash", "num_tokens", "num_bytes", "num_words", "is_val")  # + "is_tune" with a tuning split
 
 
 class Unit(NamedTuple):
@@ -57,13 +59,15 @@ def document_hash(text: str) -> int:
 
 def validation_mask(hashes: np.ndarray, val_fraction: float) -> np.ndarray:
   """True for documents in the validation split: hash / 2**64 < val_fraction. hashes: uint64 (N,)."""
-  return hashes < np.uint64(val_fraction * 2.0**64)
+  return split_rule.split_masks(hashes, val_fraction)["val"]
 
 
-def train_documents(documents: Iterable[src.Document], val_fraction: float) -> Iterator[src.Document]:
-  """The documents the split assigns to train (the tokenizer's sample must not see validation)."""
+def train_documents(documents: Iterable[src.Document], val_fraction: float,
+                    tune_fraction: float = 0.0) -> Iterator[src.Document]:
+  """The documents the split assigns to train (the tokenizer's sample must not see validation or tuning)."""
   for doc in documents:
-    if not validation_mask(np.array([document_hash(doc.text)], dtype=np.uint64), val_fraction)[0]:
+    if split_rule.split_masks(np.array([document_hash(doc.text)], dtype=np.uint64), val_fraction,
+                              tune_fraction)["train"][0]:
       yield doc
 
 
@@ -77,15 +81,15 @@ def _init_worker(data_dir: str) -> None:
   _worker_tokenizer = Tokenizer.load(data_dir)
 
 
-def tokenize_documents(tokenizer: Tokenizer, texts: list[str], val_fraction: float,
-                       dtype: np.dtype) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def tokenize_documents(tokenizer: Tokenizer, texts: list[str], val_fraction: float, dtype: np.dtype,
+                       tune_fraction: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Tokens per split (each document followed by EOS) and per-document statistics."""
   ids = [tokenizer.encode(t) for t in texts]  # faster than encode_batch with one thread
   hashes = np.array([document_hash(t) for t in texts], dtype=np.uint64)
-  is_val = validation_mask(hashes, val_fraction)
+  masks = split_rule.split_masks(hashes, val_fraction, tune_fraction)
   num_tokens = np.array([len(x) for x in ids], dtype=np.int64)
   split_tokens = {}
-  for split, mask in (("train", ~is_val), ("val", is_val)):
+  for split, mask in masks.items():
     out = np.empty((int((num_tokens[mask] + 1).sum()),), dtype=dtype)
     pos = 0
     for i in np.flatnonzero(mask):
@@ -99,12 +103,12 @@ def tokenize_documents(tokenizer: Tokenizer, texts: list[str], val_fraction: flo
       "num_tokens": num_tokens,
       "num_bytes": np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64),
       "num_words": np.array([len(t.split()) for t in texts], dtype=np.int64),
-      "is_val": is_val,
+      **split_rule.mask_fields(masks),
   }
   return split_tokens, stats
 
 
-def _work(unit: Unit, val_fraction: float, dtype: str) -> tuple[dict, dict, dict, float]:
+def _work(unit: Unit, val_fraction: float, dtype: str, tune_fraction: float = 0.0) -> tuple[dict, dict, dict, float]:
   """Tokenizes one unit in a worker: (tokens per split, document stats, issues, CPU seconds)."""
   cpu = time.process_time()
   issues = Issues()
@@ -112,7 +116,7 @@ def _work(unit: Unit, val_fraction: float, dtype: str) -> tuple[dict, dict, dict
     docs = [d.text for d in src.read_document_tar(io.BytesIO(unit.xz_member), unit.where, issues)]
   else:
     docs = [text for text, _ in unit.documents]
-  split_tokens, stats = tokenize_documents(_worker_tokenizer, docs, val_fraction, np.dtype(dtype))
+  split_tokens, stats = tokenize_documents(_worker_tokenizer, docs, val_fraction, np.dtype(dtype), tune_fraction)
   return split_tokens, stats, issues.to_dict(), time.process_time() - cpu
 
 
@@ -152,13 +156,14 @@ def _units(config, files: list[str], issues: Issues, unit_bytes: int) -> Iterato
 
 def _shard_paths(shard_dir: str, index: int) -> dict[str, str]:
   base = os.path.join(shard_dir, f"{index:06d}")
-  return {"train": base + ".train.bin", "val": base + ".val.bin", "meta": base + ".meta.npz"}
+  return {"train": base + ".train.bin", "val": base + ".val.bin", split_rule.TUNE: base + ".tune.bin",
+          "meta": base + ".meta.npz"}
 
 
 def _write_shard(shard_dir: str, index: int, where: str, split_tokens: dict, stats: dict, issues: dict,
                  cpu_s: float) -> None:
   paths = _shard_paths(shard_dir, index)
-  for split in SPLITS:
+  for split in split_tokens:
     split_tokens[split].tofile(paths[split] + ".tmp")
     os.replace(paths[split] + ".tmp", paths[split])
   with open(paths["meta"] + ".tmp", "wb") as f:
@@ -173,7 +178,7 @@ def _read_shard_meta(shard_dir: str, index: int, dtype: np.dtype) -> dict | None
     return None
   with np.load(paths["meta"]) as z:
     meta = {k: z[k] for k in z.files}
-  for split, mask in (("train", ~meta["is_val"]), ("val", meta["is_val"])):
+  for split, mask in split_rule.stats_masks(meta).items():
     expected = int((meta["num_tokens"][mask] + 1).sum()) * dtype.itemsize
     if not os.path.exists(paths[split]) or os.path.getsize(paths[split]) != expected:
       return None
@@ -184,7 +189,7 @@ def _truncate(split_tokens: dict, stats: dict, keep: int, eos_id: int) -> tuple[
   """The first `keep` documents of a unit (for data.max_documents)."""
   stats = {k: v[:keep] for k, v in stats.items()}
   out = {}
-  for split, mask in (("train", ~stats["is_val"]), ("val", stats["is_val"])):
+  for split, mask in split_rule.stats_masks(stats).items():
     n = int((stats["num_tokens"][mask] + 1).sum())   # + EOS
     out[split] = split_tokens[split][:n]
     assert n == 0 or out[split][-1] == eos_id
@@ -196,7 +201,8 @@ def _ensure_settings(data_dir: str, settings: dict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    # Both ways: a key only one side has (the filter fields) is a difference too.
+    changed = {k: (old.get(k), settings.get(k)) for k in {**old, **settings} if old.get(k) != settings.get(k)}
     if changed:
       fields = "; ".join(f"config field '{k}' = {b!r}, prepared with {a!r}" for k, (a, b) in changed.items())
       raise DataError(f"{data_dir} was prepared with other data settings ({fields}); "
@@ -212,18 +218,8 @@ def _ensure_shard_plan(shard_dir: str, files: list[str], tokenizer_sha256: str, 
   """Shards are reused only for the same input files (names, sizes, mtimes) and tokenizer; else removed."""
   plan = {"tokenizer_sha256": tokenizer_sha256,
           "files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.exists(f)]}
-  path = os.path.join(shard_dir, PLAN_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      if json.load(f) == plan:
-        return
-    _log(progress, f"{shard_dir}: the input files or tokenizer changed since these shards were written; "
-                   f"tokenizing again")
-    shutil.rmtree(shard_dir)
-  os.makedirs(shard_dir, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(plan, f)
-  os.replace(path + ".tmp", path)
+  plans.keep_or_reset(shard_dir, PLAN_FILE, plan, "the input files or tokenizer changed since these shards were "
+                      "written; tokenizing again", progress)
 
 
 def _num_processes() -> int:
@@ -245,7 +241,7 @@ def prepare_dataset(config, *, progress: bool = True, num_processes: int | None 
   unfinished shard. Raises DataError when the sources hold no usable document, or when
   data_dir was prepared with other data settings.
   """
-  settings = data_settings(config)
+  settings = {**data_settings(config), **filters.filter_settings(config)}
   if os.path.exists(os.path.join(config.data.data_dir, MANIFEST_FILE)):
     _ensure_settings(config.data.data_dir, settings)  # raises, naming the fields that differ
     return Manifest.load(config.data.data_dir)
@@ -276,13 +272,16 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
   files = src.source_files(d.source, d.paths, issues)
   if not files:
     raise DataError(f"data.source={d.source!r}, data.paths={d.paths!r}: no input files\n{issues.summary()}")
+  # data.filters: a datatrove pass; from here on `config` reads the kept documents (data/filters.py)
+  config, files = filters.filter_corpus(config, files, issues, progress=progress, num_processes=num_processes)
+  d = config.data
 
   try:
     tokenizer = Tokenizer.load(data_dir)
   except DataError:
     _log(progress, f"tokenizer: sampling {d.tokenizer_sample_sentences} lines from {len(files)} file(s)")
     sample_issues = Issues()  # the full pass below counts bad input once
-    docs = train_documents(src.documents_from_config(d, sample_issues), d.val_fraction)
+    docs = train_documents(src.documents_from_config(d, sample_issues), d.val_fraction, d.tune_fraction)
     sentences = sample_sentences(docs, d.tokenizer_sample_sentences, seed=config.data.shuffle_seed,
                                  progress=progress)
     if not sentences:
@@ -303,19 +302,21 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
   num_shards, timings["worker_cpu_s"], timings["main_cpu_tokenize_s"] = _tokenize_to_shards(
       config, files, tokenizer, shard_dir, dtype, issues, progress, num_processes or _num_processes())
   timings["tokenize_s"], clock = time.perf_counter() - clock, time.perf_counter()
-  _merge_splits(data_dir, shard_dir, num_shards, dtype)
+  names = split_rule.split_names(d.tune_fraction)
+  _merge_splits(data_dir, shard_dir, num_shards, dtype, names)
   stats = _load_document_stats(data_dir)
-  documents = {s: int((stats["is_val"] == (s == "val")).sum()) for s in SPLITS}
+  masks = split_rule.stats_masks(stats)
+  documents = {s: int(masks[s].sum()) for s in names}
   if sum(documents.values()) == 0:
     raise DataError(f"data.source={d.source!r}, data.paths={d.paths!r}: no usable documents in "
                     f"{len(files)} file(s)\n{issues.summary()}")
-  tokens = {s: os.path.getsize(os.path.join(data_dir, f"{s}.bin")) // dtype.itemsize for s in SPLITS}
+  tokens = {s: os.path.getsize(os.path.join(data_dir, f"{s}.bin")) // dtype.itemsize for s in names}
   manifest = Manifest(
       data_dir=data_dir, settings=settings, files=files, dtype=dtype.name, tokenizer=vars(tokenizer.info).copy(),
       documents=documents, tokens=tokens,
-      text_bytes={s: int(stats["num_bytes"][stats["is_val"] == (s == "val")].sum()) for s in SPLITS},
+      text_bytes={s: int(stats["num_bytes"][masks[s]].sum()) for s in names},
       num_shards=num_shards, issues=issues.to_dict(), timings=timings,
-      checksums=integrity.directory_checksums(data_dir))
+      checksums=integrity.directory_checksums(data_dir, integrity.checked_files(names)))
   timings["merge_s"], clock = time.perf_counter() - clock, time.perf_counter()
   from neon_qtg_jax.data.report import write_report
   write_report(manifest, progress=progress)
@@ -327,6 +328,9 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
   if documents["val"] == 0:
     _log(progress, f"warning: no document fell into the validation split (data.val_fraction={d.val_fraction}); "
                    f"evaluation on the prepared split will fail")
+  if documents.get(split_rule.TUNE) == 0:
+    _log(progress, f"warning: no document fell into the tuning split (data.tune_fraction={d.tune_fraction}); "
+                   f"--eval_split=tune will fail")
   return manifest
 
 
@@ -353,7 +357,7 @@ def _tokenize_to_shards(config, files, tokenizer, shard_dir, dtype, issues, prog
       """Writes or accounts one unit; False once data.max_documents is reached."""
       nonlocal docs_done, text_bytes, num_shards, cpu_total
       if isinstance(result, dict):       # already on disk
-        stats = {k: result[k] for k in DOC_FIELDS}
+        stats = {k: result[k] for k in _doc_fields(result)}
         issues.merge(Issues.from_dict(json.loads(str(result["issues"]))))
         cpu_total += float(result["cpu_s"])
       else:
@@ -384,7 +388,7 @@ def _tokenize_to_shards(config, files, tokenizer, shard_dir, dtype, issues, prog
             skipped += 1
             pending.append((unit, None, meta))
           else:
-            pending.append((unit, pool.submit(_work, unit, d.val_fraction, dtype.name), None))
+            pending.append((unit, pool.submit(_work, unit, d.val_fraction, dtype.name, d.tune_fraction), None))
         if not pending:
           break
         unit, future, meta = pending.popleft()
@@ -397,19 +401,25 @@ def _tokenize_to_shards(config, files, tokenizer, shard_dir, dtype, issues, prog
   return num_shards, cpu_total, time.process_time() - main_cpu
 
 
-def _merge_splits(data_dir: str, shard_dir: str, num_shards: int, dtype: np.dtype) -> None:
-  """Concatenates the shards into train.bin / val.bin and their stats into documents.npz."""
-  for split in SPLITS:
+def _doc_fields(meta) -> tuple[str, ...]:
+  return DOC_FIELDS + (("is_tune",) if "is_tune" in meta else ())
+
+
+def _merge_splits(data_dir: str, shard_dir: str, num_shards: int, dtype: np.dtype,
+                  names: tuple[str, ...] = SPLITS) -> None:
+  """Concatenates the shards into one NAME.bin per split and their stats into documents.npz."""
+  for split in names:
     out_path = os.path.join(data_dir, f"{split}.bin")
     with open(out_path + ".tmp", "wb") as out:
       for index in range(num_shards):
         with open(_shard_paths(shard_dir, index)[split], "rb") as f:
           shutil.copyfileobj(f, out, 1 << 24)
     os.replace(out_path + ".tmp", out_path)
-  stats = {k: [] for k in DOC_FIELDS}
+  fields = DOC_FIELDS + (("is_tune",) if split_rule.TUNE in names else ())
+  stats = {k: [] for k in fields}
   for index in range(num_shards):
     meta = _read_shard_meta(shard_dir, index, dtype)
-    for k in DOC_FIELDS:
+    for k in fields:
       stats[k].append(meta[k])
   merged = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in stats.items()}
   with open(os.path.join(data_dir, "documents.npz.tmp"), "wb") as f:
@@ -420,7 +430,7 @@ def _merge_splits(data_dir: str, shard_dir: str, num_shards: int, dtype: np.dtyp
 def _remove_shard_tokens(shard_dir: str, num_shards: int) -> None:
   """Frees the disk the shard token files take once train.bin / val.bin hold them (metas stay)."""
   for index in range(num_shards):
-    for split in SPLITS:
+    for split in SPLITS + (split_rule.TUNE,):
       path = _shard_paths(shard_dir, index)[split]
       if os.path.exists(path):
         os.remove(path)

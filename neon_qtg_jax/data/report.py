@@ -2,19 +2,23 @@
 
 Documents, tokens, words and tokens per document (mean and percentiles), empty and duplicate
 documents, bytes per token, byte-fallback rate and the most frequent tokens; printed, written
-to data_dir/report.json, and the length histogram to data_dir/lengths.png.
+to data_dir/report.json, and the length histogram to data_dir/lengths.png. With data.filters,
+also the documents and bytes each filter step removed with examples (report.json "filters"),
+a bar chart of them (filters.png), and the whole report as TensorBoard text (data_dir/tensorboard).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
 import numpy as np
 
-from neon_qtg_jax.data.manifest import SPLITS, Manifest
+from neon_qtg_jax.data import filters
+from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.sources import EMPTY_DOCUMENT
 from neon_qtg_jax.data.stats import token_counts
 from neon_qtg_jax.data.tokenizer import Tokenizer
@@ -40,7 +44,7 @@ def duplicate_count(hashes: np.ndarray) -> int:
 def build_report(manifest: Manifest, tokenizer: Tokenizer) -> dict[str, Any]:
   with np.load(os.path.join(manifest.data_dir, "documents.npz")) as z:
     stats = {k: z[k] for k in z.files}
-  counts = sum(token_counts(manifest.split_tokens(s), tokenizer.vocab_size) for s in SPLITS)
+  counts = sum(token_counts(manifest.split_tokens(s), tokenizer.vocab_size) for s in manifest.tokens)
   eos = int(counts[tokenizer.eos_id])
   content_tokens = int(counts.sum()) - eos   # EOS separators are not document text
   byte_tokens = int(counts[sorted(tokenizer.byte_ids)].sum()) if tokenizer.byte_ids else 0
@@ -62,6 +66,7 @@ def build_report(manifest: Manifest, tokenizer: Tokenizer) -> dict[str, Any]:
       "top_tokens": [{"id": int(i), "piece": tokenizer.id_to_piece(int(i)), "count": int(counts[i]),
                       "fraction": float(counts[i] / total)} for i in order],
       "bad_input": manifest.issues,
+      "filters": filters.load_summary(manifest.data_dir),   # None without data.filters
       "vocab_size": tokenizer.vocab_size,
       "tokenizer_sha256": tokenizer.sha256,
   }
@@ -83,7 +88,39 @@ def format_report(report: dict[str, Any]) -> str:
   ]
   counts = report["bad_input"]["counts"]
   lines.append("  bad input        " + (", ".join(f"{k} {v}" for k, v in counts.items()) if counts else "none"))
+  if report.get("filters"):
+    lines.append("  " + filters.format_summary(report["filters"]).replace("\n", "\n  "))
   return "\n".join(lines)
+
+
+def plot_filter_removals(summary: dict[str, Any], path: str) -> None:
+  """Bar chart of the documents and MB each filter step removed, as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  steps = list(summary["removed"])
+  docs = [summary["removed"][s]["docs_removed"] for s in steps]
+  mb = [(summary["removed"][s]["bytes_removed"] + summary["removed"][s]["line_bytes_removed"]) / 1e6 for s in steps]
+  fig, (ax_docs, ax_mb) = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, values, label in ((ax_docs, docs, "documents removed"), (ax_mb, mb, "MB removed (documents + lines)")):
+    bars = ax.bar(range(len(steps)), values, color="tab:red")
+    ax.bar_label(bars, labels=[f"{v:,.0f}" if ax is ax_docs else f"{v:.3g}" for v in values], fontsize=8)
+    ax.set_xticks(range(len(steps)), steps, rotation=30, ha="right")
+    ax.set_ylabel(label)
+  fig.suptitle(f"filters: {summary['documents_in']:,} documents in, {summary['documents_out']:,} kept "
+               f"({summary['bytes_in'] / 1e6:.1f} MB in, {summary['bytes_out'] / 1e6:.1f} MB kept)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_tensorboard_text(report: dict[str, Any], logdir: str) -> None:
+  """The printed report as TensorBoard text ("data_report"; indented: a markdown code block)."""
+  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
+  with SummaryWriter(logdir=logdir) as writer:
+    writer.add_text("data_report", "    " + format_report(report).replace("\n", "\n    "), 0)
 
 
 def plot_lengths(num_tokens: np.ndarray, path: str, title: str) -> None:
@@ -109,7 +146,8 @@ def plot_lengths(num_tokens: np.ndarray, path: str, title: str) -> None:
 
 
 def write_report(manifest: Manifest, *, progress: bool = True) -> dict[str, Any]:
-  """Builds the report, writes report.json and lengths.png into data_dir, prints it when progress."""
+  """Builds the report; writes report.json, lengths.png, filters.png (with data.filters) and TensorBoard text
+  (data_dir/tensorboard) into data_dir; prints it when progress."""
   tokenizer = Tokenizer.load(manifest.data_dir)
   report = build_report(manifest, tokenizer)
   with open(os.path.join(manifest.data_dir, "report.json"), "w") as f:
@@ -117,6 +155,11 @@ def write_report(manifest: Manifest, *, progress: bool = True) -> dict[str, Any]
   with np.load(os.path.join(manifest.data_dir, "documents.npz")) as z:
     plot_lengths(z["num_tokens"], os.path.join(manifest.data_dir, "lengths.png"),
                  f"{manifest.settings['data.source']}: {len(z['num_tokens']):,} documents")
+  if report["filters"]:
+    plot_filter_removals(report["filters"], os.path.join(manifest.data_dir, "filters.png"))
+  tb_dir = os.path.join(manifest.data_dir, "tensorboard")
+  shutil.rmtree(tb_dir, ignore_errors=True)   # one event file: a rewritten report replaces the old one
+  write_tensorboard_text(report, tb_dir)
   if progress:
     print(format_report(report), file=sys.stderr, flush=True)
   return report

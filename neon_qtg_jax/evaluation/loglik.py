@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -11,6 +11,8 @@ from tqdm import tqdm
 from neon_qtg_jax.evaluation.perplexity import LogProbFn
 
 LENGTH_BUCKET = 64  # sequences are right-padded to a multiple of this: few compiled shapes
+# inputs, targets (B, W) -> (log p of each target, whether each target is the argmax), each (B, W)
+ScoreFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class TextEncoder(Protocol):
@@ -31,8 +33,22 @@ def pair_tokens(tokenizer: TextEncoder, context: str, continuation: str, max_len
 def continuation_log_likelihoods(log_prob_fn: LogProbFn, sequences: list[tuple[list[int], int]], *,
                                  max_length: int, batch_size: int, progress: bool = True) -> np.ndarray:
   """Sum of log p over the last n tokens of each (ids, n) sequence given the tokens before them -> (N,) float64."""
+  def with_no_greedy(inputs, targets):
+    return log_prob_fn(inputs, targets), np.zeros(inputs.shape, bool)
+  return continuation_scores(with_no_greedy, sequences, max_length=max_length, batch_size=batch_size,
+                             progress=progress)[0]
+
+
+def continuation_scores(score_fn: ScoreFn, sequences: list[tuple[list[int], int]], *, max_length: int,
+                        batch_size: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """(sum of log p over the last n tokens of each (ids, n) sequence, whether each of them was the argmax) -> (N,), (N,).
+
+  Sequences are sorted by length so that similar lengths share a batch, right-padded to a multiple
+  of LENGTH_BUCKET (at most max_length) and scored batch_size at a time.
+  """
   order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))  # similar lengths batch together
   scores = np.zeros(len(sequences), np.float64)
+  greedy = np.zeros(len(sequences), bool)
   starts = range(0, len(order), batch_size)
   for start in tqdm(starts, desc="log-likelihood", unit="batch", disable=not progress, file=sys.stdout):
     chosen = order[start:start + batch_size]
@@ -46,6 +62,8 @@ def continuation_log_likelihoods(log_prob_fn: LogProbFn, sequences: list[tuple[l
       inputs[row, :len(ids) - 1] = ids[:-1]
       targets[row, :len(ids) - 1] = ids[1:]
       scored[row, len(ids) - 1 - n:len(ids) - 1] = True
-    logp = np.asarray(log_prob_fn(inputs, targets), np.float64)
+    logp, is_argmax = score_fn(inputs, targets)
+    logp = np.asarray(logp, np.float64)
     scores[chosen] = np.sum(np.where(scored, logp, 0.0), axis=1)[:len(chosen)]
-  return scores
+    greedy[chosen] = np.all(np.asarray(is_argmax) | ~scored, axis=1)[:len(chosen)]
+  return scores, greedy

@@ -8,7 +8,8 @@ context, not fewer. The stream starts with EOS (the separator the training strea
 before every document but the first), so the first text token is scored too and bits per
 byte divide the loss of every text token by every byte of the text.
 
-  launch.py --mode=eval --workdir=runs/x [--checkpoint=best] [--eval_data=file.jsonl] [--output=r.json]
+  launch.py --mode=eval --workdir=runs/x [--checkpoint=best] [--eval_data=file.jsonl | --eval_split=tune]
+            [--output=r.json]
 """
 
 from __future__ import annotations
@@ -142,28 +143,33 @@ def file_stream(path: str, tokenizer, data_cfg) -> tuple[np.ndarray, int, dict]:
   return np.asarray(ids, np.int32), text_bytes, issues.to_dict()
 
 
-def validation_stream(data_dir: str, eos_id: int) -> tuple[np.ndarray, int, dict]:
-  """The prepared "val" split with a leading EOS: (tokens, text bytes, issues recorded at preparation)."""
+def validation_stream(data_dir: str, eos_id: int, split: str = "val") -> tuple[np.ndarray, int, dict]:
+  """A prepared split ("val" or "tune") with a leading EOS: (tokens, text bytes, issues recorded at preparation)."""
   from neon_qtg_jax.data.manifest import Manifest
   from neon_qtg_jax.data.sources import DataError
   manifest = Manifest.load(data_dir)
-  tokens = manifest.split_tokens("val")
+  if split not in manifest.tokens:
+    raise DataError(f"{data_dir}: no prepared '{split}' split (it holds {sorted(manifest.tokens)}); "
+                    "prepare with data.tune_fraction > 0 into a new data.data_dir for a tuning split")
+  tokens = manifest.split_tokens(split)
   if len(tokens) == 0:
-    raise DataError(f"{data_dir}: the prepared validation split is empty (data.val_fraction too small?)")
+    raise DataError(f"{data_dir}: the prepared '{split}' split is empty (data.val_fraction or "
+                    "data.tune_fraction too small?)")
   stream = np.concatenate([np.asarray([eos_id], tokens.dtype), tokens])
-  return stream, manifest.text_bytes["val"], manifest.issues
+  return stream, manifest.text_bytes[split], manifest.issues
 
 
 def run(config, args) -> int:
-  """--mode=eval: perplexity of a checkpoint on the validation split or on --eval_data; writes a JSON result."""
+  """--mode=eval: perplexity of a checkpoint on a prepared split (--eval_split) or --eval_data; writes a JSON result."""
   from neon_qtg_jax.data.tokenizer import Tokenizer
-  from neon_qtg_jax.evaluation.result_files import claim, data_tag, result_path
+  from neon_qtg_jax.evaluation.result_files import claimed, data_tag, result_path
   from neon_qtg_jax.evaluation.tool_cli import write_json
-  from neon_qtg_jax.inference.restore import load_model
+  from neon_qtg_jax.inference.quantize import load_for_inference
 
   from neon_qtg_jax.parallel import ShardingConfig
 
-  restored = load_model(args.workdir, args.checkpoint, config, sharding=ShardingConfig.from_config(config.parallel))
+  restored = load_for_inference(args.workdir, args.checkpoint, config,  # inference.weight_dtype
+                                sharding=ShardingConfig.from_config(config.parallel))
   data_dir = restored.run_config.data.data_dir
   tokenizer = Tokenizer.load(data_dir)
   if tokenizer.vocab_size > restored.model.cfg.vocab_size:
@@ -174,26 +180,28 @@ def run(config, args) -> int:
     tokens, text_bytes, issues = file_stream(args.eval_data, tokenizer, config.data)
     source = os.path.abspath(args.eval_data)
   else:
-    tokens, text_bytes, issues = validation_stream(data_dir, tokenizer.eos_id)
-    source = f"{os.path.abspath(data_dir)} (val split)"
+    tokens, text_bytes, issues = validation_stream(data_dir, tokenizer.eos_id, args.eval_split)
+    source = f"{os.path.abspath(data_dir)} ({args.eval_split} split)"
   max_length = min(config.eval.max_length, restored.model.cfg.max_seq_len)
   settings = {"len": max_length, "stride": config.eval.stride}
-  output = args.output or result_path(args.workdir, "perplexity", data_tag(args.eval_data, "val"),
+  if restored.weight_dtype != "float32":
+    settings["weights"] = restored.weight_dtype
+  output = args.output or result_path(args.workdir, "perplexity", data_tag(args.eval_data, args.eval_split),
                                       step=restored.step, settings=settings)
-  claim(output, args.overwrite)  # before the work, not after it
-  print(f"scoring {len(tokens) - 1} tokens of {source} with checkpoint step {restored.step}, "
-        f"windows of {max_length} at stride {config.eval.stride}")
-  score = score_stream(model_log_prob_fn(restored.model), tokens, max_length=max_length,
-                       stride=min(config.eval.stride, max_length), batch_size=config.training.batch_size)
-  result = summary(score, text_bytes) | {
-      "checkpoint_step": restored.step, "data": source, "max_length": max_length, "stride": config.eval.stride,
-      "workdir": os.path.abspath(args.workdir), "bad_input": issues, "param_dtype": restored.param_dtype,
-      "compute_dtype": restored.model.cfg.dtype,
-  }
-  write_json(output, result, overwrite=args.overwrite)
   plot_path = os.path.splitext(output)[0] + ".png"
-  plot_token_losses(LOSS_BIN_EDGES, score.loss_counts, score.loss, plot_path,
-                    f"per-token loss, checkpoint step {restored.step}, {os.path.basename(source)}")
+  with claimed([output, plot_path], args.overwrite):  # before the work, not after it
+    print(f"scoring {len(tokens) - 1} tokens of {source} with checkpoint step {restored.step}, "
+          f"windows of {max_length} at stride {config.eval.stride}")
+    score = score_stream(model_log_prob_fn(restored.model), tokens, max_length=max_length,
+                         stride=min(config.eval.stride, max_length), batch_size=config.training.batch_size)
+    result = summary(score, text_bytes) | {
+        "checkpoint_step": restored.step, "data": source, "max_length": max_length, "stride": config.eval.stride,
+        "workdir": os.path.abspath(args.workdir), "bad_input": issues, "param_dtype": restored.param_dtype,
+        "weight_dtype": restored.weight_dtype, "compute_dtype": restored.model.cfg.dtype,
+    }
+    write_json(output, result)
+    plot_token_losses(LOSS_BIN_EDGES, score.loss_counts, score.loss, plot_path,
+                      f"per-token loss, checkpoint step {restored.step}, {os.path.basename(source)}")
   bpb = f"{result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else "n/a"
   print(f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.3f}, bits/byte {bpb}, "
         f"{result['tokens']} tokens -> {output} (histogram {plot_path})")

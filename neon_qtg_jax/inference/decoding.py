@@ -10,6 +10,8 @@ position 0 whatever its padding.
 A call writes n new tokens at slots [start, start + n) and lets each of them attend to
 every valid slot up to its own (s_t: strictly before it), so prefill (n = prompt length)
 and decoding (n = 1) are the same code and match the full forward pass of the model.
+`start` is one slot for every row, or one per row (B,): the server's slots each hold a
+sequence of their own length (serving/engine.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from flax import nnx
 
 from neon_qtg_jax import ops
 from neon_qtg_jax.model.qtg import Block, QTGModel, compute_dtype
+from neon_qtg_jax.model.qtg import head_dim as model_head_dim
 from neon_qtg_jax.ops.geo_attention import masked_softmax_values
 from neon_qtg_jax.ops.topo_filter import k_smallest_mean
 from neon_qtg_jax.parallel import ShardingConfig
@@ -31,8 +34,9 @@ class DecodeCache(NamedTuple):
   """Per-layer caches with a leading layer axis, and which slots hold real tokens.
 
   keys, values: (num_layers, B, T, H, hd) in the model's compute dtype; keys are k~ for
-  geo attention. phi: (num_layers, B, T, 2d) float32 unit states, or None without the
-  TopoFilter. valid: (B, T) bool, True for slots written with a real (non-pad) token.
+  geo attention. phi: (num_layers, B, T, 2d) unit states in the compute dtype (float32 or
+  bf16: docs/PERFORMANCE.md measures bf16 as harmless), or None without the TopoFilter.
+  valid: (B, T) bool, True for slots written with a real (non-pad) token.
   """
   keys: jax.Array
   values: jax.Array
@@ -44,9 +48,10 @@ def init_cache(model: QTGModel, batch: int, size: int) -> DecodeCache:
   """An empty cache of `size` slots for `batch` sequences."""
   cfg = model.cfg
   dtype = compute_dtype(cfg)
-  heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+  heads = cfg.num_heads
+  head_dim = model_head_dim(cfg)
   kv_shape = (cfg.num_layers, batch, size, heads, head_dim)
-  phi = jnp.zeros((cfg.num_layers, batch, size, 2 * cfg.embed_dim), jnp.float32) if cfg.topofilter else None
+  phi = jnp.zeros((cfg.num_layers, batch, size, 2 * cfg.embed_dim), dtype) if cfg.topofilter else None
   return DecodeCache(jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype), phi,
                      jnp.zeros((batch, size), bool))
 
@@ -74,7 +79,9 @@ def shard_cache(cache: DecodeCache, sharding: ShardingConfig) -> DecodeCache:
 
 
 def _write(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-  """Writes new (B, n, ...) into buffer (B, T, ...) at slot `start`."""
+  """Writes new (B, n, ...) into buffer (B, T, ...) at slot `start`, () or one per row (B,)."""
+  if start.ndim == 1:
+    return jax.vmap(_write)(buffer[:, None], new[:, None], start)[:, 0]
   index = (0, start) + (0,) * (buffer.ndim - 2)
   return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), index)
 
@@ -87,13 +94,15 @@ def _cached_persistence(phi_new: jax.Array, phi_cache: jax.Array, before: jax.Ar
 
 def _layer(block: Block, h: jax.Array, keys: jax.Array, values: jax.Array, phi: jax.Array | None,
            start: jax.Array, key_valid: jax.Array, query_slots: jax.Array):
-  """One block over new tokens h (B, n, 2d) with this layer's caches; returns (h, keys, values, phi)."""
+  """One block over new tokens h (B, n, 2d) with this layer's caches; returns (h, keys, values, phi).
+
+  query_slots: (B, n) the cache slot of each new token."""
   psi = block.psi(h)
-  visible = key_valid[:, None, :] & (jnp.arange(key_valid.shape[1])[None, None, :] <= query_slots[None, :, None])
+  visible = key_valid[:, None, :] & (jnp.arange(key_valid.shape[1])[None, None, :] <= query_slots[:, :, None])
   if block.use_topofilter:
     phi_new = ops.unit_states(psi, block.topo.eps)
     phi = _write(phi, phi_new, start)
-    strictly_before = visible & (jnp.arange(key_valid.shape[1])[None, None, :] < query_slots[None, :, None])
+    strictly_before = visible & (jnp.arange(key_valid.shape[1])[None, None, :] < query_slots[:, :, None])
     s = _cached_persistence(phi_new, phi, strictly_before, block.topo.k)
     f = (block.topo.weights(s)[..., None] * psi).astype(psi.dtype)
   else:
@@ -117,12 +126,12 @@ def forward_cached(model: QTGModel, cache: DecodeCache, tokens: jax.Array, posit
   """Runs n new tokens through the model against the cache.
 
   tokens, positions: (B, n) int32; new_valid: (B, n) bool (False for left padding);
-  start: the slot of the first new token (the same for every row). Returns float32 logits
+  start: the slot of the first new token, the same for every row or (B,) one per row. Returns float32 logits
   (B, n, V), or (B, 1, V) for the last new token with last_only, and the updated cache.
   """
   start = jnp.asarray(start, jnp.int32)
   key_valid = _write(cache.valid, new_valid, start)
-  query_slots = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+  query_slots = jnp.broadcast_to(start[..., None] + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
   h = model.embed(tokens, positions)
   graphdef, block_state = nnx.split(model.blocks)
 
@@ -135,7 +144,7 @@ def forward_cached(model: QTGModel, cache: DecodeCache, tokens: jax.Array, posit
   h, (keys, values, phi) = jax.lax.scan(body, h, (block_state, cache.keys, cache.values, cache.phi))
   if last_only:
     h = h[:, -1:]
-  logits = model.head(model.ln_f(h)).astype(jnp.float32)
+  logits = model.logits(h)
   return logits, DecodeCache(keys, values, phi, key_valid)
 
 

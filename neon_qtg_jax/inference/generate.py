@@ -56,12 +56,13 @@ def peak_memory() -> dict[str, int | None]:
 
 def run(config, args) -> int:
   from neon_qtg_jax.data.tokenizer import Tokenizer
-  from neon_qtg_jax.inference.restore import load_model
+  from neon_qtg_jax.inference.quantize import load_for_inference
 
   from neon_qtg_jax.parallel import ShardingConfig
 
-  restored = load_model(args.workdir, args.checkpoint, config, param_dtype="auto",  # bf16 only where fp32 won't fit
-                        sharding=ShardingConfig.from_config(config.parallel))
+  # inference.weight_dtype; float32 weights go bf16 only where they won't fit
+  restored = load_for_inference(args.workdir, args.checkpoint, config, param_dtype="auto",
+                                sharding=ShardingConfig.from_config(config.parallel))
   tokenizer = Tokenizer.load(restored.run_config.data.data_dir)
   sampling = config.sampling
   max_new = min(sampling.max_new_tokens, restored.model.cfg.max_seq_len - 1)
@@ -82,7 +83,8 @@ def run(config, args) -> int:
     print(f"--- prompt: {text!r}\n{text}{completion}\n")
   memory = peak_memory()
   device_mib = f"{memory['device_peak_bytes'] / 2**20:.1f} MiB" if memory["device_peak_bytes"] else "not reported"
-  print(f"checkpoint step {restored.step}; {len(texts)} prompt(s), {stats.prompt_tokens} prompt tokens, "
+  print(f"checkpoint step {restored.step}, weights {restored.weight_dtype} "
+        f"({restored.parameter_bytes / 2**20:.1f} MiB); {len(texts)} prompt(s), {stats.prompt_tokens} prompt tokens, "
         f"{stats.new_tokens} new tokens")
   print(f"prefill {stats.prefill_seconds:.2f} s, decode {stats.decode_seconds:.2f} s "
         f"({stats.decode_tokens_per_second:.1f} tokens/s; first call, compilation included)")

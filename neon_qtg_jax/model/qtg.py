@@ -40,6 +40,21 @@ def inverse_softplus(y: float) -> float:
   return y + math.log(-math.expm1(-y))
 
 
+POSITIVE_MAPS: dict[str, tuple[Callable[[jax.Array], jax.Array], Callable[[float], float]]] = {
+    "softplus": (jax.nn.softplus, inverse_softplus),
+    "exp": (jnp.exp, math.log),
+}
+
+
+def attention_dim(cfg: ml_collections.ConfigDict) -> int:
+  """Width of Q, K and V: the spec's d, or the residual width 2d (`model.attention_width`, a standard GPT)."""
+  return 2 * cfg.embed_dim if cfg.attention_width == "residual" else cfg.embed_dim
+
+
+def head_dim(cfg: ml_collections.ConfigDict) -> int:
+  return attention_dim(cfg) // cfg.num_heads
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   """Inverted dropout; identity when key is None or rate is 0."""
   if key is None or rate == 0.0:
@@ -67,6 +82,29 @@ def _norm(cfg: ml_collections.ConfigDict, width: int, rngs: nnx.Rngs) -> nnx.Mod
     return nnx.RMSNorm(width, epsilon=cfg.norm_eps, dtype=jnp.float32, scale_metadata=axes("norm"), rngs=rngs)
   return nnx.LayerNorm(width, epsilon=cfg.norm_eps, dtype=jnp.float32, scale_metadata=axes("norm"),
                        bias_metadata=axes("norm"), rngs=rngs)
+
+
+def _state_preparation(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Linear:
+  """W_psi (2d -> 2d): normal(init_std) as the spec's other matrices, or a random orthogonal matrix
+  (`model.w_psi_init="orthogonal"`), which keeps ||psi|| = ||LN_1(h)||, the real form of a unitary
+  state preparation."""
+  width = 2 * cfg.embed_dim
+  init = (nnx.initializers.orthogonal() if cfg.w_psi_init == "orthogonal"
+          else nnx.initializers.normal(cfg.init_std))
+  return nnx.Linear(width, width, use_bias=cfg.use_bias, dtype=compute_dtype(cfg), param_dtype=jnp.float32,
+                    kernel_init=init, kernel_metadata=axes("embed", None), bias_metadata=axes(None), rngs=rngs)
+
+
+def _qkv_init(std: float, qk_std: float) -> Callable[..., jax.Array]:
+  """Normal init of the fused QKV kernel with std `qk_std` for the Q and K thirds, `std` for V.
+
+  nnx.LinearGeneral initialises it flattened to (2d, 3 * H * hd), Q first, then K and V.
+  """
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    third = shape[-1] // 3
+    scale = jnp.repeat(jnp.asarray([qk_std, qk_std, std], dtype), third)
+    return jax.random.normal(key, shape, dtype) * scale
+  return init
 
 
 def _linear(cfg: ml_collections.ConfigDict, fan_in: int, fan_out: int, std: float, rngs: nnx.Rngs,
@@ -127,39 +165,94 @@ class TopoFilter(nnx.Module):
     return (self.weights(s)[..., None] * psi).astype(psi.dtype), s
 
 
+def positive_scale(raw: jax.Array, param: str, lr_mult: float) -> jax.Array:
+  """A learned positive scale stored as raw: map(lr_mult * raw), map softplus or exp (`model.scale_param`).
+
+  lr_mult (`model.scale_lr_mult`) multiplies the step AdamW takes on the scale's pre-image, so it acts
+  as a learning-rate multiplier; with exp the step is taken on log(scale).
+  """
+  return POSITIVE_MAPS[param][0](lr_mult * raw)
+
+
+def positive_scale_raw(value: float, num_heads: int, param: str, lr_mult: float) -> nnx.Param:
+  """The (H,) raw parameter whose positive_scale is `value` in every head."""
+  raw = POSITIVE_MAPS[param][1](value) / lr_mult
+  return nnx.Param(jnp.full((num_heads,), raw, jnp.float32), **axes("heads"))
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) over the last axis, in float32."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
 class GeoAttention(nnx.Module):
-  """Q, K, V = W f (2d -> d each, fused), H heads; Fisher-Rao or dot-product scores; (B, L, 2d) -> (B, L, d)."""
+  """Q, K, V = W f (2d -> attention_dim each, fused), H heads; Fisher-Rao or dot-product scores.
+
+  (B, L, 2d) -> (B, L, attention_dim). For Fisher-Rao attention `model.sphere_map` chooses what the
+  sphere map sqrt(softmax(.)) over head_dim receives (the score stays -gamma_h D_FR(q~, k~)^2):
+    seed    q and k as projected (the spec's form)
+    scaled  beta_h q and beta_h k, beta_h a learned positive per-head scale initialised at `model.beta`
+    normed  beta_h q / rms(q) and beta_h k / rms(k) (QK-norm before the sphere map)
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    d = cfg.embed_dim
     self.kind = cfg.attention
     self.num_heads = cfg.num_heads
-    self.head_dim = d // cfg.num_heads
-    self.learn_gamma = cfg.learn_gamma
+    self.head_dim = head_dim(cfg)
+    self.sphere_map = cfg.sphere_map if self.kind == "geo" else "seed"
+    self.eps = cfg.eps
     self.impl = cfg.attention_impl
     self.blockwise_min_len = cfg.blockwise_min_len
     self.block_q, self.block_k = cfg.block_q, cfg.block_k
     # Head-shaped (2d, 3, H, hd): split over "tensor" by heads, each shard holds whole q, k, v heads.
-    self.w_qkv = nnx.LinearGeneral(2 * d, (3, cfg.num_heads, self.head_dim), use_bias=cfg.use_bias,
+    self.w_qkv = nnx.LinearGeneral(2 * cfg.embed_dim, (3, cfg.num_heads, self.head_dim), use_bias=cfg.use_bias,
                                    dtype=compute_dtype(cfg), param_dtype=jnp.float32,
-                                   kernel_init=nnx.initializers.normal(cfg.init_std),
+                                   kernel_init=_qkv_init(cfg.init_std, cfg.qk_init_std or cfg.init_std),
                                    kernel_metadata=axes("embed", None, "heads", "head_dim"),
                                    bias_metadata=axes(None, "heads", "head_dim"), rngs=rngs)
+    self.learn_gamma = cfg.learn_gamma
+    self.scale_param, self.scale_lr_mult = cfg.scale_param, cfg.scale_lr_mult
     if self.kind == "geo":
-      self.gamma_raw = nnx.Param(jnp.full((cfg.num_heads,), inverse_softplus(cfg.gamma), jnp.float32),
-                                 **axes("heads"))
+      self.gamma_raw = positive_scale_raw(cfg.gamma, cfg.num_heads, cfg.scale_param, cfg.scale_lr_mult)
+      if self.sphere_map != "seed":
+        self.beta_raw = positive_scale_raw(cfg.beta, cfg.num_heads, cfg.scale_param, cfg.scale_lr_mult)
 
   def gamma(self) -> jax.Array | None:
     """Per-head positive scale (H,) float32, or None for dot-product attention."""
     if self.kind != "geo":
       return None
     raw = self.gamma_raw[...]
-    return jax.nn.softplus(raw if self.learn_gamma else jax.lax.stop_gradient(raw))
+    raw = raw if self.learn_gamma else jax.lax.stop_gradient(raw)
+    return positive_scale(raw, self.scale_param, self.scale_lr_mult)
+
+  def beta(self) -> jax.Array:
+    """Per-head positive scale (H,) of the sphere map's inputs (sphere_map scaled or normed)."""
+    return positive_scale(self.beta_raw[...], self.scale_param, self.scale_lr_mult)
+
+  def learned_scales(self) -> dict[str, jax.Array]:
+    """The learned per-head scales by name ("gamma", "beta"), each (H,) float32 (leading layer axes kept)."""
+    scales = {}
+    if self.kind == "geo":
+      scales["gamma"] = self.gamma()
+      if self.sphere_map != "seed":
+        scales["beta"] = self.beta()
+    return scales
+
+  def sphere_inputs(self, x: jax.Array) -> jax.Array:
+    """What the sphere map receives for projected q or k (B, L, H, hd), per `model.sphere_map`."""
+    if self.sphere_map == "seed":
+      return x
+    beta = self.beta()[:, None]
+    if self.sphere_map == "normed":
+      return (beta * rms_normalize(x, self.eps)).astype(x.dtype)
+    return (beta * x.astype(jnp.float32)).astype(x.dtype)
 
   def project(self, f: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """f (B, L, 2d) -> q, k, v each (B, L, H, hd)."""
+    """f (B, L, 2d) -> q, k, v each (B, L, H, hd); for Fisher-Rao attention q and k are ready for the sphere map."""
     qkv = constrain(self.w_qkv(f), ("batch", "length", None, "act_heads", None))
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return self.sphere_inputs(q), self.sphere_inputs(k), v
 
   def __call__(self, f: jax.Array) -> jax.Array:
     q, k, v = self.project(f)
@@ -184,10 +277,10 @@ class Block(nnx.Module):
     self.compute_dtype = cfg.dtype
     self.ln1 = _norm(cfg, 2 * d, rngs)
     # psi keeps its full width on every tensor shard (see RESIDUAL_AXES): only the input is FSDP-split.
-    self.w_psi = _linear(cfg, 2 * d, 2 * d, cfg.init_std, rngs, ("embed", None)) if cfg.w_psi else None
+    self.w_psi = _state_preparation(cfg, rngs) if cfg.w_psi else None
     self.topo = TopoFilter(cfg)
     self.attn = GeoAttention(cfg, rngs=rngs)
-    self.w_o = _linear(cfg, d, 2 * d, out_std, rngs, ("heads", "embed"))
+    self.w_o = _linear(cfg, attention_dim(cfg), 2 * d, out_std, rngs, ("heads", "embed"))
     self.ln2 = _norm(cfg, 2 * d, rngs)
     self.w_1 = _linear(cfg, 2 * d, cfg.mlp_ratio * d, cfg.init_std, rngs, ("embed", "mlp"))
     self.w_2 = _linear(cfg, cfg.mlp_ratio * d, 2 * d, out_std, rngs, ("mlp", "embed"))
@@ -238,7 +331,17 @@ class QTGModel(nnx.Module):
     # whether the forward pass scans or unrolls the layers.
     self.blocks = make_blocks(rngs)
     self.ln_f = _norm(cfg, 2 * d, rngs)
-    self.head = _linear(cfg, 2 * d, cfg.vocab_size, cfg.init_std, rngs, ("embed", "vocab"), out_dtype=jnp.float32)
+    self.head = None if cfg.tie_embeddings else _linear(cfg, 2 * d, cfg.vocab_size, cfg.init_std, rngs,
+                                                       ("embed", "vocab"), out_dtype=jnp.float32)
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Final residual stream (B, L, 2d) -> float32 logits (B, L, V): W_lm LN_f(h), or E LN_f(h) when tied."""
+    x = self.ln_f(h)
+    if self.head is not None:
+      return self.head(x).astype(jnp.float32)
+    table = self.embed.tokens.embedding[...]
+    dtype = compute_dtype(self.cfg)
+    return jnp.einsum("blc,vc->blv", x.astype(dtype), table.astype(dtype), preferred_element_type=jnp.float32)
 
   def _layer_fn(self) -> Callable[[nnx.GraphDef, Any, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]:
     def apply_layer(graphdef, layer_state, h, key):
@@ -276,7 +379,7 @@ class QTGModel(nnx.Module):
       embed_key, block_key = jax.random.split(dropout_key)
     h = constrain(dropout(self.embed(tokens, positions), self.cfg.dropout, embed_key), RESIDUAL_AXES)
     h, s = self.run_blocks(h, block_key)
-    logits = self.head(self.ln_f(h)).astype(jnp.float32)
+    logits = self.logits(h)
     if return_aux:
       return logits, {"s": s, "residual": h}
     return logits

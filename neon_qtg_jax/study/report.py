@@ -1,13 +1,19 @@
 """study.json from the run records: statistics per variant, the comparison to the baseline, plots,
-TensorBoard curves and the Markdown report (docs/RESULTS.md is written from it)."""
+TensorBoard curves and the Markdown report (docs/RESULTS.md is written from it).
+
+The report: the associative-recall table (tools/recall.py results, when a recall directory is
+given), the main result, then per group its learning-rate grid (chosen on the tuning split), the
+table of variants, plots, reading, attention entropy and learned per-head scalars per layer; then
+the code versions the runs were made with, stale and failed runs, notes, and how to reproduce.
+"""
 
 from __future__ import annotations
 
+import collections
 import datetime
 import os
 import platform
 import shutil
-import subprocess
 from typing import Any
 
 import jax
@@ -17,24 +23,17 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
-from neon_qtg_jax.study import stats  # noqa: E402  pylint: disable=wrong-import-position
+from neon_qtg_jax.study import (  # noqa: E402  pylint: disable=wrong-import-position
+    provenance, recall_table, spec, stats)
+from neon_qtg_jax.study.runner import Outcome  # noqa: E402  pylint: disable=wrong-import-position
 
 METRICS = ("bits_per_byte", "perplexity", "loss")
-
-
-def code_version() -> str:
-  """`git describe --always --dirty` of this checkout: which code made the runs ("unknown" outside git)."""
-  try:
-    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=30).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
 
 
 def machine() -> dict[str, Any]:
   return {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "cpu_count": os.cpu_count(),
-          "code": code_version()}
+          "code": provenance.code_version()["describe"]}
 
 
 def _analysis(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -47,6 +46,28 @@ def _analysis(record: dict[str, Any]) -> dict[str, Any] | None:
     return json.load(f)
 
 
+def _entropy_per_layer(records: list[dict[str, Any]]) -> list[float] | None:
+  """Attention entropy / log(t+1) per layer, mean over heads and seeds: from each run's record (measured
+  after scoring), else from tools/analyze.py's summary of runs recorded before records held it."""
+  entropies = [np.asarray(r["attention_entropy"]) for r in records if r.get("attention_entropy")]
+  if not entropies:
+    entropies = [np.asarray(a["attention_normalized_entropy"]) for a in map(_analysis, records) if a]
+  return np.mean([e.mean(axis=1) for e in entropies], axis=0).round(3).tolist() if entropies else None
+
+
+def _scalars_mean(records: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
+  """Each learned per-head attention scalar (readout.attention_scalars), (layers, heads) mean over seeds;
+  a record from before they were recorded by name gives its gamma."""
+  per_name: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+  for r in records:
+    scalars = r.get("attention_scalars")
+    if scalars is None and r.get("gamma") is not None:
+      scalars = {"gamma": r["gamma"]}
+    for name, value in (scalars or {}).items():
+      per_name[name].append(np.asarray(value))
+  return {name: np.mean(values, axis=0).round(3).tolist() for name, values in per_name.items()}
+
+
 def _variant_summary(records: list[dict[str, Any]], baseline: list[dict[str, Any]], is_baseline: bool
                      ) -> dict[str, Any]:
   out: dict[str, Any] = {"seeds": [r["seed"] for r in records]}
@@ -54,14 +75,20 @@ def _variant_summary(records: list[dict[str, Any]], baseline: list[dict[str, Any
     mean, std = stats.mean_std([r["final"][metric] for r in records])
     out[metric] = {"mean": mean, "std": std}
   first = records[0]
-  for field in ("params", "non_embedding_params", "train_flops_per_token", "steps", "tokens", "train_flops"):
-    out[field] = first[field]
+  for field in ("params", "non_embedding_params", "train_flops_per_token", "planned_steps"):
+    out[field] = first.get(field)
+  for field in ("steps", "tokens", "train_flops"):  # equal for every seed unless a wall-time budget stopped them
+    values = [r[field] for r in records]
+    out[field] = float(np.mean(values)) if field != "steps" else round(float(np.mean(values)))
+    out[f"{field}_range"] = [min(values), max(values)]
+  out["stopped_by_clock"] = sum(bool(r.get("stopped_by_clock")) for r in records)
+  lrs = sorted({r["config"]["training"]["lr"] for r in records if "config" in r})
+  out["lr"] = lrs
   out["train_seconds_mean"] = stats.mean_std([r["train_seconds"] for r in records])[0]
-  entropies = [np.asarray(a["attention_normalized_entropy"]) for a in map(_analysis, records) if a]
-  out["attention_entropy_per_layer"] = (np.mean([e.mean(axis=1) for e in entropies], axis=0).round(3).tolist()
-                                        if entropies else None)
-  gammas = [np.asarray(r["gamma"]) for r in records if r.get("gamma") is not None]
-  out["gamma_mean"] = np.mean(gammas, axis=0).round(3).tolist() if gammas else None
+  out["attention_entropy_per_layer"] = _entropy_per_layer(records)
+  out["attention_entropy_errors"] = sorted({r["attention_entropy_error"] for r in records
+                                            if r.get("attention_entropy_error")})
+  out["attention_scalars_mean"] = _scalars_mean(records)
   if not is_baseline:
     interval = stats.welch_interval([r["final"]["bits_per_byte"] for r in records],
                                     [r["final"]["bits_per_byte"] for r in baseline])
@@ -70,11 +97,34 @@ def _variant_summary(records: list[dict[str, Any]], baseline: list[dict[str, Any
   return out
 
 
-def summarize(study: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per group and variant: seeds finished, mean and std of each metric, Welch CI against the baseline."""
+def lr_grid_summary(study: dict[str, Any], group: dict[str, Any], tuning: list[dict[str, Any]],
+                    lr_choices: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+  """The group's lr grid: per variant every value's tuning bits/byte (None: not run yet; "diverged") and
+  steps, and the chosen value; None when the group has no grid."""
+  grid = spec.lr_grid(study, group)
+  if not grid:
+    return None
+  variants = []
+  for variant in group["variants"]:
+    by_lr = {r["lr"]: r for r in tuning if r["group"] == group["name"] and r["variant"] == variant["name"]}
+    bits = [("diverged" if by_lr[lr]["tune"].get("diverged") else by_lr[lr]["tune"]["bits_per_byte"])
+            if lr in by_lr else None for lr in grid]
+    choice = lr_choices.get(f"{group['name']}/{variant['name']}")
+    variants.append({"name": variant["name"], "label": variant.get("label", variant["name"]),
+                     "tune_bits_per_byte": bits, "steps": [by_lr[lr]["steps"] if lr in by_lr else None for lr in grid],
+                     "stopped_by_clock": [bool(by_lr[lr].get("stopped_by_clock")) if lr in by_lr else None
+                                          for lr in grid],
+                     "chosen": choice["chosen"] if choice else None})
+  return {"grid": list(grid), "budget": spec.tune_budget(study, group), "seed": spec.tune_seed(study, group),
+          "variants": variants}
+
+
+def summarize(study: dict[str, Any], outcome: Outcome) -> list[dict[str, Any]]:
+  """Per group and variant: seeds finished, mean and std of each metric, Welch CI against the baseline;
+  per group its lr grid."""
   groups = []
   for group in study["groups"]:
-    in_group = [r for r in records if r["group"] == group["name"]]
+    in_group = [r for r in outcome.records if r["group"] == group["name"]]
     baseline = [r for r in in_group if r["variant"] == study["baseline"]]
     variants = []
     for variant in group["variants"]:
@@ -86,8 +136,30 @@ def summarize(study: dict[str, Any], records: list[dict[str, Any]]) -> list[dict
         entry |= _variant_summary(mine, baseline, variant["name"] == study["baseline"])
       variants.append(entry)
     groups.append({"name": group["name"], "title": group.get("title", group["name"]), "budget": group["budget"],
-                   "overrides": group.get("overrides", {}), "variants": variants})
+                   "overrides": group.get("overrides", {}), "variants": variants,
+                   "lr_grid": lr_grid_summary(study, group, outcome.tuning, outcome.lr_choices)})
   return groups
+
+
+def code_versions(records: list[dict[str, Any]]) -> dict[str, Any]:
+  """The code versions that made the reported runs (every attempt), the majority one, and the runs made
+  (wholly or partly) by another: {"versions": [{label, describe, runs}], "majority", "flagged": [key]}."""
+  counts: collections.Counter = collections.Counter()
+  describe: dict[str, str] = {}
+  labels_of: dict[str, set[str]] = {}
+  for r in records:
+    codes = r.get("code_attempts") or ([r["code"]] if r.get("code") else [])
+    labels_of[r["key"]] = {provenance.version_label(c) for c in codes} or {"unrecorded"}
+    for c in codes:
+      describe[provenance.version_label(c)] = c.get("describe", "unknown")
+    counts.update(labels_of[r["key"]])
+  if not counts:
+    return {"versions": [], "majority": None, "flagged": []}
+  majority = counts.most_common(1)[0][0]
+  return {"versions": [{"label": label, "describe": describe.get(label, "unrecorded"), "runs": n}
+                       for label, n in counts.most_common()],
+          "majority": majority,
+          "flagged": sorted(key for key, labels in labels_of.items() if labels != {majority})}
 
 
 def _curves(records: list[dict[str, Any]], x: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -191,6 +263,32 @@ def write_tensorboard(records: list[dict[str, Any]], study_dir: str) -> str:
   return logdir
 
 
+def plot_lr_grid(group: dict[str, Any], out_dir: str) -> list[str]:
+  """One PNG per group with an lr grid: tuning bits/byte against the learning rate, one line per variant."""
+  grid = group.get("lr_grid")
+  if not grid or not any(isinstance(b, float) for v in grid["variants"] for b in v["tune_bits_per_byte"]):
+    return []
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for v in grid["variants"]:
+    points = [(lr, b) for lr, b in zip(grid["grid"], v["tune_bits_per_byte"]) if isinstance(b, float)]
+    if not points:
+      continue
+    line, = ax.plot(*zip(*points), marker="o", label=v["label"])
+    if v["chosen"] is not None and v["chosen"] in dict(points):
+      ax.plot([v["chosen"]], [dict(points)[v["chosen"]]], marker="*", markersize=14, color=line.get_color())
+  ax.set_xscale("log")
+  ax.set_xlabel("learning rate")
+  ax.set_ylabel("tuning-split bits/byte (lower is better)")
+  ax.set_title(f"{group['title']}: learning-rate grid on the tuning split (star: chosen)", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(out_dir, f"{group['name']}_lr_grid.png")
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return [path]
+
+
 def _fmt_interval(interval: dict[str, float] | None) -> str:
   if interval is None:
     return "n/a"
@@ -205,24 +303,39 @@ def _fmt_mean(variant: dict[str, Any], metric: str, digits: int) -> str:
   return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
 
 
+def _reading(verdict: str, name: str, baseline: str) -> str:
+  """The verdict of `name` against the baseline in words that cannot be misread."""
+  if verdict in ("better", "worse"):
+    return f"`{name}` {verdict} than `{baseline}`"
+  return verdict
+
+
 def main_table(study_json: dict[str, Any]) -> list[str]:
-  """One row per group: the baseline against the study's headline variant."""
+  """A sentence that counts the groups where the headline is better, worse or neither, and one row per group."""
   study = study_json["study"]
   baseline, headline = study["baseline"], study.get("headline")
   if headline is None:
     return []
   lines = [f"| group | `{baseline}` bits/byte | `{headline}` bits/byte | difference [95% CI] | reading | seeds |",
            "| --- | --- | --- | --- | --- | --- |"]
+  verdicts = []
   for group in study_json["groups"]:
     variants = {v["name"]: v for v in group["variants"]}
     base, head = variants.get(baseline, {}), variants.get(headline, {})
     if not base.get("seeds_done") or not head.get("seeds_done"):
       lines.append(f"| {group['title']} | | | | not run yet | |")
       continue
+    verdicts.append(head["verdict"])
     lines.append(f"| {group['title']} | {_fmt_mean(base, 'bits_per_byte', 4)} | {_fmt_mean(head, 'bits_per_byte', 4)} "
-                 f"| {_fmt_interval(head.get('vs_baseline_bits_per_byte'))} | {head['verdict']} "
-                 f"| {base['seeds_done']} + {head['seeds_done']} |")
-  return lines
+                 f"| {_fmt_interval(head.get('vs_baseline_bits_per_byte'))} "
+                 f"| {_reading(head['verdict'], headline, baseline)} | {base['seeds_done']} + {head['seeds_done']} |")
+  counts = collections.Counter(verdicts)
+  summary = (f"Of {len(verdicts)} group(s) with both run, `{headline}` is worse than `{baseline}` in "
+             f"{counts['worse']}, better in {counts['better']}, and not measurably different in "
+             f"{counts[stats.NO_DIFFERENCE]}" + (f"; {counts['too few seeds for an interval']} have too few seeds for "
+                                                 "an interval" if counts["too few seeds for an interval"] else "")
+             + " (worse and better only where the 95% interval excludes 0).")
+  return [summary, ""] + lines
 
 
 def _budget_text(budget: dict[str, Any]) -> str:
@@ -231,23 +344,60 @@ def _budget_text(budget: dict[str, Any]) -> str:
   if budget["kind"] == "flops":
     return (f"equal training FLOPs: the FLOPs of {budget['steps']} steps of `{budget['reference']}` "
             f"(steps per variant from `--mode=info`'s FLOPs per token)")
-  return f"equal wall time: {budget['minutes']} minutes of training per run (at most {budget['max_steps']} steps)"
+  return (f"equal wall time: {budget['minutes']} minutes of training per run (the trainer's clock, compilation and "
+          f"evaluations included), at most {budget['max_steps']} steps; the learning-rate schedule runs over "
+          f"{budget['max_steps']} steps, so a run the clock stops ends before its schedule does")
+
+
+def _steps_text(v: dict[str, Any], budget: dict[str, Any]) -> str:
+  if budget["kind"] != "wall_time":
+    return str(v["steps"])
+  low, high = v["steps_range"]
+  spread = f" ({low}-{high})" if low != high else ""
+  return (f"{v['steps']}{spread} of {v['planned_steps']}"
+          + (f", {v['stopped_by_clock']}/{v['seeds_done']} stopped by the clock" if v["stopped_by_clock"] else ""))
+
+
+def lr_grid_table(grid: dict[str, Any], group_budget: dict[str, Any]) -> list[str]:
+  """Every grid value's tuning bits/byte per variant; the chosen one in bold."""
+  budget = grid["budget"]
+  budget_text = "the group's" if budget == group_budget else _budget_text(budget)
+  lines = [f"Learning rate per variant, chosen from the same grid for every variant by the lowest bits/byte on the "
+           f"tuning split (`data.tune_fraction`: documents carved out of train by the document hash, disjoint from "
+           f"train and validation; never scored in the tables of this report): one tuning run per value, seed "
+           f"{grid['seed']}, budget: {budget_text}.", "",
+           "| variant | " + " | ".join(f"lr {lr:g}" for lr in grid["grid"]) + " | chosen |",
+           "| --- |" + " --- |" * (len(grid["grid"]) + 1)]
+  for v in grid["variants"]:
+    cells = []
+    for lr, bits, steps, clock in zip(grid["grid"], v["tune_bits_per_byte"], v["steps"], v["stopped_by_clock"]):
+      if bits is None:
+        cells.append("not run yet")
+        continue
+      text = "diverged" if bits == "diverged" else f"{bits:.4f}"
+      if budget["kind"] == "wall_time" and steps is not None:
+        text += f" ({steps} steps{', clock' if clock else ''})"
+      cells.append(f"**{text}**" if lr == v["chosen"] else text)
+    chosen = f"{v['chosen']:g}" if v["chosen"] is not None else "not yet"
+    lines.append(f"| {v['label']} | " + " | ".join(cells) + f" | {chosen} |")
+  return lines + [""]
 
 
 def group_table(group: dict[str, Any], baseline: str) -> list[str]:
-  lines = ["| variant | parameters (blocks) | steps | tokens | train FLOPs | seeds | val bits/byte | val perplexity "
-           f"| bits/byte vs `{baseline}` [95% CI] | reading | train time per run |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| variant | parameters (blocks) | lr | steps | tokens | train FLOPs | seeds | val bits/byte "
+           f"| val perplexity | bits/byte vs `{baseline}` [95% CI] | reading | train time per run |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for v in group["variants"]:
     if not v.get("seeds_done"):
-      lines.append(f"| {v['label']} | | | | | 0/{v['seeds_planned']} | not run yet | | | | |")
+      lines.append(f"| {v['label']} | | | | | | 0/{v['seeds_planned']} | not run yet | | | | |")
       continue
-    reading = "baseline" if v["name"] == baseline else v["verdict"]
+    reading = "baseline" if v["name"] == baseline else _reading(v["verdict"], v["name"], baseline)
+    lr = ", ".join(f"{x:g}" for x in v.get("lr") or []) or "n/a"
     lines.append(
-        f"| {v['label']} | {v['params']:,} ({v['non_embedding_params']:,}) | {v['steps']} | {v['tokens'] / 1e6:.2f}M "
-        f"| {v['train_flops']:.2e} | {v['seeds_done']}/{v['seeds_planned']} | {_fmt_mean(v, 'bits_per_byte', 4)} "
-        f"| {_fmt_mean(v, 'perplexity', 2)} | {_fmt_interval(v.get('vs_baseline_bits_per_byte'))} | {reading} "
-        f"| {v['train_seconds_mean']:.0f} s |")
+        f"| {v['label']} | {v['params']:,} ({v['non_embedding_params']:,}) | {lr} | {_steps_text(v, group['budget'])} "
+        f"| {v['tokens'] / 1e6:.2f}M | {v['train_flops']:.2e} | {v['seeds_done']}/{v['seeds_planned']} "
+        f"| {_fmt_mean(v, 'bits_per_byte', 4)} | {_fmt_mean(v, 'perplexity', 2)} "
+        f"| {_fmt_interval(v.get('vs_baseline_bits_per_byte'))} | {reading} | {v['train_seconds_mean']:.0f} s |")
   return lines
 
 
@@ -264,37 +414,96 @@ def _findings(group: dict[str, Any], baseline: str) -> list[str]:
       lines.append(f"- {v['label']}: no measurable difference from `{baseline}` "
                    f"({_fmt_interval(interval)} bits/byte; the interval includes 0).")
     else:
-      word = "lower (better)" if v["verdict"] == "better" else "higher (worse)"
-      lines.append(f"- {v['label']}: {word} bits/byte than `{baseline}` by {abs(interval['difference']):.4f} "
-                   f"(95% CI {_fmt_interval(interval)}; {v['seeds_done']} seeds against {baseline_seeds}).")
+      direction = "lower" if v["verdict"] == "better" else "higher"
+      lines.append(f"- {v['label']}: {v['verdict'].upper()} than `{baseline}`: bits/byte {direction} by "
+                   f"{abs(interval['difference']):.4f} (95% CI {_fmt_interval(interval)}; {v['seeds_done']} seeds "
+                   f"against {baseline_seeds}).")
+  return lines
+
+
+def _per_layer_lines(group: dict[str, Any]) -> list[str]:
+  """Attention entropy per layer and every learned per-head attention scalar, per variant."""
+  lines = []
+  entropies = [v for v in group["variants"] if v.get("attention_entropy_per_layer")
+               or v.get("attention_entropy_errors")]
+  if entropies:
+    lines += ["Attention entropy relative to uniform attention over the prefix (1: uniform, 0: one token), per layer, "
+              "mean over heads and seeds (8 fixed validation windows of each final checkpoint; "
+              "`neon_qtg_jax/study/readout.py`):", ""]
+    for v in entropies:
+      measured = v.get("attention_entropy_per_layer")
+      lines.append(f"- {v['label']}: " + (", ".join(f"L{i} {e:.2f}" for i, e in enumerate(measured)) if measured
+                                          else "not measured: " + "; ".join(v["attention_entropy_errors"])))
+    lines.append("")
+  scalars = [v for v in group["variants"] if v.get("attention_scalars_mean")]
+  if scalars:
+    lines += ["Learned per-head attention scalars (every attention parameter of shape (layers, heads); a `_raw` "
+              "parameter shown after its softplus), mean over seeds, per layer: heads", ""]
+    for v in scalars:
+      for name, value in v["attention_scalars_mean"].items():
+        per_layer = "; ".join(f"L{i}: " + ", ".join(f"{g:.2f}" for g in layer) for i, layer in enumerate(value))
+        lines.append(f"- {v['label']}, `{name}`: {per_layer}")
+    lines.append("")
+  return lines
+
+
+def code_lines(code: dict[str, Any]) -> list[str]:
+  if not code["versions"]:
+    return []
+  lines = ["## Code versions", "",
+           "The code each reported run was made with (every attempt of a resumed run; recorded by the run, "
+           "not at report time). A finished run is reused when its whole config equals the study file's; a "
+           "different code version alone does not make it stale (`tools/study.py --require_same_code` does).", "",
+           "| code (commit + uncommitted changes) | git describe | runs |", "| --- | --- | --- |"]
+  lines += [f"| `{v['label']}` | `{v['describe']}` | {v['runs']} |" for v in code["versions"]]
+  lines.append("")
+  if code["flagged"]:
+    lines += [f"Made (wholly or partly) by other code than the majority's `{code['majority']}`: "
+              + ", ".join(f"`{k}`" for k in code["flagged"]) + ".", ""]
   return lines
 
 
 def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
-  """The report: setup, one table per group, the plots, gamma, the reading, commands and machine."""
+  """The report: recall table, main result, one section per group, code versions, stale, failed and
+  pending runs, notes, and how to reproduce."""
   study, baseline = study_json["study"], study_json["study"]["baseline"]
   done, planned = study_json["runs_finished"], study_json["runs_planned"]
   status = "complete" if done == planned else f"INCOMPLETE: {done} of {planned} runs finished"
   lines = [f"# Is QTG any good? {study.get('title', study['name'])}", "",
            f"Written by `tools/study.py` from `study.json` on {study_json['date']} ({status}). "
            f"Machine: {study_json['machine']['devices']}, {study_json['machine']['cpu_count']} CPU cores, "
-           f"jax {study_json['machine']['jax']}. Code: `{study_json['machine'].get('code', 'unknown')}` "
-           f"(git describe when the report was written).", ""]
+           f"jax {study_json['machine']['jax']}. "
+           f"Report written by code `{study_json['machine'].get('code', 'unknown')}`; "
+           "the code of each run is under Code versions.", ""]
   lines += [study.get("description", ""), ""] if study.get("description") else []
   lines += ["Every run: its own seed for the initialisation and the data order (seed s: `seed=s`, "
             "`data.shuffle_seed=s`); the final checkpoint is scored with `--mode=eval` on the whole "
             "validation split (bits per byte of the original text). Differences are against "
             f"`{baseline}` in the same group: Welch's 95% interval over seeds; an interval that includes 0 "
             "is reported as no measurable difference.", ""]
+  recall = study_json.get("recall")
+  if recall is not None:
+    lines += ["## Associative recall (`tools/recall.py`)", "",
+              f"Accuracy on the value positions of held-out sequences, mean ± std over seeds; chance level; "
+              f"training steps and seconds (mean over seeds); attention entropy per layer relative to uniform "
+              f"(mean over seeds). From the results in `{recall['dir']}`.", ""]
+    lines += recall_table.markdown(recall["rows"], recall["dir"])
   headline = main_table(study_json)
   if headline:
     lines += ["## Main result", "", f"`{study['headline']}` against `{baseline}` in every group "
-              "(final validation bits per byte, mean ± std over seeds; lower is better):", ""] + headline + [""]
+              "(final validation bits per byte, mean ± std over seeds; lower is better).", ""] + headline + [""]
   for group in study_json["groups"]:
-    lines += [f"## {group['title']}", "", f"Budget: {_budget_text(group['budget'])}.", ""]
+    steps_note = (" The steps column gives the steps reached (mean, min-max over seeds) of the cap."
+                  if group["budget"]["kind"] == "wall_time" else "")
+    lines += [f"## {group['title']}", "", f"Budget: {_budget_text(group['budget'])}.{steps_note}", ""]
     if group["overrides"]:
       lines += ["Group overrides: " + ", ".join(f"`{k}={v}`" for k, v in group["overrides"].items()
                                                  if k != "data.paths") + ".", ""]
+    if group.get("lr_grid"):
+      lines += lr_grid_table(group["lr_grid"], group["budget"])
+      name = f"{group['name']}_lr_grid.png"
+      if name in study_json["plots"]:
+        lines += [f"![{name}]({plot_dir_rel}/{name})", ""]
     lines += group_table(group, baseline) + [""]
     for name in (f"{group['name']}_curves.png", f"{group['name']}_comparison.png"):
       if name in study_json["plots"]:
@@ -302,51 +511,50 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
     findings = _findings(group, baseline)
     if findings:
       lines += ["Reading:", ""] + findings + [""]
-    entropies = [v for v in group["variants"] if v.get("attention_entropy_per_layer")]
-    if entropies:
-      lines += ["Attention entropy relative to uniform attention over the prefix (1: uniform, 0: one token), "
-                "mean over heads, per layer (`tools/analyze.py`, 8 validation windows of the first seed):", ""]
-      for v in entropies:
-        lines.append(f"- {v['label']}: " + ", ".join(f"L{i} {e:.2f}" for i, e in
-                                                     enumerate(v["attention_entropy_per_layer"])))
-      lines.append("")
+    lines += _per_layer_lines(group)
     for name in study_json["plots"]:
       if name.startswith(f"{group['name']}__"):
         lines += [f"![{name}]({plot_dir_rel}/{name})", ""]
-    gammas = [v for v in group["variants"] if v.get("gamma_mean")]
-    if gammas:
-      lines += ["Learned gamma (mean over seeds), per layer: heads", ""]
-      for v in gammas:
-        per_layer = "; ".join(f"L{i}: " + ", ".join(f"{g:.2f}" for g in layer) for i, layer in enumerate(v["gamma_mean"]))
-        lines.append(f"- {v['label']}: {per_layer}")
-      lines.append("")
-  if study_json["failures"]:
-    lines += ["## Failed runs", ""] + [f"- {f}" for f in study_json["failures"]] + [""]
+  lines += code_lines(study_json["code_versions"])
+  for title, entries in (("Stale runs (made under other settings; not reused)", study_json["stale"]),
+                         ("Failed runs", study_json["failures"]), ("Not run yet", study_json["pending"])):
+    if entries:
+      lines += [f"## {title}", ""] + [f"- {e}" for e in entries] + [""]
   lines += ["## What this does and does not show", ""] + [f"- {n}" for n in study.get("notes", [])] + [""]
   lines += ["## Reproduce", "", "```", study_json["command"], "```", "",
-            "Each run's workdir holds its checkpoints, logs, TensorBoard events and `eval/final.json`; "
-            "`study.json` holds every run's record (overrides, seed, parameters, FLOPs per token, tokens, "
-            "wall time, final and best validation loss, perplexity, bits per byte, learned gamma, curve). "
-            "`tools/analyze.py --workdir=RUN` draws what a trained model does.", ""]
+            "Each run's workdir holds its checkpoints, logs, TensorBoard events, `run.json` (its whole config), "
+            "`attempts.jsonl` (the code of each attempt) and `eval/final_val.json` (`final_tune.json` for a tuning "
+            "run); `study.json` holds every run's record (config, code, seed, parameters, FLOPs per token, tokens, "
+            "wall time, final and best validation loss, perplexity, bits per byte, attention entropy and learned "
+            "scalars, curve), the tuning runs and the lr choices. `tools/analyze.py --workdir=RUN` draws what a "
+            "trained model does.", ""]
   return "\n".join(lines)
 
 
-def write_report(study: dict[str, Any], records: list[dict[str, Any]], failures: list[str], runs_planned: int,
-                 study_dir: str, command: str, publish: str = "") -> dict[str, Any]:
+def write_report(study: dict[str, Any], outcome: Outcome, runs_planned: int, study_dir: str, command: str,
+                 publish: str = "", recall_dir: str = "") -> dict[str, Any]:
   """Writes study.json, the plots, TensorBoard curves and report.md (and `publish`, with its plots beside it)."""
   import json  # pylint: disable=import-outside-toplevel
+  records = outcome.records
   plot_dir = os.path.join(study_dir, "plots")
   os.makedirs(plot_dir, exist_ok=True)
-  groups = summarize(study, records)
+  groups = summarize(study, outcome)
   plots = []
   for group in groups:
+    plots += [os.path.basename(p) for p in plot_lr_grid(group, plot_dir)]
     plots += [os.path.basename(p) for p in plot_group(group, records, plot_dir, study["baseline"])]
   plots += copy_analysis_pictures(study, records, plot_dir)
   write_tensorboard(records, study_dir)
+  recall = None
+  if recall_dir:
+    recall = {"dir": recall_dir, "rows": recall_table.summarize(recall_table.read_results(recall_dir))}
   study_json = {
       "study": {k: v for k, v in study.items() if k != "groups"}, "date": datetime.date.today().isoformat(),
-      "machine": machine(), "command": command, "runs_planned": runs_planned, "runs_finished": len(records),
-      "failures": failures, "groups": groups, "plots": plots, "runs": records,
+      "machine": machine(), "command": command, "runs_planned": runs_planned,
+      "runs_finished": len(records) + len(outcome.tuning), "failures": outcome.failures, "stale": outcome.stale,
+      "pending": outcome.pending, "code_versions": code_versions(records + outcome.tuning), "recall": recall,
+      "groups": groups, "plots": plots, "lr_choices": outcome.lr_choices, "runs": records,
+      "tuning_runs": outcome.tuning,
   }
   with open(os.path.join(study_dir, "study.json"), "w", encoding="utf-8") as f:
     json.dump(study_json, f, indent=1)

@@ -1,30 +1,134 @@
 """Runs a study's grid one run after another: train, score the final checkpoint, collect a record.
 
-Each run has its own workdir (STUDY/runs/GROUP/VARIANT/seedN). A run whose result.json
-exists is skipped; an interrupted run resumes from its latest checkpoint (the trainer's own
-resume). The trainer's console output goes to the run's outputs/logs/console.txt so that the
-study prints one line per run with the overall ETA.
+Each run has its own workdir: STUDY/runs/GROUP/VARIANT/seedN, and STUDY/tune/GROUP/VARIANT/lrX for
+the tuning runs of an lr grid. At its first start a run writes `run.json` there (its key and its
+whole resolved config: base config, study, group and variant overrides, budget, seed, lr) and
+appends one line per attempt to `attempts.jsonl` (the code version of that attempt). A finished
+run writes `result.json` (never overwritten). What a workdir holds is reused only when its
+`run.json` config equals the config the study file gives now; otherwise it is stale: reported,
+never reused, and with rerun_stale moved aside to WORKDIR.staleN and run again. An interrupted
+or failed run resumes from its latest checkpoint; each attempt scores into a fresh file
+(eval/final_val.json, then final_val.2.json, ...), so a retry never trips over an earlier
+attempt's result. The trainer's console output goes to the run's outputs/logs/console.txt so
+that the study prints one line per run with the overall ETA.
+
+Code versions: a run records the code of the process that ran it (provenance.code_version, taken
+when the study process starts). By default a different code version does not make a run stale
+(a study of many CPU hours is not redone for every commit): the report lists the versions and
+flags runs whose code differs from the majority. require_same_code makes every run made by other
+code than this checkout's (commit and uncommitted changes) stale.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import json
 import math
 import os
 import time
 from typing import Any, Callable
 
-import jax
-import numpy as np
+import ml_collections
 
 from neon_qtg_jax import info
 from neon_qtg_jax.cli import RunArgs
-from neon_qtg_jax.study.spec import Run, train_flops_per_step
+from neon_qtg_jax.study import provenance, readout
+from neon_qtg_jax.study.spec import Run, config_json, resolve_lr, train_flops_per_step
+
+SPEC_FILE = "run.json"
+ATTEMPTS_FILE = "attempts.jsonl"
+RESULT_FILE = "result.json"
 
 
 def run_workdir(study_dir: str, run: Run) -> str:
+  if run.phase == "tune":
+    return os.path.join(study_dir, "tune", run.group, run.variant, f"lr{run.lr:g}")
   return os.path.join(study_dir, "runs", run.group, run.variant, f"seed{run.seed}")
+
+
+def fresh_path(directory: str, stem: str, suffix: str = ".json") -> str:
+  """directory/stem.json, else stem.2.json, stem.3.json, ...: the first name no earlier attempt used."""
+  path, n = os.path.join(directory, stem + suffix), 1
+  while os.path.exists(path):
+    n += 1
+    path = os.path.join(directory, f"{stem}.{n}{suffix}")
+  return path
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _write_new_json(path: str, obj: Any) -> None:
+  """Writes a file that must not exist yet (FileExistsError otherwise): results are never overwritten."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "x", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+  return out
+
+
+def config_difference(recorded: dict[str, Any], wanted: dict[str, Any], limit: int = 4) -> str:
+  """The fields where two run configs differ, as 'field: recorded -> wanted; ...' ('' when equal)."""
+  a, b = _flat(recorded), _flat(wanted)
+  fields = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+  text = "; ".join(f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in fields[:limit])
+  return text + (f"; and {len(fields) - limit} more" if len(fields) > limit else "")
+
+
+def attempt_codes(workdir: str) -> list[dict[str, str]]:
+  """The code version of every attempt at the run in workdir, in order."""
+  path = os.path.join(workdir, ATTEMPTS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line)["code"] for line in f if line.strip()]
+
+
+def stale_reason(workdir: str, run: Run, code: dict[str, str] | None = None, require_same_code: bool = False) -> str:
+  """Why what workdir holds was made under other settings than `run` ('' when it belongs to it or is empty)."""
+  if not os.path.isdir(workdir) or not os.listdir(workdir):
+    return ""
+  spec_path = os.path.join(workdir, SPEC_FILE)
+  if not os.path.exists(spec_path):
+    return f"it has no {SPEC_FILE} (made before runs recorded their full config)"
+  difference = config_difference(_read_json(spec_path)["config"], config_json(run.config))
+  if difference:
+    return f"made with another config ({difference})"
+  if require_same_code and code is not None:
+    other = sorted({provenance.version_label(c) for c in attempt_codes(workdir)} - {provenance.version_label(code)})
+    if other:
+      return f"made by code {', '.join(other)}, this checkout is {provenance.version_label(code)} (--require_same_code)"
+  return ""
+
+
+def move_aside(workdir: str) -> str:
+  """Renames workdir to the first free WORKDIR.staleN; returns the new path (nothing is deleted)."""
+  n = 1
+  while os.path.exists(f"{workdir}.stale{n}"):
+    n += 1
+  os.rename(workdir, f"{workdir}.stale{n}")
+  return f"{workdir}.stale{n}"
+
+
+def _start_attempt(workdir: str, run: Run, code: dict[str, str]) -> None:
+  """Writes run.json at the first start (the run's identity) and one attempts.jsonl line per start."""
+  os.makedirs(os.path.join(workdir, "outputs", "logs"), exist_ok=True)
+  spec_path = os.path.join(workdir, SPEC_FILE)
+  if not os.path.exists(spec_path):
+    _write_new_json(spec_path, {"key": run.key, "phase": run.phase, "config": config_json(run.config)})
+  with open(os.path.join(workdir, ATTEMPTS_FILE), "a", encoding="utf-8") as f:
+    f.write(json.dumps({"code": code, "started": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
 
 
 def _val_curve(metrics_path: str, tokens_per_step: int, flops_per_step: float) -> list[dict[str, float]]:
@@ -35,39 +139,68 @@ def _val_curve(metrics_path: str, tokens_per_step: int, flops_per_step: float) -
           for s in sorted(by_step)]
 
 
-def learned_gamma(workdir: str, config: Any) -> list[list[float]] | None:
-  """softplus(gamma_raw) per layer and head of the latest checkpoint; None for dot-product attention."""
-  from neon_qtg_jax.inference.restore import load_model  # pylint: disable=import-outside-toplevel
-  from neon_qtg_jax.parallel import ShardingConfig  # pylint: disable=import-outside-toplevel
-  model = load_model(workdir, "latest", config, sharding=ShardingConfig.from_config(config.parallel)).model
-  gamma = model.blocks.attn.gamma()
-  return None if gamma is None else np.asarray(jax.device_get(gamma), np.float64).round(4).tolist()
-
-
-def train_and_score(run: Run, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run, scores its final checkpoint on the full validation split; the record."""
-  from neon_qtg_jax.evaluation import perplexity  # pylint: disable=import-outside-toplevel
+def _training_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict | None:
+  """The config to train with. A wall-time run that resumes gets the minutes its earlier attempts left
+  (from the checkpoint's train seconds); None when none are left."""
   from neon_qtg_jax.checkpoint import checkpointer  # pylint: disable=import-outside-toplevel
-  from neon_qtg_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  minutes = config.training.max_train_minutes
+  if minutes <= 0 or not os.path.isdir(checkpointer.checkpoint_dir(workdir)):
+    return config
+  try:
+    used = checkpointer.load_meta(workdir, "latest")["train_seconds"] / 60
+  except FileNotFoundError:
+    return config
+  if used >= minutes:
+    return None
+  left = ml_collections.ConfigDict(config.to_dict())
+  left.training.max_train_minutes = minutes - used
+  return left
+
+
+def train_and_score(run: Run, workdir: str, code: dict[str, str]) -> dict[str, Any]:
+  """Trains (or resumes) the run and scores its final checkpoint on its split; the record.
+
+  Final runs are scored on the whole validation split, tuning runs on the whole tuning split. A
+  tuning run whose training diverged (the trainer stopped on non-finite losses) is recorded as
+  diverged, never chosen; a final run that diverged raises.
+  """
+  from neon_qtg_jax.evaluation import perplexity  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.inference.restore import load_model  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.checkpoint import checkpointer  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.parallel import ShardingConfig  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.training import spike, trainer  # pylint: disable=import-outside-toplevel
   config = run.config
-  os.makedirs(os.path.join(workdir, "outputs", "logs"), exist_ok=True)
+  _start_attempt(workdir, run, code)
   console = os.path.join(workdir, "outputs", "logs", "console.txt")
+  split = "tune" if run.phase == "tune" else "val"
   started = time.perf_counter()
+  diverged = False
+  scores, eval_path, scalars, entropy, entropy_error = None, None, None, None, ""
   with (open(console, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out),
         contextlib.redirect_stderr(out)):
-    code = trainer.run(config, RunArgs(workdir=workdir))
-    if code:
-      raise RuntimeError(f"{run.key}: training exited with code {code} (log: {console})")
+    train_config = _training_config(config, workdir)
+    if train_config is not None:
+      exit_code = trainer.run(train_config, RunArgs(workdir=workdir))
+      diverged = exit_code == spike.EXIT_UNSTABLE and run.phase == "tune"
+      if exit_code and not diverged:
+        raise RuntimeError(f"{run.key}: training exited with code {exit_code} (log: {console})")
     meta = checkpointer.load_meta(workdir, "latest")
-    if meta["step"] < config.training.total_steps and run.budget["kind"] != "wall_time":
-      raise RuntimeError(f"{run.key}: stopped at step {meta['step']} of {config.training.total_steps} (log: {console})")
-    eval_path = os.path.join(workdir, "eval", "final.json")
-    code = perplexity.run(config, RunArgs(workdir=workdir, checkpoint="latest", output=eval_path))
-    if code:
-      raise RuntimeError(f"{run.key}: --mode=eval exited with code {code} (log: {console})")
-    gamma = learned_gamma(workdir, config)
-  with open(eval_path, encoding="utf-8") as f:
-    final = json.load(f)
+    if not diverged:
+      if meta["step"] < config.training.total_steps and run.budget["kind"] != "wall_time":
+        raise RuntimeError(f"{run.key}: stopped at step {meta['step']} of {config.training.total_steps} "
+                           f"(log: {console})")
+      eval_path = fresh_path(os.path.join(workdir, "eval"), f"final_{split}")
+      exit_code = perplexity.run(config, RunArgs(workdir=workdir, checkpoint="latest", output=eval_path,
+                                                 eval_split=split))
+      if exit_code:
+        raise RuntimeError(f"{run.key}: --mode=eval exited with code {exit_code} (log: {console})")
+      final = _read_json(eval_path)
+      scores = {"loss": final["loss"], "perplexity": final["perplexity"], "bits_per_byte": final["bits_per_byte"],
+                "tokens": final["tokens"], "checkpoint_step": final["checkpoint_step"]}
+      if run.phase == "final":
+        restored = load_model(workdir, "latest", config, sharding=ShardingConfig.from_config(config.parallel))
+        scalars = readout.attention_scalars(restored.model)
+        entropy, entropy_error = readout.attention_entropy(restored.model, restored.run_config)
   summary = info.summarize(config)
   t = config.training
   tokens_per_step = summary["tokens_per_step"]
@@ -76,31 +209,54 @@ def train_and_score(run: Run, workdir: str) -> dict[str, Any]:
   best = min(curve, key=lambda p: p["val_ce"]) if curve else None
   steps = int(meta["step"])
   breakdown = summary["params_breakdown"]
-  return {
-      "key": run.key, "group": run.group, "variant": run.variant, "label": run.label, "seed": run.seed,
-      "tier": run.tier, "overrides": run.overrides, "budget": run.budget, "workdir": os.path.abspath(workdir),
+  record = {
+      "key": run.key, "phase": run.phase, "group": run.group, "variant": run.variant, "label": run.label,
+      "seed": run.seed, "tier": run.tier, "lr": run.lr, "lr_grid": list(run.lr_grid), "overrides": run.overrides,
+      "budget": run.budget, "workdir": os.path.abspath(workdir), "config": config_json(config),
+      "code": code, "code_attempts": attempt_codes(workdir),
       "params": summary["params"],
       "non_embedding_params": sum(v for k, v in breakdown.items() if k.startswith("blocks.")),
       "train_flops_per_token": summary["flops_per_token"]["train"],
       "tokens_per_step": tokens_per_step, "steps": steps, "planned_steps": t.total_steps,
+      "stopped_by_clock": run.budget["kind"] == "wall_time" and steps < t.total_steps,
       "tokens": steps * tokens_per_step, "train_flops": steps * flops_per_step,
       "train_seconds": float(meta["train_seconds"]), "run_seconds": time.perf_counter() - started,
-      "final": {"loss": final["loss"], "perplexity": final["perplexity"], "bits_per_byte": final["bits_per_byte"],
-                "tokens": final["tokens"], "checkpoint_step": final["checkpoint_step"]},
+      "eval_split": split, "eval_file": os.path.relpath(eval_path, workdir) if eval_path else None,
       "best_val_ce": best["val_ce"] if best else None, "best_val_step": best["step"] if best else None,
       "best_val_perplexity": math.exp(best["val_ce"]) if best else None,
-      "gamma": gamma, "curve": curve,
+      "curve": curve,
   }
+  if run.phase == "tune":
+    record["tune"] = scores if not diverged else {"bits_per_byte": None, "diverged": True}
+  else:
+    record |= {"final": scores, "attention_scalars": scalars, "attention_entropy": entropy,
+               "attention_entropy_error": entropy_error}
+  return record
 
 
-def stale_reason(record: dict[str, Any], run: Run) -> str:
-  """Why a finished run's record does not belong to this run of the study file ('' when it does)."""
-  overrides = json.loads(json.dumps(run.overrides))
-  if record["overrides"] != overrides:
-    return f"overrides {record['overrides']} != {overrides}"
-  if record["planned_steps"] != run.config.training.total_steps:
-    return f"steps {record['planned_steps']} != {run.config.training.total_steps}"
-  return ""
+def choose_lr(grid: tuple[float, ...], tuning: list[dict[str, Any]]) -> dict[str, Any] | None:
+  """The grid value whose tuning run has the lowest tuning bits/byte (the first on a tie; diverged
+  runs never win), with every value's result; None until every value has a finished tuning run."""
+  by_lr = {r["lr"]: r for r in tuning}
+  if any(lr not in by_lr for lr in grid):
+    return None
+  bits = [by_lr[lr]["tune"]["bits_per_byte"] for lr in grid]
+  finite = [(b, i) for i, b in enumerate(bits) if b is not None and math.isfinite(b)]
+  return {"grid": list(grid), "tune_bits_per_byte": bits, "steps": [by_lr[lr]["steps"] for lr in grid],
+          "stopped_by_clock": [by_lr[lr]["stopped_by_clock"] for lr in grid],
+          "seed": by_lr[grid[0]]["seed"], "budget": by_lr[grid[0]]["budget"],
+          "chosen": grid[min(finite)[1]] if finite else None}
+
+
+@dataclasses.dataclass
+class Outcome:
+  """What a study directory holds for the runs of a study file."""
+  records: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # finished final runs
+  tuning: list[dict[str, Any]] = dataclasses.field(default_factory=list)    # finished tuning runs
+  lr_choices: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # "group/variant" ->
+  failures: list[str] = dataclasses.field(default_factory=list)  # failed in this call, or cannot run
+  stale: list[str] = dataclasses.field(default_factory=list)     # made under other settings: not reused
+  pending: list[str] = dataclasses.field(default_factory=list)   # not run yet (report only, time limit)
 
 
 def _duration(seconds: float) -> str:
@@ -109,56 +265,89 @@ def _duration(seconds: float) -> str:
   return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def run_all(runs: list[Run], study_dir: str, *, print_fn: Callable[[str], None] = print,
-            stop_after_seconds: float = 0.0) -> tuple[list[dict[str, Any]], list[str]]:
-  """Runs every missing run in order; returns (records of all finished runs, failures).
+def _resolve(run: Run, outcome: Outcome, blocked: set[str]) -> tuple[Run | None, str]:
+  """A final run with its chosen lr, or (None, why not)."""
+  name = f"{run.group}/{run.variant}"
+  if name in outcome.lr_choices:
+    choice = outcome.lr_choices[name]
+  else:
+    choice = choose_lr(run.lr_grid, [r for r in outcome.tuning if f"{r['group']}/{r['variant']}" == name])
+    if choice is None:
+      return None, ("its lr tuning did not finish (a tuning run failed or is stale)" if name in blocked
+                    else "waiting for its lr tuning")
+    outcome.lr_choices[name] = choice
+  if choice["chosen"] is None:
+    return None, f"every learning rate of its grid {choice['grid']} diverged in tuning"
+  return resolve_lr(run, choice["chosen"]), ""
+
+
+def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stale: bool = False,
+            require_same_code: bool = False, stop_after_seconds: float = 0.0, code: dict[str, str] | None = None,
+            print_fn: Callable[[str], None] = print) -> Outcome:
+  """Runs every missing run in order (execute=False: none) and collects what the study directory holds.
 
   The ETA scales the measured seconds per training FLOP of the runs finished in this call
   (compilation and scoring included) to the FLOPs of the runs still to do. With
-  stop_after_seconds > 0 no new run starts after that many seconds.
+  stop_after_seconds > 0 no new run starts after that many seconds (the rest stays pending).
   """
-  records, failures = [], []
-  todo = [r for r in runs if not os.path.exists(os.path.join(run_workdir(study_dir, r), "result.json"))]
+  code = code or provenance.code_version()
+  outcome = Outcome()
+  blocked: set[str] = set()   # group/variant whose tuning cannot complete in this call
+  has_result = [os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE)) for r in runs]
+  tuning_runs = sum(r.phase == "tune" for r in runs)
+  if execute:
+    print_fn(f"study: {len(runs)} runs ({tuning_runs} lr tuning runs), {sum(has_result)} with a result, "
+             f"{len(runs) - sum(has_result)} to run; code {code['describe']}")
   done_flops = done_seconds = 0.0
   started = time.perf_counter()
-  print_fn(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run")
-  index = len(runs) - len(todo)
-  for run in runs:
+  for position, run in enumerate(runs):
+    name = f"{run.group}/{run.variant}"
+    if run.pending_lr:
+      resolved, why = _resolve(run, outcome, blocked)
+      if resolved is None:
+        waiting = name not in blocked and "diverged" not in why
+        (outcome.pending if waiting else outcome.failures).append(f"{run.key}: not run: {why}")
+        continue
+      run = resolved
     workdir = run_workdir(study_dir, run)
-    result_path = os.path.join(workdir, "result.json")
-    if os.path.exists(result_path):
-      with open(result_path, encoding="utf-8") as f:
-        record = json.load(f)
-      mismatch = stale_reason(record, run)
-      if mismatch:
-        failures.append(f"{run.key}: {result_path} was made by a different study file ({mismatch}); "
-                        "use another --out or delete that run's workdir")
-        print_fn(f"[{run.key}] {failures[-1]}")
-      else:
-        records.append(record)
+    reason = stale_reason(workdir, run, code, require_same_code)
+    if reason and execute and rerun_stale:
+      print_fn(f"[{run.key}] {workdir}: {reason}; moved aside to {move_aside(workdir)}, running it again")
+    elif reason:
+      outcome.stale.append(f"{run.key}: {workdir} was {reason}; not reused (--rerun_stale moves it aside and runs "
+                           "it again, or use another --out)")
+      if execute:
+        print_fn(f"[{run.key}] {outcome.stale[-1]}")
+      if run.phase == "tune":
+        blocked.add(name)
       continue
-    if stop_after_seconds and time.perf_counter() - started > stop_after_seconds:
-      print_fn(f"study: time limit reached; {len(runs) - index} runs left for a later call (resumable)")
-      break
-    index += 1
+    result_path = os.path.join(workdir, RESULT_FILE)
+    if os.path.exists(result_path):
+      (outcome.tuning if run.phase == "tune" else outcome.records).append(_read_json(result_path))
+      continue
+    if not execute or (stop_after_seconds and time.perf_counter() - started > stop_after_seconds):
+      outcome.pending.append(f"{run.key}: not run yet")
+      continue
     run_start = time.perf_counter()
     try:
-      record = train_and_score(run, workdir)
+      record = train_and_score(run, workdir, code)
     except Exception as err:  # pylint: disable=broad-except
-      failures.append(f"{run.key}: {type(err).__name__}: {err}")
-      print_fn(f"[{index}/{len(runs)}] {run.key} FAILED: {err}")
+      outcome.failures.append(f"{run.key}: {type(err).__name__}: {err}")
+      print_fn(f"[{position + 1}/{len(runs)}] {run.key} FAILED: {err}")
+      if run.phase == "tune":
+        blocked.add(name)
       continue
-    with open(result_path, "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=1)
-    records.append(record)
+    _write_new_json(result_path, record)
+    (outcome.tuning if run.phase == "tune" else outcome.records).append(record)
     elapsed = time.perf_counter() - run_start
     done_flops += record["train_flops"]
     done_seconds += elapsed
-    remaining = [r for r in runs[runs.index(run) + 1:]
-                 if not os.path.exists(os.path.join(run_workdir(study_dir, r), "result.json"))]
-    eta = done_seconds / done_flops * sum(train_flops_per_step(r.config) * r.config.training.total_steps
-                                          for r in remaining)
-    print_fn(f"[{index}/{len(runs)}] {run.key}: {record['steps']} steps, bits/byte "
-             f"{record['final']['bits_per_byte']:.4f}, ppl {record['final']['perplexity']:.2f}, "
-             f"{_duration(elapsed)} | {len(remaining)} left, ETA {_duration(eta)}")
-  return records, failures
+    remaining = [r for r in runs[position + 1:]
+                 if not os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE))]
+    eta = done_seconds / max(done_flops, 1.0) * sum(train_flops_per_step(r.config) * r.config.training.total_steps
+                                                    for r in remaining)
+    scores = record.get("final") or record["tune"]
+    bits = "diverged" if scores.get("diverged") else f"{scores['bits_per_byte']:.4f}"
+    print_fn(f"[{position + 1}/{len(runs)}] {run.key}: {record['steps']} steps, {record['eval_split']} bits/byte "
+             f"{bits}, {_duration(elapsed)} | {len(remaining)} left, ETA {_duration(eta)}")
+  return outcome

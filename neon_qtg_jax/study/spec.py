@@ -5,27 +5,43 @@ A study file is a Python module with `get_study() -> dict`:
   name, base_config (a config file), overrides (every run), baseline (a variant name present
   in every group), notes (caveats for the report), groups: a list of
     {name, title, overrides, budget, variants: [{name, label, overrides, seeds, tier}]}
+  optional, study-wide or per group (a group's own value wins):
+    lr_grid      learning rates to choose from per variant, e.g. [1e-3, 3e-3, 1e-2] ([]: no choice,
+                 training.lr as configured)
+    tune_budget  the budget of each tuning run (default: the group's budget)
+    tune_seed    the seed of the tuning runs (default 100; not one of the variant's own seeds)
+  optional, study-wide: recall_dir (a directory of tools/recall.py JSON results for the report's
+  first table; --recall_dir overrides it), headline, pictures, title, description.
 
 Overrides map dotted config fields to values ("model.attention": "dot"). A budget is
 {"kind": "tokens", "steps": N}, {"kind": "flops", "steps": N, "reference": VARIANT} (every
 variant gets the training FLOPs of N steps of the reference, from info.flops_per_token), or
-{"kind": "wall_time", "minutes": M, "max_steps": N}. Runs are ordered by tier, then seed,
-then group and variant, so the most important comparisons finish first.
+{"kind": "wall_time", "minutes": M, "max_steps": N} (the trainer stops at M minutes, at most N
+steps; the learning-rate schedule runs over N steps, so a run the clock stops ends early in it).
+
+With an lr_grid, every group x variant first gets one tuning run per grid value (seed tune_seed,
+the tuning budget), scored on the tuning split (data.tune_fraction > 0 is required; the report
+never scores that split); the value with the lowest tuning bits/byte is the variant's
+training.lr for its seeds. Runs are ordered by tier, then tuning before the seeds, then seed,
+group and variant, so the most important comparisons finish first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 from typing import Any
 
 import ml_collections
 
 from neon_qtg_jax import info
-from neon_qtg_jax.config import ConfigError, validate
+from neon_qtg_jax.config import ConfigError, apply_overrides, validate
 
 BUDGET_KINDS = ("tokens", "flops", "wall_time")
+PHASES = ("tune", "final")
+DEFAULT_TUNE_SEED = 100
 
 
 @dataclasses.dataclass
@@ -38,11 +54,26 @@ class Run:
   overrides: dict[str, Any]   # group and variant overrides (what distinguishes the run)
   config: ml_collections.ConfigDict
   budget: dict[str, Any]
-  order: tuple[int, ...] = ()  # (tier, seed, group index, variant index)
+  order: tuple[int, ...] = ()  # (tier, phase, seed, group index, variant index, grid index)
+  phase: str = "final"         # "tune": one grid value, scored on the tuning split; "final": a seed
+  lr: float | None = None      # training.lr; None for a final run whose lr the tuning runs choose
+  lr_grid: tuple[float, ...] = ()
 
   @property
   def key(self) -> str:
+    if self.phase == "tune":
+      return f"{self.group}/{self.variant}/tune_lr{self.lr:g}"
     return f"{self.group}/{self.variant}/seed{self.seed}"
+
+  @property
+  def pending_lr(self) -> bool:
+    """A final run that waits for its tuning runs to choose training.lr."""
+    return self.phase == "final" and self.lr is None
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The whole run config as plain JSON values (tuples as lists): what a finished run is compared by."""
+  return json.loads(json.dumps(config.to_dict()))
 
 
 def load_module(path: str) -> Any:
@@ -52,6 +83,39 @@ def load_module(path: str) -> Any:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _setting(study: dict[str, Any], group: dict[str, Any], name: str, default: Any) -> Any:
+  """A group's own value of an optional setting, else the study's, else the default."""
+  return group[name] if name in group else study.get(name, default)
+
+
+def lr_grid(study: dict[str, Any], group: dict[str, Any]) -> tuple[float, ...]:
+  return tuple(float(lr) for lr in _setting(study, group, "lr_grid", ()) or ())
+
+
+def tune_budget(study: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+  return dict(_setting(study, group, "tune_budget", group["budget"]))
+
+
+def tune_seed(study: dict[str, Any], group: dict[str, Any]) -> int:
+  return int(_setting(study, group, "tune_seed", DEFAULT_TUNE_SEED))
+
+
+def _seeds(variant: dict[str, Any]) -> list[int]:
+  seeds = variant.get("seeds", 1)
+  return [int(s) for s in (range(seeds) if isinstance(seeds, int) else seeds)]
+
+
+def _check_budget(path: str, where: str, budget: Any, names: list[str]) -> None:
+  if not isinstance(budget, dict) or budget.get("kind") not in BUDGET_KINDS:
+    raise ValueError(f"{path}: {where}: budget kind must be one of {BUDGET_KINDS}")
+  needed = {"tokens": ("steps",), "flops": ("steps", "reference"), "wall_time": ("minutes", "max_steps")}
+  for field in needed[budget["kind"]]:
+    if field not in budget:
+      raise ValueError(f"{path}: {where}: a '{budget['kind']}' budget needs '{field}'")
+  if budget["kind"] == "flops" and budget.get("reference") not in names:
+    raise ValueError(f"{path}: {where}: the FLOPs budget's reference must be one of {names}")
 
 
 def load_study(path: str) -> dict[str, Any]:
@@ -64,26 +128,21 @@ def load_study(path: str) -> dict[str, Any]:
     names = [v["name"] for v in group["variants"]]
     if study["baseline"] not in names:
       raise ValueError(f"{path}: group '{group['name']}' has no baseline variant '{study['baseline']}'")
-    budget = group["budget"]
-    if budget.get("kind") not in BUDGET_KINDS:
-      raise ValueError(f"{path}: group '{group['name']}': budget kind must be one of {BUDGET_KINDS}")
-    if budget["kind"] == "flops" and budget.get("reference") not in names:
-      raise ValueError(f"{path}: group '{group['name']}': the FLOPs budget's reference must be one of {names}")
+    _check_budget(path, f"group '{group['name']}'", group.get("budget"), names)
+    grid = _setting(study, group, "lr_grid", ()) or ()
+    if not isinstance(grid, (list, tuple)) or not all(
+        isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 for lr in grid):
+      raise ValueError(f"{path}: group '{group['name']}': lr_grid must be a list of learning rates > 0, got {grid!r}")
+    if len({f"{lr:g}" for lr in grid}) != len(grid):  # the tuning runs' workdirs are named lr{value:g}
+      raise ValueError(f"{path}: group '{group['name']}': lr_grid {grid!r} repeats a value (to 6 digits)")
+    if grid:
+      _check_budget(path, f"group '{group['name']}' tune_budget", tune_budget(study, group), names)
+      seed = tune_seed(study, group)
+      for variant in group["variants"]:
+        if seed in _seeds(variant):
+          raise ValueError(f"{path}: group '{group['name']}': tune_seed {seed} is one of variant "
+                           f"'{variant['name']}''s seeds; tuning runs take a seed of their own")
   return study
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any], where: str) -> None:
-  """Sets dotted fields; an unknown field raises ConfigError naming it and `where`."""
-  for path, value in overrides.items():
-    node = config
-    *parents, leaf = path.split(".")
-    for part in parents:
-      if part not in node:
-        raise ConfigError(f"{where}: config field '{path}': unknown field")
-      node = node[part]
-    if leaf not in node:
-      raise ConfigError(f"{where}: config field '{path}': unknown field")
-    node[leaf] = value
 
 
 def base_config(study: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -104,9 +163,10 @@ def _variant_config(study: dict[str, Any], group: dict[str, Any], variant: dict[
   return config
 
 
-def budget_steps(study: dict[str, Any], group: dict[str, Any], config: ml_collections.ConfigDict) -> int:
-  """Optimizer steps that give this variant the group's budget (the step cap for wall-time budgets)."""
-  budget = group["budget"]
+def budget_steps(study: dict[str, Any], group: dict[str, Any], config: ml_collections.ConfigDict,
+                 budget: dict[str, Any] | None = None) -> int:
+  """Optimizer steps that give this variant the budget (default: the group's; the step cap for wall time)."""
+  budget = budget or group["budget"]
   if budget["kind"] == "tokens":
     return int(budget["steps"])
   if budget["kind"] == "wall_time":
@@ -116,33 +176,68 @@ def budget_steps(study: dict[str, Any], group: dict[str, Any], config: ml_collec
   return max(1, round(total / train_flops_per_step(config)))
 
 
+def _budgeted_config(study: dict[str, Any], group: dict[str, Any], variant: dict[str, Any],
+                     budget: dict[str, Any]) -> ml_collections.ConfigDict:
+  config = _variant_config(study, group, variant)
+  t = config.training
+  t.total_steps = budget_steps(study, group, config, budget)
+  t.warmup_steps = min(t.warmup_steps, t.total_steps)
+  # About six validation points per run for the curves, and one checkpoint at the end.
+  t.eval_steps = max(1, t.total_steps // 6)
+  t.save_steps = t.total_steps
+  if budget["kind"] == "wall_time":
+    t.max_train_minutes = float(budget["minutes"])
+  return config
+
+
+def _seeded(config: ml_collections.ConfigDict, seed: int, lr: float | None, where: str) -> ml_collections.ConfigDict:
+  run_config = ml_collections.ConfigDict(config.to_dict())
+  run_config.seed = seed
+  run_config.data.shuffle_seed = seed
+  if lr is not None:
+    run_config.training.lr = lr
+  try:
+    validate(run_config)
+  except ConfigError as err:
+    raise ConfigError(f"{where}: {err}") from err
+  return run_config
+
+
 def expand(study: dict[str, Any]) -> list[Run]:
-  """Every run of the study with its validated config, most important first."""
+  """Every run of the study (tuning runs included) with its validated config, most important first.
+
+  A final run of a variant with an lr grid has lr None and the base config's training.lr until
+  resolve_lr gives it the chosen one.
+  """
   runs = []
   for group_index, group in enumerate(study["groups"]):
+    grid = lr_grid(study, group)
     for variant_index, variant in enumerate(group["variants"]):
-      config = _variant_config(study, group, variant)
-      t = config.training
-      t.total_steps = budget_steps(study, group, config)
-      t.warmup_steps = min(t.warmup_steps, t.total_steps)
-      # About six validation points per run for the curves, and one checkpoint at the end.
-      t.eval_steps = max(1, t.total_steps // 6)
-      t.save_steps = t.total_steps
-      if group["budget"]["kind"] == "wall_time":
-        t.max_train_minutes = float(group["budget"]["minutes"])
-      seeds = variant.get("seeds", 1)
-      for seed in (range(seeds) if isinstance(seeds, int) else seeds):
-        run_config = ml_collections.ConfigDict(config.to_dict())
-        run_config.seed = int(seed)
-        run_config.data.shuffle_seed = int(seed)
-        where = f"{group['name']}/{variant['name']}/seed{seed}"
-        try:
-          validate(run_config)
-        except ConfigError as err:
-          raise ConfigError(f"{where}: {err}") from err
-        overrides = dict(group.get("overrides", {})) | dict(variant.get("overrides", {}))
-        tier = int(variant.get("tier", 1))
-        runs.append(Run(group["name"], variant["name"], variant.get("label", variant["name"]), int(seed), tier,
-                        overrides, run_config, dict(group["budget"]), (tier, int(seed), group_index, variant_index)))
+      overrides = dict(group.get("overrides", {})) | dict(variant.get("overrides", {}))
+      tier = int(variant.get("tier", 1))
+      label = variant.get("label", variant["name"])
+      where = f"{group['name']}/{variant['name']}"
+      if grid:
+        budget = tune_budget(study, group)
+        config = _budgeted_config(study, group, variant, budget)
+        if config.data.tune_fraction <= 0:
+          raise ConfigError(f"{where}: an lr_grid needs a tuning split: set data.tune_fraction > 0 "
+                            "(and a data.data_dir of its own)")
+        seed = tune_seed(study, group)
+        for lr_index, lr in enumerate(grid):
+          runs.append(Run(group["name"], variant["name"], label, seed, tier, overrides,
+                          _seeded(config, seed, lr, f"{where}/tune_lr{lr:g}"), budget,
+                          (tier, 0, seed, group_index, variant_index, lr_index), "tune", lr, grid))
+      config = _budgeted_config(study, group, variant, group["budget"])
+      for seed in _seeds(variant):
+        run_config = _seeded(config, seed, None, f"{where}/seed{seed}")
+        runs.append(Run(group["name"], variant["name"], label, seed, tier, overrides, run_config,
+                        dict(group["budget"]), (tier, 1, seed, group_index, variant_index, 0), "final",
+                        None if grid else float(run_config.training.lr), grid))
   runs.sort(key=lambda r: r.order)
   return runs
+
+
+def resolve_lr(run: Run, lr: float) -> Run:
+  """The final run with training.lr = lr (validated), as the tuning runs chose it."""
+  return dataclasses.replace(run, config=_seeded(run.config, run.seed, float(lr), run.key), lr=float(lr))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from neon_qtg_jax.inference import decoding
+from neon_qtg_jax.inference import decoding, quantize
 from neon_qtg_jax.model.qtg import QTGModel
 from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.training import train_step as ts
@@ -52,12 +52,11 @@ def lower_eval_step(config: ml_collections.ConfigDict, sharding: ShardingConfig)
                                                                                        "targets": token})
 
 
-def inference_state(model_cfg: ml_collections.ConfigDict, sharding: ShardingConfig
+def inference_state(model_cfg: ml_collections.ConfigDict, sharding: ShardingConfig, weight_dtype: str
                     ) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model as inference restores it (inference/restore.py): parameters in the compute dtype, sharded."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: QTGModel(model_cfg, rngs=nnx.Rngs(0))))
-  dtype = jnp.dtype(model_cfg.dtype)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), state, sharding.params(state))
+  """The model as inference stores it under `inference.weight_dtype` (inference/quantize.py), sharded."""
+  graphdef, state = quantize.abstract_inference_model(model_cfg, weight_dtype)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, sharding.params(state))
   return graphdef, state
 
 
@@ -83,7 +82,7 @@ def _inference_model_config(config: ml_collections.ConfigDict) -> ml_collections
 def lower_prefill(config: ml_collections.ConfigDict, sharding: ShardingConfig, batch: int, context: int) -> Any:
   """The prompt pass of sampling: `context` tokens into an empty cache of `context + 1` slots."""
   model_cfg = _inference_model_config(config)
-  graphdef, state = inference_state(model_cfg, sharding)
+  graphdef, state = inference_state(model_cfg, sharding, config.inference.weight_dtype)
   cache = abstract_cache(model_cfg, sharding, batch, context + 1)
 
   def prefill(state, cache, tokens, positions, valid):
@@ -96,7 +95,7 @@ def lower_prefill(config: ml_collections.ConfigDict, sharding: ShardingConfig, b
 def lower_decode_step(config: ml_collections.ConfigDict, sharding: ShardingConfig, batch: int, context: int) -> Any:
   """One sampled token against a cache of `context` slots (the loop body of sampling._decode_loop)."""
   model_cfg = _inference_model_config(config)
-  graphdef, state = inference_state(model_cfg, sharding)
+  graphdef, state = inference_state(model_cfg, sharding, config.inference.weight_dtype)
   cache = abstract_cache(model_cfg, sharding, batch, context)
 
   def decode(state, cache, token, position, start, valid):
