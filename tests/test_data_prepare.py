@@ -476,7 +476,7 @@ def test_no_tuning_split_leaves_the_directory_byte_identical(prepared):
   assert "data.tune_fraction" not in json.loads((data_dir / "settings.json").read_text())
   assert not (data_dir / "tune.bin").exists() and not list((data_dir / "shards").glob("*.tune.bin"))
   assert set(manifest.documents) == set(manifest.tokens) == set(manifest.text_bytes) == {"train", "val"}
-  assert list(manifest.checksums) == ["train.bin", "val.bin", "documents.npz"]
+  assert list(manifest.checksums) == ["tokenizer.model", "tokenizer.json", "documents.npz", "train.bin", "val.bin"]
   assert sorted(np.load(data_dir / "documents.npz").files) == ["hash", "is_val", "num_bytes", "num_tokens",
                                                                "num_words"]
 
@@ -501,7 +501,8 @@ def test_tuning_split_comes_out_of_train_by_the_same_hash(prepared, tmp_path):
   assert sum(len(v) for v in decoded.values()) == len(texts) == len(set(texts))
   assert np.array_equal(tuned.split_tokens("val"), manifest.split_tokens("val"))
   assert sorted(decoded["train"] + decoded["tune"]) == sorted(_decoded_split(manifest, tok, "train"))
-  assert list(tuned.checksums) == ["train.bin", "val.bin", "tune.bin", "documents.npz"]
+  assert list(tuned.checksums) == ["tokenizer.model", "tokenizer.json", "documents.npz", "train.bin", "val.bin",
+                                   "tune.bin"]
   assert tuned.settings["data.tune_fraction"] == 0.3
   assert Manifest.load(tuned_config.data.data_dir) == tuned
   with np.load(os.path.join(tuned_config.data.data_dir, "documents.npz")) as z:
