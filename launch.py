@@ -26,8 +26,8 @@ from neon_qtg_jax import cli
 from neon_qtg_jax.config import ConfigError, default_config, validate
 from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.parallel import distributed
-from neon_qtg_jax.training.save_faults import CheckpointSaveError
-from neon_qtg_jax.training.backup import BackupError
+from neon_qtg_jax.checkpoint.errors import (BackupError, CheckpointMismatchError, CheckpointSaveError,
+                                           CheckpointUnreadableError)
 
 
 def reject_unknown_overrides(argv: list[str]) -> None:
@@ -85,7 +85,7 @@ _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Generate: a file with o
 _EVAL_DATA = flags.DEFINE_string("eval_data", "", "Eval: a JSONL or text file; empty: the split --eval_split.")
 _EVAL_SPLIT = flags.DEFINE_enum("eval_split", "val", ["val", "tune"],
                                 "Eval: the prepared split to score (tune: needs data.tune_fraction > 0).")
-_TARGET = flags.DEFINE_string("target", "", "memory_test: compile for NAME:DEVICES, e.g. h200:1 or h200:8 "
+_TARGET = flags.DEFINE_string("target", "", "memory_report: compile for NAME:DEVICES, e.g. h200:1 or h200:8 "
                               "(8 per host); empty: the local devices.")
 _HOST = flags.DEFINE_string("host", cli.RunArgs.host, "Serve: the address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", cli.RunArgs.port, "Serve: the TCP port.")
@@ -118,10 +118,12 @@ def main(argv: list[str]) -> int:
                      eval_data=_EVAL_DATA.value, eval_split=_EVAL_SPLIT.value, output=_OUTPUT.value,
                      overwrite=_OVERWRITE.value, verify=_VERIFY.value, target=_TARGET.value,
                      host=_HOST.value, port=_PORT.value)
-  # A missing checkpoint, an existing result, unusable data, a failed save or a bad mesh: one clear line.
+  # A missing checkpoint, an existing result, unusable data, a failed save, a checkpoint of another model
+  # shape or a bad mesh: one clear line.
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
-  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, ConfigError, BackupError) as err:
+  except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, CheckpointMismatchError,
+          CheckpointUnreadableError, ConfigError, BackupError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
 

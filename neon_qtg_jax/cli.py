@@ -13,7 +13,8 @@ MODES: dict[str, str] = {
     "info": "neon_qtg_jax.info:run",
     "prepare": "neon_qtg_jax.data.prepare:run",
     "train": "neon_qtg_jax.training.trainer:run",
-    "memory_test": "neon_qtg_jax.training.memory_test:run",
+    "memory_report": "neon_qtg_jax.training.memory_report:run",
+    "memory_test": "neon_qtg_jax.training.memory_report:run",  # the former name of memory_report, still accepted
     "eval": "neon_qtg_jax.evaluation.perplexity:run",
     "generate": "neon_qtg_jax.inference.generate:run",
     "serve": "neon_qtg_jax.serving.server:run",
@@ -33,7 +34,7 @@ class RunArgs:
   output: str = ""             # result file; empty: a default under the workdir
   overwrite: bool = False      # eval: replace an earlier result of the same name
   verify: bool = False         # prepare: read every data file against the manifest's checksums
-  target: str = ""             # memory_test: compile for e.g. "h200:8" (parallel/targets); empty: local devices
+  target: str = ""             # memory_report: compile for e.g. "h200:8" (parallel/targets); empty: local devices
   host: str = "127.0.0.1"      # serve: the address to listen on
   port: int = 8000             # serve: the TCP port
 

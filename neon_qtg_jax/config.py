@@ -7,13 +7,12 @@ field. Field names follow the seed plan's YAML where it has one.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import re
 from typing import Any
 
 import ml_collections
-
-from neon_qtg_jax.data.filters import TOKENIZERS as FILTER_TOKENIZERS, filter_spec_problem
-from neon_qtg_jax.training.backup import url_problem
 
 ATTENTION_KINDS = ("geo", "dot")
 SPHERE_MAPS = ("seed", "scaled", "normed")
@@ -28,6 +27,10 @@ DTYPES = ("float32", "bfloat16")
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")  # inference/quantize.py
 DATA_SOURCES = ("stdlib", "openwebtext", "jsonl", "text")
 TEXT_SPLITS = ("file", "blank_line", "percent_line")
+# data.filters (data/filters.py runs them): the steps in pipeline order, the presets, the word tokenizers
+FILTER_STEPS = ("length", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality", "exact_dedup", "minhash")
+FILTER_PRESETS = {"fineweb": FILTER_STEPS}
+FILTER_TOKENIZERS = ("regex", "spacy")
 
 
 # Logical axis -> mesh axes. Every parameter and the block-boundary activations name their axes
@@ -40,8 +43,19 @@ LOGICAL_AXIS_RULES = (
     ("heads", ("tensor",)),        # attention split by heads (QKV kernel, W_O input, gamma)
     ("mlp", ("tensor",)),          # the FFN hidden axis
     ("act_heads", ("tensor",)),
+    ("cache_heads", ("fsdp",)),    # decode cache keys and values (layers, B, slots, heads, head_dim)
+    ("cache_width", ("fsdp",)),    # decode cache unit states phi (layers, B, slots, 2d)
 )
 MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
+
+# Model fields that choose how the forward pass is computed, not what it computes: they change no
+# parameter, so a checkpoint restores under other values (inference takes them from the current run).
+MODEL_EXECUTION_FIELDS = ("dtype", "attention_impl", "blockwise_min_len", "block_q", "block_k", "remat",
+                          "scan_layers", "dropout")
+
+# training.backup_url: object stores through fsspec, or a directory path.
+BACKUP_SCHEMES = {"s3": "s3fs", "gs": "gcsfs"}  # scheme -> the fsspec package it needs
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 
 
 class ConfigError(ValueError):
@@ -119,11 +133,20 @@ def default_config() -> ml_collections.ConfigDict:
   t.save_interval_minutes = 10.0
   t.keep_checkpoints = 3
   t.on_save_error = "stop"    # a checkpoint that cannot be written (disk full): "stop" the run or "continue"
+  t.save_timeout_minutes = 20.0  # longest background save; with several processes, how long a save that
+                                 # failed on one process holds the others before all of them see it
   t.sample_steps = 200
-  t.max_consecutive_nonfinite = 5
+  t.max_consecutive_nonfinite = 5  # that many skipped non-finite steps in a row: roll back (the spike guard)
+  t.spike_sigmas = 6.0        # a loss above the running mean by this many running std devs rolls back; 0: off
+  t.spike_window = 100        # steps the running mean and std average over (and are seen before checking)
+  t.spike_lr_scale = 1.0      # learning rate factor applied at each rollback (1: unchanged)
+  t.spike_max_rollbacks = 3   # stop (exit 1) at the next event after this many rollbacks ...
+  t.spike_rollback_window = 1000  # ... within this many steps
   t.max_train_minutes = 0.0   # 0: no wall-clock limit
   t.backup_url = ""           # s3://bucket/prefix, gs://bucket/prefix or a directory; empty: no backup
   t.backup_wait_minutes = 10.0  # how long the end of a run waits for pending backup uploads
+  t.profile_start_step = 0    # first step of a JAX profiler trace into tensorboard/plugins/profile
+  t.profile_num_steps = 0     # steps in the trace; 0: no trace
 
   d = c.data = ml_collections.ConfigDict()
   d.source = "stdlib"
@@ -185,6 +208,43 @@ def default_config() -> ml_collections.ConfigDict:
   i.mfu = 0.5                 # assumed model FLOPs utilisation for time estimates
   i.num_devices = 1           # devices the plan runs on (parameters and AdamW sharded over them)
   return c
+
+
+def backup_url_problem(url: str) -> str | None:
+  """Why `url` cannot be a backup location (None when it can): s3://bucket[/prefix], gs://... or a directory."""
+  if not url or "://" not in url:
+    return None
+  scheme, rest = url.split("://", 1)
+  if scheme not in BACKUP_SCHEMES:
+    return f"scheme {scheme}:// is not supported; use s3://bucket/prefix, gs://bucket/prefix or a directory path"
+  if not BUCKET_NAME.match(rest.split("/", 1)[0]):
+    return f"{url!r} does not start with a valid bucket name ({scheme}://bucket/prefix)"
+  package = BACKUP_SCHEMES[scheme]
+  if importlib.util.find_spec(package) is None:
+    return f"{scheme}:// needs the {package} package (pip install {package})"
+  return None
+
+def parse_filters(spec: str) -> tuple[str, ...]:
+  """The ordered steps of a data.filters value: "" -> (), a preset name, or comma-separated FILTER_STEPS."""
+  names = [n.strip() for n in spec.split(",") if n.strip()]
+  if len(names) == 1 and names[0] in FILTER_PRESETS:
+    return FILTER_PRESETS[names[0]]
+  unknown = [n for n in names if n not in FILTER_STEPS]
+  if unknown:
+    raise ValueError(f"unknown step(s) {unknown}; steps are {list(FILTER_STEPS)} or a preset {list(FILTER_PRESETS)}")
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ValueError(f"step(s) {repeated} given more than once")
+  return tuple(names)
+
+
+def filter_spec_problem(spec: str) -> str | None:
+  """Why a data.filters value is unusable, or None."""
+  try:
+    parse_filters(spec)
+  except ValueError as err:
+    return str(err)
+  return None
 
 
 # Fields added after checkpoints were written, with the value that reproduces what those checkpoints
@@ -311,8 +371,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.end_lr <= t.lr, "training.end_lr", f"must be <= training.lr={t.lr}", t.end_lr)
   _check(t.on_save_error in ("stop", "continue"), "training.on_save_error", "must be 'stop' or 'continue'",
          t.on_save_error)
-  positive("training", ("backup_wait_minutes",), strict=False)
-  backup_problem = url_problem(t.backup_url)
+  positive("training", ("backup_wait_minutes", "profile_start_step", "profile_num_steps", "spike_sigmas",
+                        "spike_max_rollbacks"), strict=False)
+  positive("training", ("spike_window", "spike_rollback_window", "save_timeout_minutes"))
+  _check(0.0 < t.spike_lr_scale <= 1.0, "training.spike_lr_scale", "must be in (0, 1]", t.spike_lr_scale)
+  _check(t.profile_num_steps == 0 or t.profile_start_step >= 1, "training.profile_start_step",
+         "must be >= 1 (the first traced step, as logged) when training.profile_num_steps > 0", t.profile_start_step)
+  backup_problem = backup_url_problem(t.backup_url)
   _check(backup_problem is None, "training.backup_url", str(backup_problem), t.backup_url)
 
   _check(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}", d.source)

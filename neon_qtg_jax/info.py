@@ -229,7 +229,7 @@ def format_text(info: dict[str, Any]) -> str:
                  f"{est['days_for_total_steps']:.1f} days for total_steps; memory {fits} in "
                  f"{_gib(usable)} ({est['allocator_fraction']:.0%} of {_gib(est['device_memory_bytes'])} = "
                  f"{est['device_memory_bytes'] / 1e9:.1f} GB)")
-  lines.append("  (estimates; --mode=memory_test --target=h200:N gives XLA's own figure for the H200)")
+  lines.append("  (estimates; --mode=memory_report --target=h200:N gives XLA's own figure for the H200)")
   lines += ["", "the named variants at this shape (neon_qtg_jax/model/variants.py; qtg is QTG's defaults, not",
             "necessarily this config):", "  variant      parameters   train FLOPs/token"]
   for name, sizes in info["variants"].items():

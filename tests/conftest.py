@@ -12,7 +12,6 @@ if not os.environ.get("JAX_PLATFORMS"):  # unset or empty: the CPU (the CUDA plu
 MISSING = "is not installed"
 _skipped_for_a_package: list[str] = []
 
-
 def _note_skip(report) -> None:
   if report.skipped and MISSING in str(report.longrepr):
     _skipped_for_a_package.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr}")
@@ -39,7 +38,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @contextlib.contextmanager
 def restored_package_logger():
-  """trainer.setup_logging gives the package logger its own handlers and stops propagation to the root
+  """outputs.setup_logging gives the package logger its own handlers and stops propagation to the root
   logger that caplog listens on; undo that on exit so later tests in the worker see their records."""
   logger = logging.getLogger("neon_qtg_jax")
   handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level

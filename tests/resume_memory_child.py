@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from neon_qtg_jax import parallel
 from neon_qtg_jax.config import default_config, validate
-from neon_qtg_jax.training import checkpointing, trainer
+from neon_qtg_jax.checkpoint import checkpointer as checkpointing
+from neon_qtg_jax.training import resume
 from neon_qtg_jax.training import train_step as ts
 
 
@@ -37,24 +38,24 @@ def checksum(state: ts.TrainState) -> float:
 
 def main(mode: str, workdir: str) -> None:
   config = params_dominated_config()
-  mesh = parallel.make_mesh()
+  sharding = parallel.ShardingConfig.from_config(config.parallel)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
 
   def init() -> ts.TrainState:
-    return ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)[1]
+    return ts.create_train_state(config, jax.random.PRNGKey(config.seed), sharding)[1]
 
   if mode == "save":  # a state that differs from a fresh one, so the test can tell a restore from an init
     state = init()
     state = state.replace(step=state.step + 3, opt_state=jax.tree.map(lambda x: x + 1, state.opt_state))
-    checkpointer.save(3, params=state.params, opt_state=state.opt_state, meta=trainer.Progress().meta(state),
+    checkpointer.save(3, params=state.params, opt_state=state.opt_state, meta=resume.Progress().meta(state),
                       config=config)
     checkpointer.wait()
   else:
     if mode == "fresh":
       checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "empty"), keep=1)
     args = types.SimpleNamespace(resume_from="")
-    state, _ = trainer.restore_or_init(config, args, checkpointer, ts.sharded_abstract_state(config, mesh), None,
-                                       mesh, init)
+    state, _ = resume.restore_or_init(config, args, checkpointer, ts.sharded_abstract_state(config, sharding), None,
+                                       sharding, init)
     jax.block_until_ready(state)
   checkpointer.close()
   print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

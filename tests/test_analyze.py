@@ -15,7 +15,7 @@ from neon_qtg_jax.analysis import attention_probs, layer_traces, normalized_entr
 from neon_qtg_jax.config import default_config
 from neon_qtg_jax.data.prepare import prepare_dataset
 from neon_qtg_jax.model import QTGModel
-from neon_qtg_jax.training.checkpointing import Checkpointer
+from neon_qtg_jax.checkpoint.checkpointer import Checkpointer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 

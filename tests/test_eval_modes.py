@@ -28,7 +28,8 @@ from neon_qtg_jax.inference import generate as generate_mode
 from neon_qtg_jax.inference.restore import load_model
 from neon_qtg_jax.inference.sampling import SamplingParams, generate
 from neon_qtg_jax.model import QTGModel
-from neon_qtg_jax.training.checkpointing import Checkpointer
+from neon_qtg_jax.parallel import ShardingConfig
+from neon_qtg_jax.checkpoint.checkpointer import Checkpointer
 
 TEXT = [f"def f{i}(x):\n\treturn x * {i} + {i % 7}" for i in range(60)] + \
        [f"The value {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60)]
@@ -60,7 +61,7 @@ def run_dir(tmp_path_factory):
 
 def test_restore_reads_the_checkpoint_parameters(run_dir):
   root, config, _, model = run_dir
-  restored = load_model(str(root / "work"), "best", config)
+  restored = load_model(str(root / "work"), "best", config, sharding=ShardingConfig.from_config(config.parallel))
   assert restored.step == 3
   for a, b in zip(nnx.state(model, nnx.Param).flat_state(), nnx.state(restored.model, nnx.Param).flat_state()):
     assert a[0] == b[0] and (a[1][...] == b[1][...]).all()
@@ -70,7 +71,8 @@ def test_bf16_restore_halves_parameter_memory_and_keeps_the_predictions(run_dir)
   root, config, _, model = run_dir
   bf16 = ml_collections.ConfigDict(config.to_dict())
   bf16.model.dtype = "bfloat16"
-  restored = load_model(str(root / "work"), "best", bf16, param_dtype="compute").model
+  restored = load_model(str(root / "work"), "best", bf16, param_dtype="compute",
+                        sharding=ShardingConfig.from_config(bf16.parallel)).model
   for (path, a), (_, b) in zip(nnx.state(model, nnx.Param).flat_state(), nnx.state(restored, nnx.Param).flat_state()):
     assert b[...].dtype == jnp.bfloat16, path
     np.testing.assert_array_equal(b[...], a[...].astype(jnp.bfloat16))
@@ -253,10 +255,11 @@ def test_a_checkpoint_restores_sharded_on_another_device_count(run_dir):
       from flax import nnx
       from neon_qtg_jax.inference.restore import load_model
       from neon_qtg_jax.inference.sampling import SamplingParams, generate
-      restored = load_model({str(root / "work")!r}, "best")
+      from neon_qtg_jax.parallel import ShardingConfig
+      restored = load_model({str(root / "work")!r}, "best", sharding=ShardingConfig.all_fsdp())
       specs = sorted({{str(x.sharding.spec) for x in jax.tree.leaves(nnx.state(restored.model))}})
       tokens = generate(restored.model, [[5, 6, 7], [8]], sampling_cfg=SamplingParams(temperature=0.0),
-                        max_new_tokens=4, eos_id=None, seed=0)
+                        max_new_tokens=4, eos_id=None, seed=0, sharding=restored.sharding)
       print(json.dumps({{"devices": jax.device_count(), "specs": specs, "tokens": tokens}}))
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
@@ -265,7 +268,7 @@ def test_a_checkpoint_restores_sharded_on_another_device_count(run_dir):
   assert run.returncode == 0, run.stderr[-2000:]
   other = json.loads(run.stdout.strip().splitlines()[-1])
   assert other["devices"] == 4 and any("fsdp" in spec for spec in other["specs"])
-  here = load_model(str(root / "work"), "best").model
+  here = load_model(str(root / "work"), "best", sharding=ShardingConfig.all_fsdp()).model
   greedy = SamplingParams(temperature=0.0)
   assert other["tokens"] == generate(here, [[5, 6, 7], [8]], sampling_cfg=greedy, max_new_tokens=4, eos_id=None, seed=0)
 
@@ -276,13 +279,14 @@ def test_bf16_eval_scores_the_model_that_training_evaluated(run_dir, tmp_path, m
   from neon_qtg_jax.data import loader
   from neon_qtg_jax.inference import restore
   from neon_qtg_jax.training import train_step as ts
-  from neon_qtg_jax.training.trainer import evaluate
+  from neon_qtg_jax.training.hooks import evaluate
 
   _, base, _, _ = run_dir
   config = ml_collections.ConfigDict(base.to_dict())
   config.model.update(dict(dtype="bfloat16", use_bias=True))
   config.training.update(dict(batch_size=4, eval_batches=2))
-  graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(0))
+  sharding = ShardingConfig.from_config(config.parallel)
+  graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(0), sharding)
   # A trained model's LayerNorm scales, biases and weights are not bf16-exact: perturb them so.
   leaves, tree = jax.tree.flatten(state.params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -293,8 +297,9 @@ def test_bf16_eval_scores_the_model_that_training_evaluated(run_dir, tmp_path, m
   checkpointer.close()
 
   batches = loader.eval_batches(config)
-  training = evaluate(ts.make_eval_step(config, graphdef), params, [jax.device_put(b) for b in batches])["ce"]
-  restored = load_model(str(tmp_path / "work"), "best", config)
+  training = evaluate(ts.make_eval_step(config, graphdef, sharding), params,
+                      [jax.device_put(b) for b in batches])["ce"]
+  restored = load_model(str(tmp_path / "work"), "best", config, sharding=sharding)
   log_probs = perplexity.model_log_prob_fn(restored.model)
   loss = -float(np.mean([np.mean(log_probs(b["inputs"], b["targets"])) for b in batches]))
   assert restored.param_dtype == "float32" and restored.model.cfg.dtype == "bfloat16"

@@ -15,7 +15,7 @@ import pytest
 from neon_qtg_jax import parallel
 from neon_qtg_jax.config import default_config, validate
 from neon_qtg_jax.parallel import targets
-from neon_qtg_jax.training import memory_test, programs
+from neon_qtg_jax.training import memory_report, programs
 from neon_qtg_jax.training import train_step as ts
 from optional import needs
 
@@ -53,10 +53,10 @@ def test_tiny_train_eval_and_decode_steps_compile_for_h200(spec):
   target = targets.compile_target(spec)
   assert target.platform == "gpu" and target.device_kind == "NVIDIA H200" and len(target.devices) == int(spec[-1])
   assert target.device_memory_bytes == 143771 * 2**20  # 140.4 GiB, what the driver reports for "141 GB"
-  mesh = parallel.make_mesh(devices=list(target.devices))
-  train = memory_test.compile_report(lambda: programs.lower_train_step(config, mesh), target)
-  decode = memory_test.compile_report(lambda: programs.lower_decode_step(config, mesh, 1, 128), target)
-  evaluate = memory_test.compile_report(lambda: programs.lower_eval_step(config, mesh), target)
+  sharding = parallel.ShardingConfig.from_config(config.parallel, list(target.devices))
+  train = memory_report.compile_report(lambda: programs.lower_train_step(config, sharding), target)
+  decode = memory_report.compile_report(lambda: programs.lower_decode_step(config, sharding, 1, 128), target)
+  evaluate = memory_report.compile_report(lambda: programs.lower_eval_step(config, sharding), target)
   assert train.fits and decode.fits and evaluate.fits and train.temporaries > 0
   state_bytes = sum(x.size * x.dtype.itemsize for x in
                     jax.tree.leaves(ts.abstract_train_state(config)))
@@ -87,7 +87,7 @@ def test_pallas_attention_follows_the_compile_target_not_this_host(kind, kernel)
   from neon_qtg_jax.ops import dispatch
 
   target = targets.compile_target("h200:1")
-  mesh = parallel.make_mesh(devices=list(target.devices))
+  mesh = parallel.make_mesh(default_config().parallel, devices=list(target.devices))
   x = jax.ShapeDtypeStruct((2, 256, 4, 64), jax.numpy.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
   gamma = jax.ShapeDtypeStruct((4,), jax.numpy.float32, sharding=NamedSharding(mesh, PartitionSpec()))
 

@@ -167,7 +167,7 @@ def test_choose_lr_takes_the_lowest_tuning_bits_never_a_diverged_one():
 
 
 # An equal-wall-time group with an lr grid: its tuning runs get the same wall-time budget. The clock
-# (0.06 s) stops every run at its first check (the first log step, step 2) of at most 50 steps.
+# (0.06 s) stops every run at its first check (the trainer checks every step: step 1) of at most 50 steps.
 TUNED_GROUPS = """[{"name": "w", "budget": {"kind": "wall_time", "minutes": 0.001, "max_steps": 50},
                     "variants": [{"name": "gpt", "overrides": GPT, "seeds": 1, "tier": 1}]}]"""
 TUNED_TOP = '\n            "lr_grid": [1e-3, 3e-2],'
@@ -200,7 +200,7 @@ def test_lr_grid_picks_the_lowest_tuning_bits_and_reruns_nothing(tuned_study, ca
     scored = json.loads(Path(tuning["workdir"], tuning["eval_file"]).read_text())
     assert scored["data"].endswith("(tune split)") and scored["bits_per_byte"] == tuning["tune"]["bits_per_byte"]
     assert "final" not in tuning and tuning["config"]["training"]["lr"] == tuning["lr"]
-    assert tuning["stopped_by_clock"] and tuning["steps"] == 2 and tuning["planned_steps"] == 50
+    assert tuning["stopped_by_clock"] and tuning["steps"] == 1 and tuning["planned_steps"] == 50
   for name, choice in result["lr_choices"].items():
     group, variant = name.split("/")
     mine = {t["lr"]: t["tune"]["bits_per_byte"] for t in result["tuning_runs"]
@@ -216,14 +216,14 @@ def test_lr_grid_picks_the_lowest_tuning_bits_and_reruns_nothing(tuned_study, ca
   assert not set(hashes[is_tune].tolist()) & set(hashes[~(is_val | is_tune)].tolist())
   # The clock stops the final run too; the report gives the steps reached.
   wall = result["runs"][0]
-  assert wall["stopped_by_clock"] and wall["steps"] == 2 and wall["planned_steps"] == 50
+  assert wall["stopped_by_clock"] and wall["steps"] == 1 and wall["planned_steps"] == 50
   report_text = (tmp_path / "docs" / "RESULTS.md").read_text()
   assert "| variant | lr 0.001 | lr 0.03 | chosen |" in report_text
   assert "tuning split" in report_text and "never scored in the tables of this report" in report_text
   choice = result["lr_choices"]["w/gpt"]
-  bold = f"**{choice['tune_bits_per_byte'][[1e-3, 3e-2].index(choice['chosen'])]:.4f} (2 steps, clock)**"
+  bold = f"**{choice['tune_bits_per_byte'][[1e-3, 3e-2].index(choice['chosen'])]:.4f} (1 steps, clock)**"
   assert bold in report_text and f"| {choice['chosen']:g} |" in report_text
-  assert "| 2 of 50, 1/1 stopped by the clock |" in report_text
+  assert "| 1 of 50, 1/1 stopped by the clock |" in report_text
   assert (tmp_path / "docs" / "results" / "w_lr_grid.png").exists()
   # A second call runs nothing and changes nothing.
   capsys.readouterr()
@@ -352,7 +352,7 @@ def test_a_retried_run_resumes_and_scores_into_a_fresh_file(tmp_path, corpus, mo
 
 def test_a_resumed_wall_time_run_gets_only_the_minutes_left(tmp_path, monkeypatch):
   from neon_qtg_jax.config import default_config
-  from neon_qtg_jax.training import checkpointing
+  from neon_qtg_jax.checkpoint import checkpointer as checkpointing
   config = default_config()
   config.training.max_train_minutes = 3.0
   assert runner._training_config(config, str(tmp_path)) is config  # pylint: disable=protected-access

@@ -16,10 +16,13 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 import test_train_resume as train_runs
-from neon_qtg_jax.cli import RunArgs
+from neon_qtg_jax.checkpoint import resume
+from neon_qtg_jax.checkpoint import storage as backup
+from neon_qtg_jax.checkpoint.checkpointer import Checkpointer
+from neon_qtg_jax.checkpoint.errors import BackupError
+from neon_qtg_jax.checkpoint.uploader import BackupUploader
 from neon_qtg_jax.config import default_config, validate
 from neon_qtg_jax.data import prepare
-from neon_qtg_jax.training import backup
 from optional import needs
 
 needs_s3fs = needs("s3fs", extra="backup", module="s3fs")  # s3:// through fsspec
@@ -133,8 +136,10 @@ def test_backup_resume_on_a_fresh_workdir_matches_the_uninterrupted_run(s3, data
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from_url = load_model(str(tmp_path / "elsewhere"), f"{url}/checkpoints/8")  # as --checkpoint=URL passes it
-  from_workdir = load_model(workdir, 8)
+  from neon_qtg_jax.parallel import ShardingConfig  # pylint: disable=import-outside-toplevel
+  sharding = ShardingConfig.all_fsdp()
+  from_url = load_model(str(tmp_path / "elsewhere"), f"{url}/checkpoints/8", sharding=sharding)  # as --checkpoint=URL
+  from_workdir = load_model(workdir, 8, sharding=sharding)
   assert from_url.step == 8
   jax.tree.map(np.testing.assert_array_equal, nnx.state(from_url.model, nnx.Param),
                nnx.state(from_workdir.model, nnx.Param))
@@ -195,7 +200,7 @@ def test_backup_index_rejects_partial_and_changed_steps(s3, tmp_path):
   backup.upload_dir(str(steps[3]), partial)
   (partial / backup.INDEX_FILE).unlink()
   assert backup.backed_up_steps(url) == [1, 2]
-  with pytest.raises(backup.BackupError, match="incomplete"):
+  with pytest.raises(BackupError, match="incomplete"):
     backup.download_dir(partial, str(tmp_path / "partial"))
 
   fetched = str(tmp_path / "fetched")
@@ -205,13 +210,15 @@ def test_backup_index_rejects_partial_and_changed_steps(s3, tmp_path):
   assert backup.fetch_checkpoint(url, str(tmp_path / "again")) == 1
   assert sorted(os.listdir(tmp_path / "again")) == ["1"]  # nothing left of the changed step
 
-  config = default_config()
-  config.training.backup_url = url
-  args = backup.fetch_for_resume(config, RunArgs(resume_from="backup"), str(tmp_path / "workdir"))
-  assert args.resume_from == str(tmp_path / "workdir" / backup.FETCH_DIR / "1")
-  config.training.backup_url = f"s3://{BUCKET}/empty"
+  # --resume_from=backup: the backup's steps newest first; the changed step 2 is not fetched, step 1 is.
+  checkpointer = Checkpointer(str(tmp_path / "workdir" / "checkpoints"), keep=3)
+  plan = resume.plan_resume("backup", checkpointer.directory, url, checkpointer.steps())
+  assert [(c.step, c.source) for c in plan.candidates] == [(2, resume.BACKUP), (1, resume.BACKUP)]
+  assert not resume.fetch_into(checkpointer, url, 2) and resume.fetch_into(checkpointer, url, 1)
+  assert checkpointer.steps() == [1] and sorted(os.listdir(checkpointer.directory)) == ["1"]
+  checkpointer.close()
   with pytest.raises(FileNotFoundError, match="no backed-up checkpoint"):
-    backup.fetch_for_resume(config, RunArgs(resume_from="backup"), str(tmp_path / "workdir"))
+    resume.plan_resume("backup", checkpointer.directory, f"s3://{BUCKET}/empty", [])
 
 
 def test_backup_uploader_mirrors_the_kept_steps_to_a_directory(tmp_path):
@@ -230,7 +237,7 @@ def test_backup_uploader_mirrors_the_kept_steps_to_a_directory(tmp_path):
   write_step(2, b"two")
   write_step(6, b"six of an abandoned branch")  # after the resumed step 4: stale, never uploaded
   (tmp_path / "config.json").write_text("{}")
-  uploader = backup.BackupUploader(target, str(local), {"config.json": str(tmp_path / "config.json")},
+  uploader = BackupUploader(target, str(local), {"config.json": str(tmp_path / "config.json")},
                                    start_step=4, poll_seconds=0.02)
   wait_until(lambda: backup.backed_up_steps(target) == [2])  # newest first: 6 was passed over before 2
   assert backup.backed_up_steps(target) == [2]

@@ -12,7 +12,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from neon_qtg_jax import parallel
-from neon_qtg_jax.config import default_config
+from neon_qtg_jax.config import LOGICAL_AXIS_RULES, default_config
 from neon_qtg_jax.training import train_step as ts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,20 +21,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_logical_names_map_to_mesh_axes_and_undivisible_dims_stay_whole():
   mesh = AbstractMesh((1, 4, 2), parallel.MESH_AXES)
   assert parallel.logical_to_mesh(("layers", "embed", None, "heads", "head_dim"), (40, 10240, 3, 40, 128),
-                                  mesh) == P(None, "fsdp", None, "tensor", None)
-  assert parallel.logical_to_mesh(("embed", "mlp"), (64, 6), mesh) == P("fsdp", "tensor")
-  assert parallel.logical_to_mesh(("embed", "mlp"), (6, 7), mesh) == P(None, None)  # 4 and 2 divide neither
-  assert parallel.logical_to_mesh(("batch", "length"), (8, 16), AbstractMesh((2, 4, 1), parallel.MESH_AXES)) == \
+                                  mesh, LOGICAL_AXIS_RULES) == P(None, "fsdp", None, "tensor", None)
+  assert parallel.logical_to_mesh(("embed", "mlp"), (64, 6), mesh, LOGICAL_AXIS_RULES) == P("fsdp", "tensor")
+  assert parallel.logical_to_mesh(("embed", "mlp"), (6, 7), mesh, LOGICAL_AXIS_RULES) == P(None, None)  # 4 and 2 divide neither
+  assert parallel.logical_to_mesh(("batch", "length"), (8, 16), AbstractMesh((2, 4, 1), parallel.MESH_AXES),
+                                  LOGICAL_AXIS_RULES) == \
       P(("data", "fsdp"), None)
   # a mesh axis is used once per array: the second "embed" stays whole
-  assert parallel.logical_to_mesh(("embed", "embed"), (8, 8), mesh) == P("fsdp", None)
+  assert parallel.logical_to_mesh(("embed", "embed"), (8, 8), mesh, LOGICAL_AXIS_RULES) == P("fsdp", None)
 
 
 def test_every_parameter_is_split_by_its_names_and_the_optimizer_state_follows():
   c = default_config()
   c.model.update(embed_dim=64, num_heads=4, vocab_size=256)
   mesh = AbstractMesh((1, 2, 2), parallel.MESH_AXES)
-  shardings = ts.state_shardings(c, mesh)
+  shardings = ts.state_shardings(c, parallel.ShardingConfig(mesh, LOGICAL_AXIS_RULES))
   specs = jax.tree.map(lambda s: s.spec, nnx.to_pure_dict(shardings.params))
   blocks = specs["blocks"]
   assert blocks["attn"]["w_qkv"]["kernel"] == P(None, "fsdp", None, "tensor", None)
@@ -49,8 +50,9 @@ def test_every_parameter_is_split_by_its_names_and_the_optimizer_state_follows()
 
 def test_state_shardings_cover_params_and_optimizer_on_one_device():
   c = default_config()
-  mesh = parallel.make_mesh()
-  shardings = ts.state_shardings(c, mesh)
+  sharding = parallel.ShardingConfig.from_config(c.parallel)
+  shardings = ts.state_shardings(c, sharding)
+  mesh = sharding.mesh
   assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.size == jax.device_count()
   assert len(jax.tree.leaves(shardings.opt_state)) == len(jax.tree.leaves(ts.abstract_train_state(c).opt_state))
 
@@ -71,9 +73,9 @@ def test_two_host_devices_give_the_single_device_result():
       batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
       results = []
       for n in (1, 2):
-        mesh = parallel.make_mesh(c.parallel, devices=jax.devices()[:n])
-        graphdef, state = ts.create_train_state(c, jax.random.PRNGKey(0), mesh)
-        step = ts.make_train_step(c, graphdef, mesh)
+        sharding = parallel.ShardingConfig.from_config(c.parallel, devices=jax.devices()[:n])
+        graphdef, state = ts.create_train_state(c, jax.random.PRNGKey(0), sharding)
+        step = ts.make_train_step(c, graphdef, sharding)
         for _ in range(2):
           state, metrics = step(state, batch)
         kernel = state.params["blocks"]["attn"]["w_qkv"]["kernel"][...]

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from neon_qtg_jax.training import checkpointing, save_faults
+from neon_qtg_jax.checkpoint import checkpointer as checkpointing
+from neon_qtg_jax.checkpoint import errors as save_faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ CHILD = r'''
 import json, os, resource, signal, sys, time
 import jax.numpy as jnp, ml_collections, numpy as np
 from flax import nnx
-from neon_qtg_jax.training.checkpointing import Checkpointer, CheckpointSaveError
+from neon_qtg_jax.checkpoint.checkpointer import Checkpointer, CheckpointSaveError
 
 directory, fault = sys.argv[1], sys.argv[2]
 

@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 
 from neon_qtg_jax.config import default_config, validate
-from neon_qtg_jax.training import checkpointing, optimizer
+from neon_qtg_jax.parallel import ShardingConfig
+from neon_qtg_jax.checkpoint import checkpointer as checkpointing
+from neon_qtg_jax.training import optimizer
 from neon_qtg_jax.training import train_step as ts
 
 
@@ -33,7 +35,8 @@ def compiled():
   """One tiny config with its graphdef, compiled train step and eval step, shared by the tests below."""
   c = tiny_config()
   graphdef = ts.model_graphdef(c)
-  return c, graphdef, ts.make_train_step(c, graphdef), ts.make_eval_step(c, graphdef)
+  sharding = ShardingConfig.from_config(c.parallel)
+  return c, graphdef, ts.make_train_step(c, graphdef, sharding), ts.make_eval_step(c, graphdef, sharding)
 
 
 def copy_tree(tree):
@@ -66,7 +69,7 @@ def test_weight_decay_only_on_matrices():
 
 def test_loss_falls_on_a_learnable_sequence(compiled):
   c, _, step, _ = compiled
-  _, state = ts.create_train_state(c, jax.random.PRNGKey(0))
+  _, state = ts.create_train_state(c, jax.random.PRNGKey(0), ShardingConfig.from_config(c.parallel))
   # Each sequence counts upward modulo the vocabulary from a random start: next token = token + 1.
   starts = np.random.default_rng(0).integers(0, 64, (4, 1))
   tokens = ((starts + np.arange(17)) % 64).astype(np.int32)
@@ -82,7 +85,7 @@ def test_loss_falls_on_a_learnable_sequence(compiled):
 def test_accumulation_equals_one_large_batch():
   c = tiny_config(batch_size=8)
   batch = random_batch(1, 8)
-  graphdef, state = ts.create_train_state(c, jax.random.PRNGKey(0))
+  graphdef, state = ts.create_train_state(c, jax.random.PRNGKey(0), ShardingConfig.from_config(c.parallel))
   weights = ts.LossWeights.from_config(c.training)
   grads = {k: jax.jit(lambda p, b, k=k: ts.accumulated_grads(graphdef, p, b, weights, k, None))(state.params, batch)
            for k in (1, 4)}
@@ -104,8 +107,8 @@ def test_nonfinite_step_leaves_state_unchanged(monkeypatch):
     return loss * nan_if_poisoned, terms | {"loss": loss * nan_if_poisoned}
 
   monkeypatch.setattr(ts, "loss_fn", loss_with_injected_nan)
-  graphdef, state = ts.create_train_state(c, jax.random.PRNGKey(0))
-  step = ts.make_train_step(c, graphdef)
+  graphdef, state = ts.create_train_state(c, jax.random.PRNGKey(0), ShardingConfig.from_config(c.parallel))
+  step = ts.make_train_step(c, graphdef, ShardingConfig.from_config(c.parallel))
   good = random_batch(0, 4, vocab=60)
   bad = dict(good, inputs=good["inputs"].copy())
   bad["inputs"][0, 3] = poison
@@ -125,7 +128,7 @@ def test_nonfinite_step_leaves_state_unchanged(monkeypatch):
 
 def test_restore_gives_the_same_validation_loss(tmp_path, compiled):
   c, _, step, eval_step = compiled
-  _, state = ts.create_train_state(c, jax.random.PRNGKey(0))
+  _, state = ts.create_train_state(c, jax.random.PRNGKey(0), ShardingConfig.from_config(c.parallel))
   for seed in range(3):
     state, _ = step(state, random_batch(seed, 4))
   val = random_batch(99, 4)
@@ -135,7 +138,7 @@ def test_restore_gives_the_same_validation_loss(tmp_path, compiled):
              val_loss=float(before["loss"]))
   saver.close()
 
-  _, fresh = ts.create_train_state(c, jax.random.PRNGKey(1))
+  _, fresh = ts.create_train_state(c, jax.random.PRNGKey(1), ShardingConfig.from_config(c.parallel))
   restored = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=2).restore(
       3, params=fresh.params, opt_state=fresh.opt_state)
   assert trees_equal(restored["opt_state"], state.opt_state)
@@ -152,7 +155,7 @@ def test_restore_gives_the_same_validation_loss(tmp_path, compiled):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_keeps_last_k_plus_best_and_falls_back_from_a_corrupt_step(tmp_path, caplog):
   c = tiny_config()
-  _, state = ts.create_train_state(c, jax.random.PRNGKey(0))
+  _, state = ts.create_train_state(c, jax.random.PRNGKey(0), ShardingConfig.from_config(c.parallel))
   saver = checkpointing.Checkpointer(str(tmp_path), keep=2)
   for step, val_loss in ((1, 3.0), (2, 1.0), (3, None), (4, 2.0), (5, None)):
     saver.save(step, params=state.params, opt_state=state.opt_state, meta={"step": step}, config=c,
@@ -173,13 +176,13 @@ def test_keeps_last_k_plus_best_and_falls_back_from_a_corrupt_step(tmp_path, cap
 def test_dropout_keys_come_from_the_state_rng_and_step():
   c = tiny_config()
   c.model.dropout = 0.3
-  graphdef, state = ts.create_train_state(c, jax.random.PRNGKey(0))
+  graphdef, state = ts.create_train_state(c, jax.random.PRNGKey(0), ShardingConfig.from_config(c.parallel))
   step = jax.jit(ts.train_step_fn(c, graphdef))  # not donated: the same state is stepped twice
   batch = random_batch(0, 4)
   _, first = step(state, batch)
   _, again = step(state, batch)
   _, next_step = step(state.replace(step=state.step + 1), batch)
-  clean = ts.make_eval_step(c, graphdef)(state.params, batch)
+  clean = ts.make_eval_step(c, graphdef, ShardingConfig.from_config(c.parallel))(state.params, batch)
   assert float(first["loss"]) == float(again["loss"])  # reproducible, so a resumed run sees the same masks
   assert float(first["loss"]) != float(next_step["loss"])  # a new mask every step
   assert float(first["ce"]) != float(clean["ce"])  # dropout is on in training, off in evaluation

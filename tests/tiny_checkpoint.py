@@ -15,7 +15,7 @@ from neon_qtg_jax.data.manifest import Manifest
 from neon_qtg_jax.data.prepare import prepare_dataset
 from neon_qtg_jax.loss import cross_entropy, target_log_probs
 from neon_qtg_jax.model import QTGModel
-from neon_qtg_jax.training.checkpointing import Checkpointer
+from neon_qtg_jax.checkpoint.checkpointer import Checkpointer
 
 TEXT = [f"def f{i}(x):\n\treturn x * {i} + {i % 7}" for i in range(60)] + \
        [f"The value {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60)]

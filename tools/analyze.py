@@ -114,7 +114,8 @@ def analyze(workdir: str, checkpoint: str, windows: int, out_dir: str) -> list[s
   from neon_qtg_jax.data import loader  # pylint: disable=import-outside-toplevel
   from neon_qtg_jax.inference.restore import load_model  # pylint: disable=import-outside-toplevel
   from neon_qtg_jax.training.metric_writers import TensorBoardWriter  # pylint: disable=import-outside-toplevel
-  restored = load_model(workdir, checkpoint)
+  from neon_qtg_jax.parallel import ShardingConfig  # pylint: disable=import-outside-toplevel
+  restored = load_model(workdir, checkpoint, sharding=ShardingConfig.all_fsdp())
   model, cfg = restored.model, restored.model.cfg
   batch = loader.eval_batches(restored.run_config, "val", num_batches=1, batch_size=windows)[0]
   tokens = np.asarray(batch["inputs"])

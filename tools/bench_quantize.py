@@ -31,8 +31,9 @@ import ml_collections  # noqa: E402
 from neon_qtg_jax.config import default_config  # noqa: E402
 from neon_qtg_jax.data.tokenizer import Tokenizer  # noqa: E402
 from neon_qtg_jax.evaluation.perplexity import model_log_prob_fn, validation_stream  # noqa: E402
-from neon_qtg_jax.inference import weight_study  # noqa: E402
+from neon_qtg_jax.evaluation import weight_study  # noqa: E402
 from neon_qtg_jax.inference.restore import load_model  # noqa: E402
+from neon_qtg_jax.parallel import ShardingConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
   if not args.workdir:
     print("error: --workdir (a run with a checkpoint) or --ceiling_config is required", file=sys.stderr)
     return 2
-  base = load_model(args.workdir, args.checkpoint)
+  sharding = ShardingConfig.all_fsdp()
+  base = load_model(args.workdir, args.checkpoint, sharding=sharding)
   run_config = base.run_config
   tokenizer = Tokenizer.load(run_config.data.data_dir)
   tokens, text_bytes, _ = validation_stream(run_config.data.data_dir, tokenizer.eos_id)
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
   def restore(dtype: str = "float32"):
     current = default_config()
     current.model.dtype = dtype
-    return load_model(args.workdir, args.checkpoint, current).model
+    return load_model(args.workdir, args.checkpoint, current, sharding=sharding).model
 
   rows = []
   for name, model in weight_study.weight_variants(restore).items():

@@ -62,9 +62,9 @@ def byte_batches(config, steps: int) -> list[dict[str, np.ndarray]]:
 
 
 def losses(config, batches) -> list[float]:
-  mesh = parallel.make_mesh()
-  graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(config.seed), mesh)
-  step = ts.make_train_step(config, graphdef, mesh)
+  sharding = parallel.ShardingConfig.from_config(config.parallel)
+  graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(config.seed), sharding)
+  step = ts.make_train_step(config, graphdef, sharding)
   out, began = [], time.perf_counter()
   for i, batch in enumerate(batches):
     state, metrics = step(state, batch)

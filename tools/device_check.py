@@ -204,9 +204,9 @@ def section_train(smoke: bool, impl: str, accum: int) -> list[dict]:
   from neon_qtg_jax.training import train_step as ts
 
   config, note = _train_config(smoke, impl, accum)
-  mesh = parallel.make_mesh()
-  graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(0), mesh)
-  step = ts.make_train_step(config, graphdef, mesh)
+  sharding = parallel.ShardingConfig.from_config(config.parallel)
+  graphdef, state = ts.create_train_state(config, jax.random.PRNGKey(0), sharding)
+  step = ts.make_train_step(config, graphdef, sharding)
   t, m = config.training, config.model
   shape = (t.batch_size * t.grad_accum_steps, config.data.max_length + 1)
   tokens = jax.random.randint(jax.random.PRNGKey(1), shape, 0, m.vocab_size)

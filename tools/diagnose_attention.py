@@ -80,7 +80,8 @@ def init_rows(args) -> list[dict]:
 
 def trained_rows(args) -> list[dict]:
   from neon_qtg_jax.inference.restore import load_model  # pylint: disable=import-outside-toplevel
-  restored = load_model(args.workdir, args.checkpoint)
+  from neon_qtg_jax.parallel import ShardingConfig  # pylint: disable=import-outside-toplevel
+  restored = load_model(args.workdir, args.checkpoint, sharding=ShardingConfig.all_fsdp())
   config = restored.run_config
   m = config.model
   row = {"shape": f"trained:{args.workdir}@{restored.step}", "sphere_map": m.sphere_map, "beta": m.beta,

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from neon_qtg_jax import parallel  # noqa: E402
 from neon_qtg_jax.config import ConfigError, apply_assignments, validate  # noqa: E402
 from neon_qtg_jax.parallel import targets  # noqa: E402
-from neon_qtg_jax.training import memory_test, programs  # noqa: E402
+from neon_qtg_jax.training import memory_report, programs  # noqa: E402
 
 INFERENCE_LIMIT_BYTES = 15e9  # the seed plan's figure for sampling the 7b model on one GPU
 
@@ -58,14 +58,14 @@ def load_config(path: str, assignments: list[str] = ()):
 
 
 def compile_all(config, target: targets.Target, batch: int, context: int, only: tuple[str, ...] = ()) -> list[dict]:
-  mesh = parallel.make_mesh(devices=list(target.devices))
+  sharding = parallel.ShardingConfig.from_config(config.parallel, list(target.devices))
   rows = []
-  for name, lower in programs.production_programs(config, mesh, batch=batch, context=context).items():
+  for name, lower in programs.production_programs(config, sharding, batch=batch, context=context).items():
     if only and not name.startswith(only):
       continue
     print(f"compiling {name} ...", file=sys.stderr, flush=True)
     try:
-      r = memory_test.compile_report(lower, target)
+      r = memory_report.compile_report(lower, target)
     except Exception as err:  # noqa: BLE001 - a program that does not compile is a row of the table
       rows.append({"program": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:400]}"})
       continue

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ and the
 
 from neon_qtg_jax import info
 from neon_qtg_jax.parallel import targets
-from neon_qtg_jax.training import memory_test
+from neon_qtg_jax.training import memory_report
 
 DEFAULT_ROWS = ("neon_qtg_30b:8", "neon_qtg_100b:64", "neon_qtg_100b:32")
 H200_USABLE_BYTES = 0.95 * info.ACCELERATORS["H200"]["memory"]  # launch.py's allocator fraction of an H200
@@ -63,7 +63,7 @@ def memory_row(name: str, num_devices: int, target: str | None) -> dict:
          "rows": f"{config.training.grad_accum_steps} x {config.training.batch_size} x {config.data.max_length}",
          "estimate_gib": estimate["total"] / 2**30, "state_gib": (estimate["total"] - estimate["activations"]) / 2**30}
   if target:
-    report = memory_test.analyze(config, row_target(target, num_devices))
+    report = memory_report.analyze(config, row_target(target, num_devices))
     row.update(compiled_gib=report.peak / 2**30, device_kind=report.device_kind, compile_s=report.compile_seconds)
   return row
 

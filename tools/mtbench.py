@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     def complete(prompts: list[str], temperature: float) -> list[str]:
       if temperature not in completers:
         sampling = ml_collections.ConfigDict({"temperature": temperature, "top_k": args.top_k, "top_p": args.top_p})
-        completers[temperature] = text_completer(restored.model, tokenizer, sampling, args.max_new_tokens, args.seed)
+        completers[temperature] = text_completer(restored.model, tokenizer, sampling, args.max_new_tokens, args.seed,
+                                                sharding=restored.sharding)
       return completers[temperature](prompts, 0)
 
     answers = mtbench.generate_answers(complete, questions, batch_size=args.batch_size)

@@ -29,42 +29,19 @@ import threading
 import time
 from typing import Any
 
+from neon_qtg_jax.config import FILTER_PRESETS, FILTER_STEPS, FILTER_TOKENIZERS, parse_filters
 from neon_qtg_jax.data import plans
 from neon_qtg_jax.data import sources as src
 from neon_qtg_jax.data.sources import DataError, Issues
 
-STEPS = ("length", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality", "exact_dedup", "minhash")
-PRESETS = {"fineweb": STEPS}
+STEPS, PRESETS = FILTER_STEPS, FILTER_PRESETS
 WORD_STEPS = ("gopher_repetition", "gopher_quality", "c4", "fineweb_quality", "minhash")   # use data.filter_tokenizer
-TOKENIZERS = ("regex", "spacy")
+TOKENIZERS = FILTER_TOKENIZERS
 FILTER_DIR = "filter"
 PLAN_FILE = "plan.json"
 SUMMARY_FILE = "summary.json"
 EXTRA = "pip install -e '.[filters]' (datatrove, spaCy, xxhash, orjson)"
 PLAN_VERSION = 1
-
-
-def parse_filters(spec: str) -> tuple[str, ...]:
-  """The ordered steps of a data.filters value: "" -> (), a preset name, or comma-separated STEPS."""
-  names = [n.strip() for n in spec.split(",") if n.strip()]
-  if len(names) == 1 and names[0] in PRESETS:
-    return PRESETS[names[0]]
-  unknown = [n for n in names if n not in STEPS]
-  if unknown:
-    raise ValueError(f"unknown step(s) {unknown}; steps are {list(STEPS)} or a preset {list(PRESETS)}")
-  repeated = sorted({n for n in names if names.count(n) > 1})
-  if repeated:
-    raise ValueError(f"step(s) {repeated} given more than once")
-  return tuple(names)
-
-
-def filter_spec_problem(spec: str) -> str | None:
-  """Why a data.filters value is unusable (for config validation), or None."""
-  try:
-    parse_filters(spec)
-  except ValueError as err:
-    return str(err)
-  return None
 
 
 def filter_settings(config) -> dict[str, Any]:

@@ -62,12 +62,13 @@ class NeonQTGLM(LM):
     from neon_qtg_jax.config import default_config, validate
     from neon_qtg_jax.data.tokenizer import Tokenizer
     from neon_qtg_jax.inference.quantize import load_for_inference
+    from neon_qtg_jax.parallel import ShardingConfig
 
     config = default_config()
     config.inference.weight_dtype = weight_dtype
     validate(config)
     step = int(step) if str(step).isdigit() else step
-    restored = load_for_inference(str(checkpoint), step, config)
+    restored = load_for_inference(str(checkpoint), step, config, sharding=ShardingConfig.from_config(config.parallel))
     self.model, self.step, self.weight_dtype = restored.model, restored.step, restored.weight_dtype
     self.tokenizer = Tokenizer.load(restored.run_config.data.data_dir)
     self.context = int(self.model.cfg.max_seq_len)

@@ -166,7 +166,10 @@ def run(config, args) -> int:
   from neon_qtg_jax.evaluation.tool_cli import write_json
   from neon_qtg_jax.inference.quantize import load_for_inference
 
-  restored = load_for_inference(args.workdir, args.checkpoint, config)  # inference.weight_dtype
+  from neon_qtg_jax.parallel import ShardingConfig
+
+  restored = load_for_inference(args.workdir, args.checkpoint, config,  # inference.weight_dtype
+                                sharding=ShardingConfig.from_config(config.parallel))
   data_dir = restored.run_config.data.data_dir
   tokenizer = Tokenizer.load(data_dir)
   if tokenizer.vocab_size > restored.model.cfg.vocab_size:

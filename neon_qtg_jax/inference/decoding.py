@@ -27,6 +27,7 @@ from neon_qtg_jax.model.qtg import Block, QTGModel, compute_dtype
 from neon_qtg_jax.model.qtg import head_dim as model_head_dim
 from neon_qtg_jax.ops.geo_attention import masked_softmax_values
 from neon_qtg_jax.ops.topo_filter import k_smallest_mean
+from neon_qtg_jax.parallel import ShardingConfig
 
 
 class DecodeCache(NamedTuple):
@@ -55,24 +56,26 @@ def init_cache(model: QTGModel, batch: int, size: int) -> DecodeCache:
                      jnp.zeros((batch, size), bool))
 
 
-def shard_cache(cache: DecodeCache, mesh: jax.sharding.Mesh) -> DecodeCache:
-  """Places the cache on the mesh: keys and values split over heads, phi over its width, on "fsdp".
+# Logical axes of the cache fields (parallel.rules maps them to mesh axes; config.LOGICAL_AXIS_RULES
+# puts heads and the phi width on "fsdp"). An axis its mesh axes do not divide stays whole.
+CACHE_AXES = {"keys": ("layers", None, None, "cache_heads", None), "values": ("layers", None, None, "cache_heads", None),
+              "phi": ("layers", None, None, "cache_width"), "valid": (None, None)}
 
-  An axis that the "fsdp" size does not divide stays whole. At the 100b shape (bf16) one
-  sequence of 8192 tokens holds about 43 GB of cache, two thirds of it phi (float32, width 2d).
+
+def cache_shardings(cache: DecodeCache, sharding: ShardingConfig) -> DecodeCache:
+  """NamedShardings of a cache's fields (concrete or abstract; None for an absent phi).
+
+  At the 100b shape (bf16) one sequence of 8192 tokens holds about 43 GB of cache, two thirds
+  of it phi (float32, width 2d): splitting heads and the phi width keeps it per device small.
   """
-  size = mesh.shape["fsdp"]
+  return DecodeCache(*(None if x is None else sharding.named(CACHE_AXES[name], x.shape)
+                       for name, x in cache._asdict().items()))
 
-  def place(x: jax.Array | None, axis: int) -> jax.Array | None:
-    if x is None:
-      return None
-    spec = [None] * x.ndim
-    if x.shape[axis] % size == 0:
-      spec[axis] = "fsdp"
-    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
 
-  return DecodeCache(place(cache.keys, 3), place(cache.values, 3), place(cache.phi, 3),
-                     jax.device_put(cache.valid, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+def shard_cache(cache: DecodeCache, sharding: ShardingConfig) -> DecodeCache:
+  """Places the cache's fields on the mesh by their logical axes (cache_shardings)."""
+  return DecodeCache(*(None if x is None else jax.device_put(x, s)
+                       for x, s in zip(cache, cache_shardings(cache, sharding))))
 
 
 def _write(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

@@ -58,8 +58,11 @@ def run(config, args) -> int:
   from neon_qtg_jax.data.tokenizer import Tokenizer
   from neon_qtg_jax.inference.quantize import load_for_inference
 
+  from neon_qtg_jax.parallel import ShardingConfig
+
   # inference.weight_dtype; float32 weights go bf16 only where they won't fit
-  restored = load_for_inference(args.workdir, args.checkpoint, config, param_dtype="auto")
+  restored = load_for_inference(args.workdir, args.checkpoint, config, param_dtype="auto",
+                                sharding=ShardingConfig.from_config(config.parallel))
   tokenizer = Tokenizer.load(restored.run_config.data.data_dir)
   sampling = config.sampling
   max_new = min(sampling.max_new_tokens, restored.model.cfg.max_seq_len - 1)
@@ -72,7 +75,7 @@ def run(config, args) -> int:
 
   outputs, stats = generate_with_stats(restored.model, prompt_ids, sampling_cfg=sampling, max_new_tokens=max_new,
                                        eos_id=tokenizer.eos_id, seed=sampling.seed,
-                                       valid_vocab=tokenizer.vocab_size)
+                                       valid_vocab=tokenizer.vocab_size, sharding=restored.sharding)
   records = []
   for text, new_ids in zip(texts, outputs):
     completion = tokenizer.decode(new_ids)
@@ -95,8 +98,10 @@ def run(config, args) -> int:
   return 0
 
 
-def text_completer(model, tokenizer, sampling_cfg, max_new_tokens: int, seed: int = 0):
+def text_completer(model, tokenizer, sampling_cfg, max_new_tokens: int, seed: int = 0, sharding=None):
   """complete(texts, call_index) -> continuations (text) of each prompt, for the benchmark tools.
+
+  sharding: where the model's parameters live (Restored.sharding); the decode cache goes there too.
 
   Each call samples with seed + call_index, so repeated samples differ and reruns reproduce.
   Prompts longer than the model allows keep their last tokens.
@@ -106,7 +111,8 @@ def text_completer(model, tokenizer, sampling_cfg, max_new_tokens: int, seed: in
   def complete(texts: list[str], call_index: int = 0) -> list[str]:
     prompt_ids, _ = encode_prompts(tokenizer, texts, model.cfg.max_seq_len - max_new)
     outputs = generate(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new,
-                       eos_id=tokenizer.eos_id, seed=seed + call_index, valid_vocab=tokenizer.vocab_size)
+                       eos_id=tokenizer.eos_id, seed=seed + call_index, valid_vocab=tokenizer.vocab_size,
+                       sharding=sharding)
     return [tokenizer.decode(ids) for ids in outputs]
 
   return complete

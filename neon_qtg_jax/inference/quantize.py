@@ -38,6 +38,7 @@ import qwix
 from flax import nnx
 
 from neon_qtg_jax.config import WEIGHT_DTYPES
+from neon_qtg_jax.parallel import ShardingConfig
 
 log = logging.getLogger(__name__)
 
@@ -193,20 +194,23 @@ class InferenceModel:
   param_dtype: str       # the dtype the checkpoint was restored in, before weight_dtype was applied
   weight_dtype: str
   parameter_bytes: int
+  sharding: ShardingConfig  # where the parameters live (pass it on to sampling and the decode cache)
 
 
 def load_for_inference(workdir_or_path: str, which: str | int, config: ml_collections.ConfigDict,
-                       param_dtype: str = "float32") -> InferenceModel:
+                       param_dtype: str = "float32", *, sharding: ShardingConfig) -> InferenceModel:
   """restore.load_model, then config.inference.weight_dtype applied to the restored parameters.
 
   param_dtype: what "float32" weights restore as (restore.PARAM_DTYPES: eval keeps training's
   float32, generate and serve use "auto"). bfloat16 and int8 restore as "auto" (float32 where it
   fits, so the int8 scales come from training's values) and convert one kernel at a time.
+  sharding: the caller's mesh and rules (restore.load_model).
   """
   from neon_qtg_jax.inference.restore import load_model
   weight_dtype = config.inference.weight_dtype
-  restored = load_model(workdir_or_path, which, config, param_dtype if weight_dtype == "float32" else "auto")
+  restored = load_model(workdir_or_path, which, config, param_dtype if weight_dtype == "float32" else "auto",
+                        sharding=sharding)
   model = apply_weight_dtype(restored.model, weight_dtype)
   size = parameter_bytes(model)
   log.info("parameters stored as %s: %.1f MiB", weight_dtype, size / 2**20)
-  return InferenceModel(model, restored.step, restored.run_config, restored.param_dtype, weight_dtype, size)
+  return InferenceModel(model, restored.step, restored.run_config, restored.param_dtype, weight_dtype, size, sharding)

@@ -3,8 +3,9 @@
 The architecture comes from the config saved with the checkpoint (a checkpoint only fits the
 model it was trained as); the fields that only choose how the model is computed (dtype,
 kernels, remat, scan) come from the config of the current run. Parameters are restored
-straight into the FSDP shardings of a mesh over the current devices, so a checkpoint written
-on 8 GPUs restores on one CPU and the other way round; the optimizer state is never read.
+straight into the shardings of the caller's ShardingConfig (a mesh over the current devices and
+the logical-axis rules), so a checkpoint written on 8 GPUs restores on one CPU and the other way
+round; the optimizer state is never read.
 
 Parameters keep training's dtype (float32; the forward pass computes in `model.dtype` exactly
 as the training step does), so evaluation scores the model that training evaluated.
@@ -25,17 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from neon_qtg_jax.config import MODEL_EXECUTION_FIELDS
 from neon_qtg_jax.model.qtg import QTGModel
-from neon_qtg_jax.parallel.mesh import make_mesh
-from neon_qtg_jax.parallel.sharding import param_shardings
-from neon_qtg_jax.training import checkpointing
+from neon_qtg_jax.parallel import ShardingConfig
+from neon_qtg_jax.checkpoint import checkpointer
 
 log = logging.getLogger(__name__)
-
-# Model fields that change how the forward pass is computed, not what it computes.
-EXECUTION_FIELDS = ("dtype", "attention_impl", "blockwise_min_len", "block_q", "block_k", "remat", "scan_layers",
-                    "dropout")
-
 
 PARAM_DTYPES = ("float32", "compute", "auto")
 
@@ -45,6 +41,7 @@ class Restored:
   model: QTGModel
   step: int
   run_config: ml_collections.ConfigDict  # the config saved with the checkpoint
+  sharding: ShardingConfig               # where the parameters live (pass it on to sampling.generate)
   param_dtype: str = "float32"           # the dtype the parameters were restored in
 
 
@@ -78,9 +75,9 @@ def inference_model_config(run_config: ml_collections.ConfigDict,
   """The checkpoint's model config with the execution fields of `current` (dropout off)."""
   model_cfg = ml_collections.ConfigDict(run_config.model.to_dict())
   if current is not None:
-    for name in EXECUTION_FIELDS:
+    for name in MODEL_EXECUTION_FIELDS:
       model_cfg[name] = current.model[name]
-    differing = sorted(k for k in model_cfg.keys() if k not in EXECUTION_FIELDS
+    differing = sorted(k for k in model_cfg.keys() if k not in MODEL_EXECUTION_FIELDS
                        and model_cfg[k] != current.model.get(k))
     if differing:
       log.warning("the checkpoint's model config differs from --config in %s; using the checkpoint's", differing)
@@ -88,37 +85,46 @@ def inference_model_config(run_config: ml_collections.ConfigDict,
   return model_cfg
 
 
-def abstract_model(model_cfg: ml_collections.ConfigDict, param_dtype: str = "float32"
+def abstract_model(model_cfg: ml_collections.ConfigDict, sharding: ShardingConfig, param_dtype: str = "float32"
                    ) -> tuple[nnx.GraphDef, nnx.State]:
-  """Graph and shape-only state of the model, each parameter carrying its FSDP sharding on all devices.
+  """Graph and shape-only state of the model, each parameter carrying its sharding under `sharding`.
 
   param_dtype: see PARAM_DTYPES and choose_param_dtype (Orbax casts while reading).
   """
   graphdef, state = nnx.split(nnx.eval_shape(lambda: QTGModel(model_cfg, rngs=nnx.Rngs(0))))
-  shardings = param_shardings(state, make_mesh())
+  shardings = sharding.params(state)
   dtype = choose_param_dtype(model_cfg, state, param_dtype)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), state, shardings)
   return graphdef, state
 
 
 def load_model(workdir_or_path: str, which: str | int = "best",
-               config: ml_collections.ConfigDict | None = None, param_dtype: str = "float32") -> Restored:
-  """Restores the parameters of one checkpoint into a ready model.
+               config: ml_collections.ConfigDict | None = None, param_dtype: str = "float32", *,
+               sharding: ShardingConfig) -> Restored:
+  """Restores the parameters of one checkpoint into a ready model, placed by `sharding`.
 
   workdir_or_path: a run directory, its checkpoints/ directory or one step directory;
-  which: a step number, "best", "latest" or a checkpoint path. Raises FileNotFoundError
-  naming the directory when there is no such checkpoint.
+  which: a step number, "best", "latest" or a checkpoint path. sharding: the current run's
+  (ShardingConfig.from_config(config.parallel)), or ShardingConfig.all_fsdp() without a run config.
+  Raises FileNotFoundError naming the directory when there is no such checkpoint.
   """
-  run_config = checkpointing.load_run_config(workdir_or_path, which)
-  graphdef, abstract_state = abstract_model(inference_model_config(run_config, config), param_dtype)
-  params, step = checkpointing.restore_params(workdir_or_path, which, abstract_state)
+  run_config = checkpointer.load_run_config(workdir_or_path, which)
+  graphdef, abstract_state = abstract_model(inference_model_config(run_config, config), sharding, param_dtype)
+  params, step = checkpointer.restore_params(workdir_or_path, which, abstract_state)
   dtype = jax.tree.leaves(abstract_state)[0].dtype.name
-  return Restored(nnx.merge(graphdef, params), step, run_config, dtype)
+  return Restored(nnx.merge(graphdef, params), step, run_config, sharding, dtype)
 
 
 def load_model_and_tokenizer(workdir_or_path: str, which: str | int = "best",
-                             config: ml_collections.ConfigDict | None = None):
-  """load_model plus the run's tokenizer (from the data_dir saved in its config): (Restored, Tokenizer)."""
+                             config: ml_collections.ConfigDict | None = None, *,
+                             sharding: ShardingConfig | None = None):
+  """load_model plus the run's tokenizer (from the data_dir saved in its config): (Restored, Tokenizer).
+
+  For the benchmark tools: sharding None means config.parallel's layout when a config is given,
+  else every device on fsdp (ShardingConfig.all_fsdp).
+  """
   from neon_qtg_jax.data.tokenizer import Tokenizer
-  restored = load_model(workdir_or_path, which, config)
+  if sharding is None:
+    sharding = ShardingConfig.from_config(config.parallel) if config is not None else ShardingConfig.all_fsdp()
+  restored = load_model(workdir_or_path, which, config, sharding=sharding)
   return restored, Tokenizer.load(restored.run_config.data.data_dir)

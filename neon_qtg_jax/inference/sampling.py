@@ -18,7 +18,7 @@ from flax import nnx
 
 from neon_qtg_jax.inference.decoding import DecodeCache, forward_cached, init_cache, left_pad, shard_cache
 from neon_qtg_jax.model.qtg import QTGModel
-from neon_qtg_jax.parallel.mesh import make_mesh
+from neon_qtg_jax.parallel import ShardingConfig
 
 PROMPT_BUCKET = 16  # prompt slots are rounded up to a multiple of this to reuse compilations
 NOT_GENERATED = -1  # output slot after a row stopped
@@ -147,8 +147,8 @@ def _check_prompts(model: QTGModel, prompt_ids: list[list[int]], max_new_tokens:
 
 
 def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any,
-                        max_new_tokens: int, eos_id: int | None, seed: int, valid_vocab: int | None = None
-                        ) -> tuple[list[list[int]], GenerationStats]:
+                        max_new_tokens: int, eos_id: int | None, seed: int, valid_vocab: int | None = None,
+                        sharding: ShardingConfig | None = None) -> tuple[list[list[int]], GenerationStats]:
   """`generate` plus timings. Blocks on the results, so the times are real."""
   _check_prompts(model, prompt_ids, max_new_tokens)
   params = SamplingParams.from_config(sampling_cfg)
@@ -157,8 +157,8 @@ def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, samplin
   lengths = jnp.asarray([len(p) for p in prompt_ids], jnp.int32)
   graphdef, state = nnx.split(model)
   cache = init_cache(model, len(prompt_ids), slots + max_new_tokens)
-  if jax.device_count() > 1:
-    cache = shard_cache(cache, make_mesh())
+  if sharding is not None:
+    cache = shard_cache(cache, sharding)
 
   began = time.perf_counter()
   logits, cache = _prefill(graphdef, state, cache, tokens, positions, valid)
@@ -181,15 +181,19 @@ def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, samplin
 
 
 def generate(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any, max_new_tokens: int,
-             eos_id: int | None, seed: int, valid_vocab: int | None = None) -> list[list[int]]:
+             eos_id: int | None, seed: int, valid_vocab: int | None = None,
+             sharding: ShardingConfig | None = None) -> list[list[int]]:
   """Continues each prompt; returns the new tokens only, cut before the first EOS.
 
   valid_vocab: pass the tokenizer's vocab_size when it is smaller than the model's, so no id
   the tokenizer cannot decode is ever sampled.
 
   sampling_cfg: config.sampling (temperature, top_k, top_p; temperature 0 is greedy).
+  sharding: the run's mesh and rules (the model's parameters live there); the decode cache is
+  placed by its logical axes (decoding.CACHE_AXES). None leaves the cache unplaced (one device).
+
   The same seed, prompts and model give the same tokens. Raises ValueError for an empty
   prompt, an out-of-vocabulary id, or a prompt that with max_new_tokens exceeds max_seq_len.
   """
   return generate_with_stats(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens,
-                             eos_id=eos_id, seed=seed, valid_vocab=valid_vocab)[0]
+                             eos_id=eos_id, seed=seed, valid_vocab=valid_vocab, sharding=sharding)[0]

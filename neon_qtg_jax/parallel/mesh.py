@@ -15,7 +15,7 @@ import ml_collections
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from neon_qtg_jax.config import ConfigError, default_config
+from neon_qtg_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DCN_FIELDS = {"data": "dcn_data", "fsdp": "dcn_fsdp", "tensor": None}
@@ -46,10 +46,8 @@ def mesh_shape(parallel_cfg: ml_collections.ConfigDict, num_devices: int) -> tup
   return ici, dcn
 
 
-def make_mesh(parallel_cfg: ml_collections.ConfigDict | None = None,
-              devices: list[jax.Device] | None = None) -> Mesh:
-  """The mesh over `devices` (default: every device of every process); default config: all on fsdp."""
-  parallel_cfg = parallel_cfg if parallel_cfg is not None else default_config().parallel
+def make_mesh(parallel_cfg: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Mesh:
+  """The mesh of config.parallel over `devices` (default: every device of every process)."""
   devices = list(jax.devices() if devices is None else devices)
   ici, dcn = mesh_shape(parallel_cfg, len(devices))
   num_nodes = math.prod(dcn.values())

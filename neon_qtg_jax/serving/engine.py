@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from neon_qtg_jax.inference import decoding
+from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.serving.batch_sampling import sample_rows
 
 log = logging.getLogger(__name__)
@@ -193,12 +194,16 @@ class Engine:
   """Runs sequences on `slots` cache rows in a background thread (start(), submit(), drain(), stop())."""
 
   def __init__(self, model: nnx.Module, decode: Callable[[list[int]], str], *, eos_id: int | None, slots: int,
-               max_queue: int, valid_vocab: int | None = None):
+               max_queue: int, valid_vocab: int | None = None, sharding: ShardingConfig | None = None):
+    """sharding: the mesh and rules the model's parameters live on; the cache is placed by the same
+    rules (decoding.shard_cache). None: the cache stays where JAX puts it (one device)."""
     self.graphdef, self.state = nnx.split(model)
     self.context = model.cfg.max_seq_len
     self.decode, self.eos_id, self.valid_vocab = decode, eos_id, valid_vocab
     self.num_slots, self.max_queue = slots, max_queue
     self.cache = decoding.init_cache(model, slots, self.context)
+    if sharding is not None:
+      self.cache = decoding.shard_cache(self.cache, sharding)
     self.slots: list[Sequence | None] = [None] * slots
     self.pending: collections.deque[Sequence] = collections.deque()
     self.tokens = np.zeros(slots, np.int32)

@@ -142,12 +142,12 @@ def _val_curve(metrics_path: str, tokens_per_step: int, flops_per_step: float) -
 def _training_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict | None:
   """The config to train with. A wall-time run that resumes gets the minutes its earlier attempts left
   (from the checkpoint's train seconds); None when none are left."""
-  from neon_qtg_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.checkpoint import checkpointer  # pylint: disable=import-outside-toplevel
   minutes = config.training.max_train_minutes
-  if minutes <= 0 or not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
+  if minutes <= 0 or not os.path.isdir(checkpointer.checkpoint_dir(workdir)):
     return config
   try:
-    used = checkpointing.load_meta(workdir, "latest")["train_seconds"] / 60
+    used = checkpointer.load_meta(workdir, "latest")["train_seconds"] / 60
   except FileNotFoundError:
     return config
   if used >= minutes:
@@ -166,7 +166,9 @@ def train_and_score(run: Run, workdir: str, code: dict[str, str]) -> dict[str, A
   """
   from neon_qtg_jax.evaluation import perplexity  # pylint: disable=import-outside-toplevel
   from neon_qtg_jax.inference.restore import load_model  # pylint: disable=import-outside-toplevel
-  from neon_qtg_jax.training import checkpointing, trainer  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.checkpoint import checkpointer  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.parallel import ShardingConfig  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.training import spike, trainer  # pylint: disable=import-outside-toplevel
   config = run.config
   _start_attempt(workdir, run, code)
   console = os.path.join(workdir, "outputs", "logs", "console.txt")
@@ -179,10 +181,10 @@ def train_and_score(run: Run, workdir: str, code: dict[str, str]) -> dict[str, A
     train_config = _training_config(config, workdir)
     if train_config is not None:
       exit_code = trainer.run(train_config, RunArgs(workdir=workdir))
-      diverged = exit_code == trainer.EXIT_NONFINITE and run.phase == "tune"
+      diverged = exit_code == spike.EXIT_UNSTABLE and run.phase == "tune"
       if exit_code and not diverged:
         raise RuntimeError(f"{run.key}: training exited with code {exit_code} (log: {console})")
-    meta = checkpointing.load_meta(workdir, "latest")
+    meta = checkpointer.load_meta(workdir, "latest")
     if not diverged:
       if meta["step"] < config.training.total_steps and run.budget["kind"] != "wall_time":
         raise RuntimeError(f"{run.key}: stopped at step {meta['step']} of {config.training.total_steps} "
@@ -196,7 +198,7 @@ def train_and_score(run: Run, workdir: str, code: dict[str, str]) -> dict[str, A
       scores = {"loss": final["loss"], "perplexity": final["perplexity"], "bits_per_byte": final["bits_per_byte"],
                 "tokens": final["tokens"], "checkpoint_step": final["checkpoint_step"]}
       if run.phase == "final":
-        restored = load_model(workdir, "latest")
+        restored = load_model(workdir, "latest", config, sharding=ShardingConfig.from_config(config.parallel))
         scalars = readout.attention_scalars(restored.model)
         entropy, entropy_error = readout.attention_entropy(restored.model, restored.run_config)
   summary = info.summarize(config)

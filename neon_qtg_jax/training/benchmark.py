@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.training import train_step as ts
 
 
@@ -43,12 +44,13 @@ class CompiledStep:
     rows, length = t.batch_size * t.grad_accum_steps, config.data.max_length
     tokens = np.random.default_rng(seed).integers(0, config.model.vocab_size, (rows, length + 1)).astype(np.int32)
     self.batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
-    graphdef, self.state = ts.create_train_state(config, jax.random.PRNGKey(seed))
+    sharding = ShardingConfig.from_config(config.parallel)
+    graphdef, self.state = ts.create_train_state(config, jax.random.PRNGKey(seed), sharding)
     self.name = name
     self.params = sum(x.size for x in jax.tree.leaves(self.state.params))
     self.tokens_per_step = ts.tokens_per_step(config)
     began = time.perf_counter()
-    self.step: Callable = ts.make_train_step(config, graphdef).lower(self.state, self.batch).compile()
+    self.step: Callable = ts.make_train_step(config, graphdef, sharding).lower(self.state, self.batch).compile()
     self.compile_seconds = time.perf_counter() - began
     self.durations: list[float] = []
 

@@ -46,3 +46,26 @@ def plot_loss_curves(records: list[dict[str, Any]], path: str, *, unigram_perple
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def plot_layer_stats(records: list[dict[str, Any]], path: str) -> str | None:
+  """Heatmaps of grad_norm/* and update_ratio/* (log10) per group (rows) against the log step; None without them."""
+  groups = sorted({k.split("/", 1)[1] for r in records for k in r if k.startswith("grad_norm/")})
+  if not groups:
+    return None
+  fig, axes = plt.subplots(1, 2, figsize=(13, max(3.0, 0.22 * len(groups) + 1.5)))
+  for ax, kind in zip(axes, ("grad_norm", "update_ratio")):
+    steps = sorted({r["step"] for r in records if f"{kind}/{groups[0]}" in r})
+    by_step = {r["step"]: r for r in records if f"{kind}/{groups[0]}" in r}
+    values = [[math.log10(max(by_step[s].get(f"{kind}/{g}", float("nan")), 1e-30)) for s in steps] for g in groups]
+    image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis",
+                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(groups) - 0.5, -0.5))
+    ax.set_yticks(range(len(groups)), groups, fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(f"log10 {kind.replace('_', ' ')}")
+    fig.colorbar(image, ax=ax)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

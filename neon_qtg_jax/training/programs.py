@@ -1,8 +1,9 @@
-"""Every production program as an abstract lowering: train step, eval step, prefill, one decode step.
+"""Every production program as an abstract lowering: fresh start, train step, eval step, prefill, one decode step.
 
-Each function lowers its program for a mesh over a compile target's devices (parallel/targets)
-from ShapeDtypeStructs with shardings, so nothing is allocated and the target need not be
-attached. memory_test.compile_report compiles one and reads XLA's memory analysis.
+This is the one module that lowers programs. Each function lowers its program under a
+ShardingConfig (a mesh over a compile target's devices, parallel/targets, and the run's rules) from
+ShapeDtypeStructs with shardings, so nothing is allocated and the target need not be attached.
+memory_report.compile_report compiles one and reads XLA's memory analysis.
 """
 
 from __future__ import annotations
@@ -13,88 +14,96 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from neon_qtg_jax import parallel
 from neon_qtg_jax.inference import decoding, quantize
 from neon_qtg_jax.model.qtg import QTGModel
-from neon_qtg_jax.training import memory_test
+from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.training import train_step as ts
 
 
-def _abstract(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+def abstract_inputs(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> tuple[ts.TrainState, ts.Batch]:
+  """The train step's arguments as sharded ShapeDtypeStructs."""
+  t = config.training
+  rows = t.batch_size * t.grad_accum_steps
+  token = jax.ShapeDtypeStruct((rows, config.data.max_length), jnp.int32, sharding=sharding.batch())
+  return ts.sharded_abstract_state(config, sharding), {"inputs": token, "targets": token}
 
 
-def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
-  step = ts.make_train_step(config, ts.model_graphdef(config), mesh)
-  return step.lower(*memory_test.abstract_inputs(config, mesh))
+def lower_init(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> Any:
+  """The fresh-start program: parameters and AdamW state built in their shards from a PRNG key.
+
+  A resume runs no program: Orbax reads the checkpoint straight into the sharded state.
+  """
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated())
+  return ts.init_fn(config, sharding).lower(key)
 
 
-def lower_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+def lower_train_step(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> Any:
+  step = ts.make_train_step(config, ts.model_graphdef(config), sharding)
+  return step.lower(*abstract_inputs(config, sharding))
+
+
+def lower_eval_step(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> Any:
   """One evaluation batch of training.batch_size windows against the float32 training parameters."""
-  params = ts.sharded_abstract_state(config, mesh).params
-  rows = config.training.batch_size
-  token = _abstract((rows, config.data.max_length), jnp.int32, parallel.batch_sharding(mesh, config.parallel.rules))
-  return ts.make_eval_step(config, ts.model_graphdef(config), mesh).lower(params, {"inputs": token, "targets": token})
+  params = ts.sharded_abstract_state(config, sharding).params
+  token = jax.ShapeDtypeStruct((config.training.batch_size, config.data.max_length), jnp.int32,
+                               sharding=sharding.batch())
+  return ts.make_eval_step(config, ts.model_graphdef(config), sharding).lower(params, {"inputs": token,
+                                                                                       "targets": token})
 
 
-def inference_state(model_cfg: ml_collections.ConfigDict, mesh: Mesh, weight_dtype: str
+def inference_state(model_cfg: ml_collections.ConfigDict, sharding: ShardingConfig, weight_dtype: str
                     ) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model as inference stores it under `inference.weight_dtype` (inference/quantize.py), FSDP-sharded."""
+  """The model as inference stores it under `inference.weight_dtype` (inference/quantize.py), sharded."""
   graphdef, state = quantize.abstract_inference_model(model_cfg, weight_dtype)
-  state = jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), state, parallel.param_shardings(state, mesh))
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, sharding.params(state))
   return graphdef, state
 
 
-def abstract_cache(model_cfg: ml_collections.ConfigDict, mesh: Mesh, batch: int, size: int) -> decoding.DecodeCache:
-  """decoding.init_cache's shapes with decoding.shard_cache's placement."""
+def abstract_cache(model_cfg: ml_collections.ConfigDict, sharding: ShardingConfig, batch: int, size: int
+                   ) -> decoding.DecodeCache:
+  """decoding.init_cache's shapes with decoding.cache_shardings' placement."""
   model = nnx.eval_shape(lambda: QTGModel(model_cfg, rngs=nnx.Rngs(0)))
   cache = jax.eval_shape(lambda: decoding.init_cache(model, batch, size))
-  fsdp = mesh.shape["fsdp"]
-
-  def place(x, axis):
-    if x is None:
-      return None
-    spec = [None] * len(x.shape)
-    if axis is not None and x.shape[axis] % fsdp == 0:
-      spec[axis] = "fsdp"
-    return _abstract(x.shape, x.dtype, NamedSharding(mesh, PartitionSpec(*spec)))
-  return decoding.DecodeCache(place(cache.keys, 3), place(cache.values, 3), place(cache.phi, 3),
-                              place(cache.valid, None))
+  return decoding.DecodeCache(*(None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                                for x, s in zip(cache, decoding.cache_shardings(cache, sharding))))
 
 
-def _tokens(mesh: Mesh, batch: int, length: int, dtype: Any) -> jax.ShapeDtypeStruct:
-  return _abstract((batch, length), dtype, parallel.replicated(mesh))
+def _tokens(sharding: ShardingConfig, batch: int, length: int, dtype: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((batch, length), dtype, sharding=sharding.replicated())
 
 
-def lower_prefill(config: ml_collections.ConfigDict, mesh: Mesh, batch: int, context: int) -> Any:
-  """The prompt pass of sampling: `context` tokens into an empty cache of `context + 1` slots."""
+def _inference_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.dropout = 0.0
-  graphdef, state = inference_state(model_cfg, mesh, config.inference.weight_dtype)
-  cache = abstract_cache(model_cfg, mesh, batch, context + 1)
+  return model_cfg
+
+
+def lower_prefill(config: ml_collections.ConfigDict, sharding: ShardingConfig, batch: int, context: int) -> Any:
+  """The prompt pass of sampling: `context` tokens into an empty cache of `context + 1` slots."""
+  model_cfg = _inference_model_config(config)
+  graphdef, state = inference_state(model_cfg, sharding, config.inference.weight_dtype)
+  cache = abstract_cache(model_cfg, sharding, batch, context + 1)
 
   def prefill(state, cache, tokens, positions, valid):
     return decoding.forward_cached(nnx.merge(graphdef, state), cache, tokens, positions, 0, valid, last_only=True)
   return jax.jit(prefill, donate_argnums=(1,)).lower(
-      state, cache, _tokens(mesh, batch, context, jnp.int32), _tokens(mesh, batch, context, jnp.int32),
-      _tokens(mesh, batch, context, jnp.bool_))
+      state, cache, _tokens(sharding, batch, context, jnp.int32), _tokens(sharding, batch, context, jnp.int32),
+      _tokens(sharding, batch, context, jnp.bool_))
 
 
-def lower_decode_step(config: ml_collections.ConfigDict, mesh: Mesh, batch: int, context: int) -> Any:
+def lower_decode_step(config: ml_collections.ConfigDict, sharding: ShardingConfig, batch: int, context: int) -> Any:
   """One sampled token against a cache of `context` slots (the loop body of sampling._decode_loop)."""
-  model_cfg = ml_collections.ConfigDict(config.model.to_dict())
-  model_cfg.dropout = 0.0
-  graphdef, state = inference_state(model_cfg, mesh, config.inference.weight_dtype)
-  cache = abstract_cache(model_cfg, mesh, batch, context)
+  model_cfg = _inference_model_config(config)
+  graphdef, state = inference_state(model_cfg, sharding, config.inference.weight_dtype)
+  cache = abstract_cache(model_cfg, sharding, batch, context)
 
   def decode(state, cache, token, position, start, valid):
     return decoding.forward_cached(nnx.merge(graphdef, state), cache, token, position, start, valid)
-  scalar = _abstract((), jnp.int32, parallel.replicated(mesh))
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated())
   return jax.jit(decode, donate_argnums=(1,)).lower(
-      state, cache, _tokens(mesh, batch, 1, jnp.int32), _tokens(mesh, batch, 1, jnp.int32), scalar,
-      _tokens(mesh, batch, 1, jnp.bool_))
+      state, cache, _tokens(sharding, batch, 1, jnp.int32), _tokens(sharding, batch, 1, jnp.int32), scalar,
+      _tokens(sharding, batch, 1, jnp.bool_))
 
 
 def with_model(config: ml_collections.ConfigDict, **model_fields: Any) -> ml_collections.ConfigDict:
@@ -104,16 +113,16 @@ def with_model(config: ml_collections.ConfigDict, **model_fields: Any) -> ml_col
   return out
 
 
-def production_programs(config: ml_collections.ConfigDict, mesh: Mesh, *, batch: int, context: int
+def production_programs(config: ml_collections.ConfigDict, sharding: ShardingConfig, *, batch: int, context: int
                         ) -> dict[str, Any]:
   """name -> a thunk lowering that program: the train step under each attention_impl that runs on a
   GPU, the eval step, the prefill of `context` tokens and one decode step against `context` slots."""
   return {
-      "train step (blockwise)": lambda: lower_train_step(with_model(config, attention_impl="blockwise"), mesh),
-      "train step (pallas)": lambda: lower_train_step(with_model(config, attention_impl="pallas"), mesh),
+      "train step (blockwise)": lambda: lower_train_step(with_model(config, attention_impl="blockwise"), sharding),
+      "train step (pallas)": lambda: lower_train_step(with_model(config, attention_impl="pallas"), sharding),
       "train step, dot baseline (pallas: cuDNN)": lambda: lower_train_step(
-          with_model(config, attention_impl="pallas", attention="dot", topofilter=False), mesh),
-      "eval step": lambda: lower_eval_step(config, mesh),
-      f"prefill (batch {batch}, {context} tokens)": lambda: lower_prefill(config, mesh, batch, context),
-      f"decode step (batch {batch}, {context} slots)": lambda: lower_decode_step(config, mesh, batch, context),
+          with_model(config, attention_impl="pallas", attention="dot", topofilter=False), sharding),
+      "eval step": lambda: lower_eval_step(config, sharding),
+      f"prefill (batch {batch}, {context} tokens)": lambda: lower_prefill(config, sharding, batch, context),
+      f"decode step (batch {batch}, {context} slots)": lambda: lower_decode_step(config, sharding, batch, context),
   }

@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh
 
-from neon_qtg_jax import parallel
+from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.loss import LossWeights, qtg_loss
 from neon_qtg_jax.model.qtg import QTGModel
 from neon_qtg_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -59,37 +58,84 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
   return jax.eval_shape(lambda key: _init_state(config, key), jax.random.PRNGKey(0))
 
 
-def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
-  """Shardings for every leaf of the train state from the parameters' logical axes and parallel.rules.
+def state_shardings(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> TrainState:
+  """Shardings for every leaf of the train state from the parameters' logical axes and the rules.
 
   The optimizer moments carry the parameters' axis names, so they are split like the parameters.
   """
   abstract = abstract_train_state(config)
-  replicated = parallel.replicated(mesh)
-  rules = config.parallel.rules
+  replicated = sharding.replicated()
   return abstract.replace(
       step=replicated, rng=replicated, nonfinite_streak=replicated, nonfinite_peak=replicated,
-      nonfinite_total=replicated, params=parallel.param_shardings(abstract.params, mesh, rules),
-      opt_state=parallel.param_shardings(abstract.opt_state, mesh, rules))
+      nonfinite_total=replicated, params=sharding.params(abstract.params), opt_state=sharding.params(abstract.opt_state))
 
 
-def sharded_abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+def sharded_abstract_state(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> TrainState:
   """TrainState of ShapeDtypeStructs carrying their shardings: a restore target, or a compile input."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract_train_state(config), state_shardings(config, mesh))
+                      abstract_train_state(config), state_shardings(config, sharding))
+
+
+def init_fn(config: ml_collections.ConfigDict, sharding: ShardingConfig) -> Callable[[jax.Array], TrainState]:
+  """The jit-compiled fresh start: PRNG key -> TrainState built directly in its shards."""
+  return jax.jit(lambda key: _init_state(config, key), out_shardings=state_shardings(config, sharding))
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
-                       mesh: Mesh | None = None) -> tuple[nnx.GraphDef, TrainState]:
+                       sharding: ShardingConfig) -> tuple[nnx.GraphDef, TrainState]:
   """Initialises parameters and optimizer state directly in their shards: (graphdef, TrainState)."""
-  mesh = mesh or parallel.make_mesh(config.parallel)
-  init = jax.jit(lambda key: _init_state(config, key), out_shardings=state_shardings(config, mesh))
-  return model_graphdef(config), init(rng)
+  return model_graphdef(config), init_fn(config, sharding)(rng)
 
 
 def tokens_per_step(config: ml_collections.ConfigDict) -> int:
   t = config.training
   return t.batch_size * t.grad_accum_steps * config.data.max_length
+
+
+LAYER_KINDS = {"attn": "attention", "w_o": "attention", "w_psi": "attention", "w_1": "mlp", "w_2": "mlp",
+               "ln1": "norm", "ln2": "norm"}
+TOP_LEVEL_GROUPS = {"embed": "embedding", "head": "embedding", "ln_f": "final_norm"}
+
+
+def _group_of(path: tuple[Any, ...]) -> tuple[bool, str]:
+  """(per layer, group) of a parameter path: block kinds (attention, mlp, norm) or a top-level group."""
+  keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+  if keys[0] == "blocks":
+    return True, LAYER_KINDS.get(keys[1], keys[1])
+  return False, TOP_LEVEL_GROUPS.get(keys[0], keys[0])
+
+
+def layer_groups(params: nnx.State, num_layers: int) -> tuple[str, ...]:
+  """The names of group_norms' entries: block_{i:02d}/{kind} for every layer, then the top-level groups."""
+  per_layer, top = set(), set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    layered, group = _group_of(path)
+    (per_layer if layered else top).add(group)
+  return tuple(f"block_{i:02d}/{kind}" for i in range(num_layers) for kind in sorted(per_layer)) + tuple(sorted(top))
+
+
+def group_norms(tree: nnx.State) -> jax.Array:
+  """L2 norm of a params-shaped tree per layer_groups entry, float32 (G,): one fused pass, no host sync.
+
+  The stacked blocks' leading axis is the layer, so a block parameter adds one value per layer.
+  """
+  per_layer: dict[str, jax.Array] = {}
+  top: dict[str, jax.Array] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    layered, group = _group_of(path)
+    square = jnp.square(leaf.astype(jnp.float32))
+    if layered:
+      per_layer[group] = per_layer.get(group, 0.0) + square.sum(axis=tuple(range(1, leaf.ndim)))
+    else:
+      top[group] = top.get(group, 0.0) + square.sum()
+  blocks = jnp.stack([per_layer[k] for k in sorted(per_layer)], axis=1).reshape(-1)  # layer-major
+  return jnp.sqrt(jnp.concatenate([blocks, jnp.stack([top[k] for k in sorted(top)])]))
+
+
+def layer_stats(grads: nnx.State, updates: nnx.State, params: nnx.State) -> dict[str, jax.Array]:
+  """grad_norm and update_ratio (|update| / |param| before the update) per layer_groups entry."""
+  return {"grad_norm": group_norms(grads),
+          "update_ratio": group_norms(updates) / jnp.maximum(group_norms(params), 1e-8)}
 
 
 def _tree_select(keep_new: jax.Array, new: Any, old: Any) -> Any:
@@ -146,7 +192,11 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, w
 def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                   micro_sharding: jax.sharding.Sharding | None = None
                   ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """The uncompiled step: (state, batch) -> (state, metrics); batch arrays are (accum * batch_size, L)."""
+  """The uncompiled step: (state, batch) -> (state, metrics); batch arrays are (accum * batch_size, L).
+
+  metrics: the loss terms, perplexity, grad_norm, param_norm, lr, finite (scalars) and layers
+  ({"grad_norm", "update_ratio"}: (G,) per layer_groups entry).
+  """
   t = config.training
   optimizer = make_optimizer(t)
   schedule = learning_rate_schedule(t)
@@ -168,7 +218,8 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     applied = state.step - state.nonfinite_total  # updates applied before this step
     metrics = dict(terms, perplexity=jnp.exp(terms["ce"]), grad_norm=grad_norm,
-                   param_norm=optax.global_norm(params), lr=schedule(applied), finite=finite)
+                   param_norm=optax.global_norm(params), lr=schedule(applied), finite=finite,
+                   layers=layer_stats(grads, updates, state.params))
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, nonfinite_streak=streak,
         nonfinite_peak=jnp.maximum(state.nonfinite_peak, streak),
@@ -179,42 +230,33 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                    mesh: Mesh | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    sharding: ShardingConfig) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """jit-compiled train step with the state donated; works on abstract inputs for .lower().
 
-  Batch rows are split over the "batch" rule's mesh axes (parallel.check_batch rejects a batch
-  that does not divide); activations are constrained by logical names while the step traces.
+  Batch rows are split over the "batch" rule's mesh axes (parallel.inputs.check_batch rejects a
+  batch that does not divide); activations are constrained by logical names while the step traces.
   """
-  mesh = mesh or parallel.make_mesh(config.parallel)
-  rules = config.parallel.rules
-  shardings = state_shardings(config, mesh)
-  step = train_step_fn(config, graphdef, parallel.batch_sharding(mesh, rules, leading=1))
+  shardings = state_shardings(config, sharding)
+  step = train_step_fn(config, graphdef, sharding.batch(leading=1))
 
   def sharded_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    with parallel.activation_sharding(mesh, rules):
+    with sharding.activations():
       return step(state, batch)
 
-  return jax.jit(sharded_step, donate_argnums=(0,), in_shardings=(shardings, parallel.batch_sharding(mesh, rules)),
-                 out_shardings=(shardings, parallel.replicated(mesh)))
+  return jax.jit(sharded_step, donate_argnums=(0,), in_shardings=(shardings, sharding.batch()),
+                 out_shardings=(shardings, sharding.replicated()))
 
 
 def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                   mesh: Mesh | None = None) -> Callable[[nnx.State, Batch], Metrics]:
-  """jit-compiled evaluation of one batch without dropout: every loss term and the perplexity.
+                   sharding: ShardingConfig) -> Callable[[nnx.State, Batch], Metrics]:
+  """jit-compiled evaluation of one batch without dropout: every loss term.
 
-  With a mesh, activations follow parallel.rules and the scalars come back replicated (readable
-  on every process).
+  Activations follow the rules and the scalars come back replicated (readable on every process).
   """
   weights = LossWeights.from_config(config.training)
 
   def evaluate(params: nnx.State, batch: Batch) -> Metrics:
-    _, terms = loss_fn(graphdef, params, batch, weights, None)
+    with sharding.activations():
+      _, terms = loss_fn(graphdef, params, batch, weights, None)
     return {k: terms[k] for k in LOSS_TERMS}
-
-  if mesh is None:
-    return jax.jit(evaluate)
-
-  def sharded_evaluate(params: nnx.State, batch: Batch) -> Metrics:
-    with parallel.activation_sharding(mesh, config.parallel.rules):
-      return evaluate(params, batch)
-  return jax.jit(sharded_evaluate, out_shardings=parallel.replicated(mesh))
+  return jax.jit(evaluate, out_shardings=sharding.replicated())

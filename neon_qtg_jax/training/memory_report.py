@@ -1,9 +1,9 @@
-"""--mode=memory_test: compile the real train step for abstract inputs and report XLA's memory analysis.
+"""--mode=memory_report (also accepted as --mode=memory_test): XLA's memory analysis of the compiled train step.
 
-Nothing is allocated: the state and batch are ShapeDtypeStructs with their shardings, so this
-answers "does the configured step fit on these devices" before any training starts. With
-`--target=h200:N` the step compiles for N H200s with XLA's GPU compiler on any machine
-(parallel/targets); without it, for the local devices.
+Nothing is allocated: the state and batch are ShapeDtypeStructs with their shardings (the lowering
+is training/programs.py's), so this answers "does the configured step fit on these devices" before
+any training starts. With `--target=h200:N` the step compiles for N H200s with XLA's GPU compiler
+on any machine (parallel/targets); without it, for the local devices.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from neon_qtg_jax import info, parallel
+from neon_qtg_jax import info
 from neon_qtg_jax.ops import dispatch
-from neon_qtg_jax.parallel import targets
-from neon_qtg_jax.training import train_step as ts
+from neon_qtg_jax.parallel import ShardingConfig, targets
+from neon_qtg_jax.training import programs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +47,6 @@ class MemoryReport:
     return self.peak <= self.device_bytes
 
 
-def abstract_inputs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[ts.TrainState, ts.Batch]:
-  """The train step's arguments as sharded ShapeDtypeStructs."""
-  t = config.training
-  rows = t.batch_size * t.grad_accum_steps
-  token = jax.ShapeDtypeStruct((rows, config.data.max_length), jax.numpy.int32,
-                               sharding=parallel.batch_sharding(mesh, config.parallel.rules))
-  return ts.sharded_abstract_state(config, mesh), {"inputs": token, "targets": token}
-
-
 def compile_report(lowered_fn: Callable[[], Any], target: targets.Target) -> MemoryReport:
   """Lowers (for the target's platform) and compiles; XLA's memory analysis of the result."""
   began = time.perf_counter()
@@ -74,19 +65,16 @@ def compile_report(lowered_fn: Callable[[], Any], target: targets.Target) -> Mem
 def analyze(config: ml_collections.ConfigDict, target: targets.Target | None = None) -> MemoryReport:
   """Compiles the train step for `config` on `target` (default: the local devices); returns the analysis."""
   target = target or targets.local_target()
-  mesh = parallel.make_mesh(config.parallel, devices=list(target.devices))
-  step = ts.make_train_step(config, ts.model_graphdef(config), mesh)
-  return compile_report(lambda: step.lower(*abstract_inputs(config, mesh)), target)
+  sharding = ShardingConfig.from_config(config.parallel, list(target.devices))
+  return compile_report(lambda: programs.lower_train_step(config, sharding), target)
 
 
 def analyze_init(config: ml_collections.ConfigDict, target: targets.Target | None = None) -> MemoryReport:
   """The fresh-start program (parameters and AdamW state built in their shards). A resume runs no
-  program: Orbax reads the checkpoint straight into the sharded state (trainer.restore_or_init)."""
+  program: Orbax reads the checkpoint straight into the sharded state."""
   target = target or targets.local_target()
-  mesh = parallel.make_mesh(config.parallel, devices=list(target.devices))
-  init = jax.jit(lambda key: ts._init_state(config, key), out_shardings=ts.state_shardings(config, mesh))  # pylint: disable=protected-access
-  key = jax.ShapeDtypeStruct((2,), jax.numpy.uint32, sharding=parallel.replicated(mesh))
-  return compile_report(lambda: init.lower(key), target)
+  sharding = ShardingConfig.from_config(config.parallel, list(target.devices))
+  return compile_report(lambda: programs.lower_init(config, sharding), target)
 
 
 def estimate_bytes(config: ml_collections.ConfigDict, num_devices: int) -> float:
@@ -117,7 +105,7 @@ def format_report(config: ml_collections.ConfigDict, report: MemoryReport, init:
   estimate = estimate_bytes(config, report.num_devices)
   host = "  (host RAM: CPU devices)" if "cpu" in report.device_kind.lower() else ""
   lines = [
-      f"memory test: {config.name} train step on {report.num_devices} x {report.device_kind} "
+      f"memory report: {config.name} train step on {report.num_devices} x {report.device_kind} "
       f"(target {report.target}, compiled in {report.compile_seconds:.1f}s)",
       f"  step: {t.grad_accum_steps} x {t.batch_size} x {config.data.max_length} tokens, dtype {m.dtype}, "
       f"remat {m.remat}, scan_layers {m.scan_layers}, AdamW mu {t.mu_dtype}",

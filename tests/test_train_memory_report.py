@@ -1,9 +1,9 @@
-"""--mode=memory_test on CPU: the compiled step's memory analysis is complete and consistent."""
+"""--mode=memory_report on CPU: the compiled step's memory analysis is complete and consistent."""
 
 import jax
 
 from neon_qtg_jax.config import default_config, validate
-from neon_qtg_jax.training import memory_test
+from neon_qtg_jax.training import memory_report
 from neon_qtg_jax.training import train_step as ts
 
 
@@ -15,10 +15,10 @@ def test_memory_analysis_of_the_real_step():
   c.eval.update(max_length=32, stride=16)
   c.training.update(batch_size=4, grad_accum_steps=2)
   validate(c)
-  report = memory_test.analyze(c)
+  report = memory_report.analyze(c)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ts.abstract_train_state(c)))
   assert report.arguments >= state_bytes  # params, both AdamW moments and the batch are all arguments
   assert report.aliased >= 0.9 * state_bytes  # the donated state is updated in place
   assert report.temporaries > 0 and report.peak < report.device_bytes and report.fits
-  text = memory_test.format_report(c, report)
+  text = memory_report.format_report(c, report)
   assert "XLA memory analysis" in text and "fits: yes" in text

@@ -1,4 +1,4 @@
-"""Checkpoints through Orbax's CheckpointManager: layout, save, restore with fallback, params-only reads.
+"""Checkpoints through Orbax's CheckpointManager: layout, save, checked restore, params-only reads.
 
 Layout (docs/TRAINING.md): `{workdir}/checkpoints/{step}/` holds one Orbax composite per step:
 
@@ -10,6 +10,11 @@ Layout (docs/TRAINING.md): `{workdir}/checkpoints/{step}/` holds one Orbax compo
 
 Each item restores on its own, so evaluation and sampling read `params` alone. Steps are
 kept by Orbax's preservation policy: the last `keep_checkpoints` plus the best by `val_loss`.
+
+A restore first compares the arrays the checkpoint holds (Orbax metadata, nothing read) with the
+run's: a checkpoint of another model shape is a CheckpointMismatchError naming the parameter and
+the config fields that differ, and is left where it is; only a checkpoint whose data cannot be read
+is moved aside.
 """
 
 from __future__ import annotations
@@ -26,14 +31,15 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
-from neon_qtg_jax.config import complete_saved_config
-from neon_qtg_jax.parallel.decisions import all_succeeded
-from neon_qtg_jax.training.save_faults import CheckpointSaveError, free_space_warning
-from neon_qtg_jax.training import backup
+from neon_qtg_jax.checkpoint import storage
+from neon_qtg_jax.checkpoint.errors import CheckpointMismatchError, CheckpointSaveError, free_space_warning
+from neon_qtg_jax.config import MODEL_EXECUTION_FIELDS, complete_saved_config
+from neon_qtg_jax.parallel import decisions
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+DEFAULT_SAVE_TIMEOUT_MINUTES = 20.0  # Orbax's own default
 BEST_METRIC = "val_loss"
 
 
@@ -50,8 +56,14 @@ def _best_metric(metrics: dict[str, float]) -> float:
   return metrics[BEST_METRIC]
 
 
-def make_manager(directory: str, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  """CheckpointManager for `directory` (a run's checkpoints/): async, atomic, keeps the last `keep` plus the best."""
+def make_manager(directory: str, *, keep: int = 3, read_only: bool = False,
+                 timeout_minutes: float = DEFAULT_SAVE_TIMEOUT_MINUTES) -> ocp.CheckpointManager:
+  """CheckpointManager for `directory` (a run's checkpoints/): async, atomic, keeps the last `keep` plus the best.
+
+  timeout_minutes: how long a background save may take, the processes' wait for each other at its
+  end included (Orbax's AsyncOptions.timeout_secs). A process whose writes failed never reaches
+  that barrier: the others then fail this save after timeout_minutes, so every process sees it.
+  """
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=keep),
       checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=True, n=1,
@@ -60,7 +72,9 @@ def make_manager(directory: str, *, keep: int = 3, read_only: bool = False) -> o
   options = ocp.CheckpointManagerOptions(
       best_fn=_best_metric, best_mode="min", preservation_policy=None if read_only else policy,
       enable_async_checkpointing=not read_only, read_only=read_only, create=not read_only,
-      save_interval_steps=0 if read_only else 1)
+      save_interval_steps=0 if read_only else 1,
+      async_options=ocp.AsyncOptions(timeout_secs=max(1, round(60 * timeout_minutes)),
+                                     barrier_sync_fn=decisions.SaveBarrier() if jax.process_count() > 1 else None))
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -106,15 +120,15 @@ def resolve(workdir_or_path: str, which: str | int = "latest") -> CheckpointRef:
   """Finds one checkpoint. which: a step number, "best", "latest" or a path (then workdir_or_path is ignored).
 
   A backup URL (s3://bucket/run, or .../checkpoints/{step}) as either argument is downloaded first
-  (backup.localize) and its checksums checked.
+  (storage.localize) and its checksums checked.
 
   Raises FileNotFoundError naming the directory when nothing matches.
   """
   which = str(which)
-  if backup.is_url(which):  # a backup URL: a verified local copy of the step
-    which = backup.localize(which)
-  elif backup.is_url(workdir_or_path):
-    workdir_or_path = backup.localize(workdir_or_path, which)
+  if storage.is_url(which):  # a backup URL: a verified local copy of the step
+    which = storage.localize(which)
+  elif storage.is_url(workdir_or_path):
+    workdir_or_path = storage.localize(workdir_or_path, which)
   if which not in ("best", "latest") and not which.isdigit():
     directory, step = _manager_directory(which)
     if step is None:
@@ -168,7 +182,11 @@ def restore_params(workdir_or_path: str, which: str | int, abstract_model_state:
   """
   ref = resolve(workdir_or_path, which)
   params_state = nnx.filter_state(abstract_model_state, nnx.Param)
-  restored = _restore_items(ref, {"params": ocp.args.StandardRestore(abstract_params(params_state))})
+  target = abstract_params(params_state)
+  differs = array_mismatch(ref.path, "params", target)
+  if differs:
+    raise CheckpointMismatchError(f"checkpoint {ref.path} does not fit the model: {differs}")
+  restored = _restore_items(ref, {"params": ocp.args.StandardRestore(target)})
   state = jax.tree.map(lambda x: x, params_state)  # a copy whose leaves are replaced below
   nnx.replace_by_pure_dict(state, restored["params"])
   return state, ref.step
@@ -187,12 +205,67 @@ def load_meta(workdir_or_path: str, which: str | int = "latest") -> dict[str, An
   return dict(_restore_items(ref, {"meta": ocp.args.JsonRestore()})["meta"])
 
 
+
+
+def _key_text(path: tuple[Any, ...]) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def saved_arrays(step_dir: str, item: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(path, shape) of every array an item of a step directory holds, from Orbax's metadata (no data read)."""
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / item)
+  tree = getattr(metadata, "tree", metadata)
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return [(_key_text(path), tuple(leaf.shape)) for path, leaf in leaves]
+
+
+def array_mismatch(step_dir: str, item: str, target: Any) -> str | None:
+  """How the arrays saved under `item` differ from `target`'s (shapes of a pytree), or None when they fit.
+
+  Compares the leaves in order (Orbax restores optax's NamedTuples as plain tuples, so only the
+  order and shapes carry over); names the first differing leaf by the target's path.
+  """
+  saved = saved_arrays(step_dir, item)
+  wanted = [(_key_text(path), tuple(leaf.shape))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]]
+  for (saved_path, saved_shape), (path, shape) in zip(saved, wanted):
+    if saved_shape != shape:
+      return f"{item} {path} is {saved_shape} in the checkpoint and {shape} in this run"
+  if len(saved) != len(wanted):
+    extra = [p for p, _ in (saved[len(wanted):] or wanted[len(saved):])][:3]
+    where = "only the checkpoint" if len(saved) > len(wanted) else "only this run"
+    return (f"{item} holds {len(saved)} arrays in the checkpoint and {len(wanted)} in this run "
+            f"(in {where}: {', '.join(extra)})")
+  return None
+
+
+def config_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict, section: str
+                       ) -> list[str]:
+  """'model.mlp_ratio = 4 here, 2 in the checkpoint' for every field of `section` that differs.
+
+  Model fields that only choose how the forward pass is computed (config.MODEL_EXECUTION_FIELDS)
+  are left out: they change no array.
+  """
+  out = []
+  ours, theirs = current[section].to_dict(), saved.get(section, ml_collections.ConfigDict()).to_dict()
+  for name in sorted(set(ours) | set(theirs)):
+    if section == "model" and name in MODEL_EXECUTION_FIELDS:
+      continue
+    mine, old = ours.get(name), theirs.get(name)
+    if isinstance(mine, tuple) and isinstance(old, list):
+      old = tuple(old)
+    if mine != old:
+      out.append(f"{section}.{name} = {mine!r} here, {old!r} in the checkpoint")
+  return out
+
+
 class Checkpointer:
   """Saves and restores full training checkpoints in one directory (a run's checkpoints/)."""
 
-  def __init__(self, directory: str, keep: int, on_save_error: str = "stop"):
+  def __init__(self, directory: str, keep: int, on_save_error: str = "stop", read_only: bool = False,
+               timeout_minutes: float = DEFAULT_SAVE_TIMEOUT_MINUTES):
     self.directory = os.path.abspath(directory)
-    self.manager = make_manager(self.directory, keep=keep)
+    self.manager = make_manager(self.directory, keep=keep, read_only=read_only, timeout_minutes=timeout_minutes)
     self.on_save_error = on_save_error  # "stop": raise CheckpointSaveError; "continue": log it and go on
     self.pending: int | None = None     # the step whose asynchronous save may still be running
 
@@ -202,12 +275,15 @@ class Checkpointer:
     reason = str(err).splitlines()[0] if str(err) else ""
     if len(reason) > 400:  # TensorStore's messages put the OS reason ("File too large") last
       reason = f"{reason[:150]} ... {reason[-250:]}"
+    if isinstance(err, TimeoutError):
+      reason += (" another process did not finish its part in time (training.save_timeout_minutes); its own error "
+                 "names the cause")
     message = (f"checkpoint {step} could not be written to {self.directory} ({type(err).__name__}: {reason}); "
                f"earlier checkpoints {intact} are intact")
     if self.on_save_error == "continue":
       log.error("%s; training goes on (training.on_save_error='continue')", message)
       return
-    raise CheckpointSaveError(message + "; stopping (training.on_save_error='stop')") from err
+    raise CheckpointSaveError(message + "; stopping (training.on_save_error='stop')", message) from err
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -235,6 +311,32 @@ class Checkpointer:
     except Exception as err:  # noqa: BLE001 - Orbax and TensorStore raise ValueError, OSError, ...
       self._save_failed(step, err)
 
+  def mismatch(self, step: int, *, params: nnx.State, opt_state: Any,
+               config: ml_collections.ConfigDict | None = None) -> str | None:
+    """Why step's arrays do not fit `params` / `opt_state` (naming the config fields that differ), or None.
+
+    Reads Orbax's metadata only; raises like a restore when that cannot be read.
+    """
+    step_dir = os.path.join(self.directory, str(step))
+    for item, target, section in (("params", abstract_params(params), "model"),
+                                  ("opt_state", opt_state, "training")):
+      differs = array_mismatch(step_dir, item, target)
+      if differs is None:
+        continue
+      fields = []
+      if config is not None:
+        try:
+          saved = config_from_json(self.manager.restore(step, args=ocp.args.Composite(
+              config=ocp.args.JsonRestore()))["config"])
+          fields = config_differences(saved, config, section)
+        except Exception as err:  # noqa: BLE001 - the arrays differ whatever the config item holds
+          fields = [f"the saved config cannot be read ({type(err).__name__})"]
+      cause = ("; ".join(fields[:5]) if fields else
+               f"no {section}.* field differs from the saved config: the checkpoint was written by other code")
+      return (f"checkpoint {step} in {self.directory} does not fit this run: {differs} ({cause}); "
+              "resume with the config it was written with, or start in another workdir (nothing was moved)")
+    return None
+
   def restore(self, step: int, *, params: nnx.State, opt_state: Any,
               data_args: ocp.args.CheckpointArgs | None = None) -> dict[str, Any]:
     """Restores one step into the shapes of the given (abstract or concrete) params and opt_state.
@@ -260,34 +362,62 @@ class Checkpointer:
       out["data"] = restored["data"]
     return out
 
+  def try_restore(self, step: int, *, params: nnx.State, opt_state: Any,
+                  data_args: ocp.args.CheckpointArgs | None = None, config: ml_collections.ConfigDict | None = None,
+                  move_unreadable: bool = True) -> dict[str, Any] | None:
+    """restore(), told apart by cause and decided by every process together.
+
+    Arrays of other shapes (on any process): CheckpointMismatchError, nothing moved. Data that
+    cannot be read (on any process): the step is moved aside (`move_unreadable`) and None returned.
+    """
+    restored, differs, reason = None, None, "unreadable on another process"
+    try:
+      differs = self.mismatch(step, params=params, opt_state=opt_state, config=config)
+      if differs is None:
+        restored = self.restore(step, params=params, opt_state=opt_state, data_args=data_args)
+    except Exception as err:  # noqa: BLE001 - any read failure means: fall back to the previous step
+      reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    agreed = decisions.agree({"mismatch": differs is not None, "unreadable": differs is None and restored is None})
+    if agreed["mismatch"]:
+      raise CheckpointMismatchError(differs or f"checkpoint {step} in {self.directory} does not fit this run "
+                                    "on another process (its message names the parameter); nothing was moved")
+    if not agreed["unreadable"]:
+      return restored
+    if move_unreadable:
+      kept = self.move_aside(step)
+      log.warning("checkpoint %s/%d is unreadable (%s); moved to %s, not deleted", self.directory, step, reason,
+                  kept or f"{self.directory}/{step}.unreadable")
+    else:
+      log.warning("checkpoint %s/%d is unreadable (%s)", self.directory, step, reason)
+    return None
+
   def restore_latest_good(self, candidates: list[int], **kwargs) -> tuple[int, dict[str, Any]] | None:
     """Tries the steps newest first; an unreadable one is moved aside (see move_aside) and the previous one used."""
     for step in sorted(candidates, reverse=True):
-      restored, reason = None, "unreadable on another process"
-      try:
-        restored = self.restore(step, **kwargs)
-      except Exception as err:  # noqa: BLE001 - any read failure means: fall back to the previous step
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-      if all_succeeded(restored is not None):  # every process falls back together
+      restored = self.try_restore(step, **kwargs)
+      if restored is not None:
         return step, restored
-      if jax.process_index() == 0:  # one process renames the shared directory
-        kept = self.move_aside(step)
-        log.warning("checkpoint %s/%d is unreadable (%s); moved to %s, not deleted; falling back to the "
-                    "previous one", self.directory, step, reason, kept)
+      log.warning("falling back to the previous checkpoint")
     return None
 
-  def move_aside(self, step: int) -> str:
-    """Renames step's directory to `{step}.unreadable` (then .1, .2, ...): kept for the user, out of Orbax's view.
-
-    Orbax lists only directories named by a step number, so the renamed one is never restored,
-    counted in keep-K rotation or deleted by it; a new save of the same step does not collide.
-    """
+  def _rename_aside(self, step: int) -> str:
     source = os.path.join(self.directory, str(step))
     target, n = f"{source}.unreadable", 0
     while os.path.exists(target):
       n += 1
       target = f"{source}.unreadable.{n}"
     os.rename(source, target)
+    return target
+
+  def move_aside(self, step: int) -> str | None:
+    """Renames step's directory to `{step}.unreadable` (then .1, .2, ...): kept for the user, out of Orbax's view.
+
+    One process renames, every process waits for it (a barrier), then re-lists the directory; the
+    new name on process 0, None on the others. Orbax lists only directories named by a step number,
+    so the renamed one is never restored, counted in keep-K rotation or deleted by it; a new save
+    of the same step does not collide.
+    """
+    target = decisions.on_one_process(lambda: self._rename_aside(step), f"move_aside_{step}")
     self.manager.reload()
     return target
 

@@ -1,0 +1,137 @@
+"""The training loop: fetch a batch, run the step, agree on the step's decisions, run the hooks that are due.
+
+Everything else a run does (logging, evaluation, samples, checkpoints, the backup, profiling, the
+spike guard, stopping) is a Hook. Each step:
+
+1. every hook `observe`s the step (cheap bookkeeping on the host; no device sync) and `propose`s
+   its flags (a signal arrived, time is up, a save failed);
+2. the proposals are agreed across processes (`decisions.StepAgreement`: this step's with one
+   process, the previous step's with several) into one `Agreed` record every hook reads;
+3. the hooks `due` at this step `run` in their order; a hook may stop the loop, or drop the rest of
+   the step (a rollback); the step's scalars are then written as one record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from neon_qtg_jax.parallel.decisions import Agreed, StepAgreement
+
+
+@dataclasses.dataclass
+class Stop:
+  """Why the loop ended: the reason logged, the process exit code, an error raised after clean-up."""
+  reason: str
+  exit_code: int = 0
+  error: Exception | None = None
+
+
+@dataclasses.dataclass
+class StepContext:
+  """One step as the hooks see it. `scalars` is written as one record once the hooks ran."""
+  step: int
+  state: Any                  # the TrainState after the step
+  metrics: Mapping[str, Any]  # the step's metrics, still on the device
+  agreed: Agreed
+  last: bool                  # the final step: evaluate, sample and save now (total_steps or time is up)
+  data_wait: float            # seconds spent fetching this step's batch
+  scalars: dict[str, float] = dataclasses.field(default_factory=dict)
+  val_loss: float | None = None   # set by the evaluation hook at an evaluation step
+  improved: bool = False          # ... and whether it is the best so far
+  dropped: bool = False           # a hook ended this step early (rollback, stop): later hooks skip it
+
+
+class Hook:
+  """Something the loop does at some steps; subclasses override what they need.
+
+  every: run at multiples of it (0: never by count); at_last: also at the final step.
+  """
+  every: int = 0
+  at_last: bool = False
+  proposals: tuple[str, ...] = ()   # the flags `propose` may raise
+
+  def start(self, loop: "Loop") -> None:
+    """Before the first step."""
+
+  def observe(self, ctx: StepContext) -> None:
+    """Every step, before the agreement: host bookkeeping only."""
+
+  def propose(self, step: int) -> Mapping[str, bool]:
+    """Every step: this process's flags for the agreement."""
+    return {}
+
+  def due(self, ctx: StepContext) -> bool:
+    return bool(self.every and ctx.step % self.every == 0) or (self.at_last and ctx.last)
+
+  def run(self, ctx: StepContext, loop: "Loop") -> None:
+    """At the steps `due` says."""
+
+  def close(self, loop: "Loop") -> None:
+    """After the last step; hooks close in reverse order (the last save finishes before the backup waits)."""
+
+  def rewound(self, step: int) -> None:
+    """The loop went back to `step` (Loop.rewind): drop what was kept about the later steps."""
+
+  def abort(self) -> None:
+    """Instead of close() when the loop raised: release what start() took (signal handlers, a trace)."""
+
+
+class Loop:
+  """The steps from `step` to total_steps and the hooks. Hooks may replace state, step or train_step."""
+
+  def __init__(self, *, train_step: Callable[[Any, Any], tuple[Any, Any]], next_batch: Callable[[], Any],
+               hooks: Sequence[Hook], total_steps: int, write_scalars: Callable[[int, Mapping[str, float]], None]):
+    self.train_step, self.next_batch, self.hooks = train_step, next_batch, list(hooks)
+    self.total_steps, self.write_scalars = total_steps, write_scalars
+    self.state: Any = None
+    self.step = 0
+    self.stopped: Stop | None = None
+
+  def rewind(self, state: Any, step: int, train_step: Callable | None = None) -> None:
+    """Continues from an earlier state (the spike guard's rollback); the data iterator is not rewound."""
+    self.state, self.step = state, step
+    self.train_step = train_step or self.train_step
+    for hook in self.hooks:
+      hook.rewound(step)
+
+  def stop(self, reason: str, exit_code: int = 0, error: Exception | None = None) -> None:
+    if self.stopped is None:
+      self.stopped = Stop(reason, exit_code, error)
+
+  def run(self, state: Any, step: int) -> Stop:
+    self.state, self.step = state, step
+    agreement = StepAgreement(tuple(sorted({name for hook in self.hooks for name in hook.proposals})))
+    for hook in self.hooks:
+      hook.start(self)
+    try:
+      self._steps(agreement)
+    except BaseException:
+      for hook in reversed(self.hooks):
+        hook.abort()
+      raise
+    for hook in reversed(self.hooks):
+      hook.close(self)
+    return self.stopped or Stop("finished")
+
+  def _steps(self, agreement: StepAgreement) -> None:
+    while self.step < self.total_steps and self.stopped is None:
+      fetch_start = time.perf_counter()
+      batch = self.next_batch()
+      fetched = time.perf_counter()
+      self.state, metrics = self.train_step(self.state, batch)
+      self.step += 1
+      ctx = StepContext(self.step, self.state, metrics, Agreed(self.step, {}), self.step == self.total_steps,
+                        fetched - fetch_start)
+      proposals: dict[str, bool] = {}
+      for hook in self.hooks:
+        hook.observe(ctx)
+        for name, value in hook.propose(self.step).items():
+          proposals[name] = proposals.get(name, False) or bool(value)
+      ctx.agreed = agreement.step(self.step, proposals)
+      ctx.last = ctx.last or ctx.agreed["out_of_time"]
+      for hook in self.hooks:
+        if not ctx.dropped and hook.due(ctx):
+          hook.run(ctx, self)
+      self.write_scalars(ctx.step, ctx.scalars)

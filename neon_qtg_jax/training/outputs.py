@@ -1,0 +1,128 @@
+"""What a training run writes besides checkpoints, and the one place that makes it a no-op on non-writer processes.
+
+Process 0 (`decisions.is_writer`) writes training.log, TensorBoard and metrics.jsonl, the loss
+plot, samples, the profile trace and the backup; every other process gets writers that do nothing
+and logs warnings and errors to stderr, prefixed `[process i]`. Nothing else in training/ asks
+which process it is.
+
+Under the workdir: outputs/logs/{training.log,metrics.jsonl}, tensorboard/, outputs/samples/,
+outputs/plots/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+from absl import logging as absl_logging
+
+from neon_qtg_jax.checkpoint import uploader as backup_uploader
+from neon_qtg_jax.parallel import decisions
+from neon_qtg_jax.training import plots
+from neon_qtg_jax.training.metric_writers import MetricWriter, create_run_writer, metric_writers, read_jsonl
+
+log = logging.getLogger("neon_qtg_jax")
+
+
+def setup_logging(workdir: str, writer: bool) -> str:
+  """Console (stdout) and {workdir}/outputs/logs/training.log for every neon_qtg_jax logger; returns the log path.
+
+  Only the writer writes the file; the other processes print warnings and errors to stderr.
+  """
+  path = os.path.join(workdir, "outputs", "logs", "training.log")
+  if writer:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  tag = decisions.process_tag()
+  prefix = f"[{tag.replace('_', ' ')}] " if tag else ""
+  formatter = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%Y-%m-%d %H:%M:%S")
+  for handler in list(log.handlers):
+    log.removeHandler(handler)
+    handler.close()
+  handlers = ((logging.StreamHandler(sys.stdout), logging.FileHandler(path, encoding="utf-8")) if writer
+              else (logging.StreamHandler(sys.stderr),))
+  for handler in handlers:
+    handler.setFormatter(formatter)
+    log.addHandler(handler)
+  log.setLevel(logging.INFO if writer else logging.WARNING)
+  log.propagate = False
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every save at INFO through absl
+  return path
+
+
+@dataclasses.dataclass
+class RunOutputs:
+  """The run's writers; on a non-writer process every method does nothing."""
+  workdir: str
+  is_writer: bool
+  writer: MetricWriter
+
+  @property
+  def metrics_path(self) -> str:
+    return os.path.join(self.workdir, "outputs", "logs", "metrics.jsonl")
+
+  @property
+  def plot_path(self) -> str:
+    return os.path.join(self.workdir, "outputs", "plots", "loss.png")
+
+  @property
+  def profile_dir(self) -> str:
+    return os.path.join(self.workdir, "tensorboard")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if scalars:
+      self.writer.write_scalars(step, scalars)
+
+  def plot_losses(self, unigram_perplexity: float | None) -> None:
+    """outputs/plots/loss.png and layers.png (gradient norms and update ratios per layer) from metrics.jsonl."""
+    if self.is_writer:
+      self.writer.flush()
+      records = read_jsonl(self.metrics_path)
+      plots.plot_loss_curves(records, self.plot_path, unigram_perplexity=unigram_perplexity)
+      plots.plot_layer_stats(records, os.path.join(os.path.dirname(self.plot_path), "layers.png"))
+
+  def write_samples(self, step: int, header: str, text: str) -> None:
+    """outputs/samples/step_XXXXXXX.txt and the TensorBoard text tab."""
+    if not self.is_writer:
+      return
+    path = os.path.join(self.workdir, "outputs", "samples", f"step_{step:07d}.txt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(f"{header}\n\n{text}\n")
+    self.writer.write_texts(step, {"samples": text.replace("\n", "  \n")})
+
+  def start_uploader(self, config: ml_collections.ConfigDict, start_step: int) -> Any:
+    """The backup uploader (training.backup_url) on the writer; NoBackup elsewhere or without a URL."""
+    if not self.is_writer:
+      return backup_uploader.NoBackup()
+    return backup_uploader.start_uploader(config, self.workdir, start_step)
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()
+
+
+def open_outputs(workdir: str) -> RunOutputs:
+  """Logging and metric writers for the run in `workdir`: real on the writer process, no-ops elsewhere."""
+  writer = decisions.is_writer()
+  setup_logging(workdir, writer)
+  return RunOutputs(workdir, writer, create_run_writer(workdir) if writer else metric_writers.MultiWriter([]))
+
+
+def flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """{"model.embed_dim": 64, ...}: the hyperparameters TensorBoard shows."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flat_config(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def describe_devices() -> str:
+  return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
