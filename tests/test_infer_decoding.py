@@ -30,11 +30,10 @@ forward_cached = nnx.jit(decoding.forward_cached, static_argnames=("last_only",)
     ({"topo_k": 2}, 2e-5),
     ({"attention": "dot", "topofilter": False}, 2e-5),
     ({"attention": "dot", "topofilter": False, "w_psi": False, "amplitude_embedding": False}, 2e-5),
-    ({"dtype": "bfloat16"}, 3e-2),
     ({"sphere_map": "seed", "w_psi_init": "normal"}, 2e-5),
     ({"attention": "dot", "topofilter": False, "w_psi": False, "amplitude_embedding": False,
       "attention_width": "residual", "mlp_ratio": 8, "tie_embeddings": True}, 2e-5),
-], ids=["qtg", "qtg_topo_k2", "gpt_spec", "gpt_spec_no_psi", "qtg_bf16", "qtg_seed_form", "gpt_standard_shape"])
+], ids=["qtg", "qtg_topo_k2", "gpt_spec", "gpt_spec_no_psi", "qtg_seed_form", "gpt_standard_shape"])
 def test_cached_logits_match_full_forward_at_every_step(overrides, tol):
   model = tiny_model(**overrides)
   rng = np.random.default_rng(0)
@@ -57,6 +56,32 @@ def test_cached_logits_match_full_forward_at_every_step(overrides, tol):
     for b, n in enumerate(prompt_lens):
       np.testing.assert_allclose(logits[b, 0], full[b][n + step], atol=tol, rtol=tol / 2,
                                  err_msg=f"row {b}, decode step {step}")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"sphere_map": "seed", "w_psi_init": "normal"}], ids=["qtg", "qtg_seed_form"])
+def test_bf16_cached_decoding_is_as_close_to_float32_as_the_bf16_forward(overrides):
+  # In bf16 the cached and the full pass round differently (about 0.05 on logits of order 1 here), so
+  # each is compared with the float32 model of the same parameters: the cache adds no error of its own.
+  model, reference = tiny_model(dtype="bfloat16", **overrides), tiny_model(**overrides)
+  rng = np.random.default_rng(0)
+  total, prompt_lens = 14, [6, 3]
+  rows = rng.integers(0, VOCAB, (2, total))
+  full = [np.asarray(model(jnp.asarray(row[None]))[0]) for row in rows]
+  exact = [np.asarray(reference(jnp.asarray(row[None]))[0]) for row in rows]
+  slots = max(prompt_lens)
+  tokens, positions, valid = decoding.left_pad([list(r[:n]) for r, n in zip(rows, prompt_lens)], slots)
+  cache = decoding.init_cache(model, 2, slots + total)
+  _, cache = forward_cached(model, cache, tokens, positions, 0, valid)
+  cached_error, full_error = [], []
+  for step in range(total - slots):
+    token = jnp.asarray([[rows[b, n + step]] for b, n in enumerate(prompt_lens)], jnp.int32)
+    pos = jnp.asarray([[n + step] for n in prompt_lens], jnp.int32)
+    logits, cache = forward_cached(model, cache, token, pos, slots + step, jnp.ones((2, 1), bool))
+    for b, n in enumerate(prompt_lens):
+      cached_error.append(np.abs(np.asarray(logits[b, 0]) - exact[b][n + step]).max())
+      full_error.append(np.abs(full[b][n + step] - exact[b][n + step]).max())
+  assert 0 < max(full_error) < 0.1
+  assert max(cached_error) <= 1.25 * max(full_error) + 0.01, (max(cached_error), max(full_error))
 
 
 def test_cache_holds_transformed_keys_and_unit_states():
