@@ -70,6 +70,7 @@ def _two_processes(data_dir, workdir, total_steps, *extra, preexec=(None, None))
   return [p.returncode for p in procs], outputs
 
 
+@pytest.mark.slow  # two processes for a minute; the single-process every-step checks run in CI
 def test_two_processes_act_on_a_time_limit_one_step_after_it_was_seen(data_dir, tmp_path):  # noqa: F811
   # Time is up at step 1 on both; the agreement taken with step 1 is read at step 2: both stop, evaluate and
   # save there (not at the log step 5), in the same checkpoint.
@@ -83,7 +84,8 @@ def test_two_processes_act_on_a_time_limit_one_step_after_it_was_seen(data_dir, 
   assert saved == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
-@pytest.mark.parametrize("on_error", ["stop", "continue"])
+# "continue" takes 1.5 minutes on 2 cores: kept out of CI (-m slow), "stop" shows the collective decision there.
+@pytest.mark.parametrize("on_error", ["stop", pytest.param("continue", marks=pytest.mark.slow)])
 def test_a_save_failing_on_one_process_stops_or_continues_both(data_dir, tmp_path, on_error):  # noqa: F811
   # Process 1 cannot write files over 30 kB: its part of every checkpoint fails; process 0 writes its own and
   # waits for process 1 at the end of the save until training.save_timeout_minutes (15 s here).

@@ -36,6 +36,7 @@ from flax import nnx
 from neon_qtg_jax.analysis import layer_traces, normalized_entropy
 from neon_qtg_jax.config import apply_overrides, default_config, validate
 from neon_qtg_jax.model.variants import VARIANTS
+from neon_qtg_jax.parallel import ShardingConfig
 
 TASKS = ("mqar", "lookup", "induction")
 HELD_OUT_STREAM = 1_000_003  # held-out rows come from seed + this: a different numpy stream
@@ -239,8 +240,9 @@ def train_and_score(task: str, preset_name: str, variant: str, seed: int, *,
   config = model_config(preset, variant, seed, overrides)
   spec = preset.spec
   held_out = make_rows(spec, seed + HELD_OUT_STREAM, preset.eval_rows)
-  graphdef, state = train_step.create_train_state(config, jax.random.key(seed))
-  step_fn = train_step.make_train_step(config, graphdef)
+  sharding = ShardingConfig.from_config(config.parallel)
+  graphdef, state = train_step.create_train_state(config, jax.random.key(seed), sharding)
+  step_fn = train_step.make_train_step(config, graphdef, sharding)
   rng = np.random.default_rng(seed)
   curve: list[dict[str, float]] = []
   started = time.perf_counter()
