@@ -3,8 +3,12 @@ training FLOPs on two corpora and at equal wall time; each variant's learning ra
 a tuning split.
 
   python tools/study.py --study=studies/qtg_vs_gpt.py --out=runs/study --list     # runs and CPU time
-  python tools/study.py --study=studies/qtg_vs_gpt.py --out=runs/study --publish=docs/RESULTS.md \
-      --recall_dir=runs/recall                                                   # tools/recall.py results
+  python tools/study.py --study=studies/qtg_vs_gpt.py --out=runs/study --publish=docs/RESULTS.md
+
+The recall table comes from docs/results/recall (the tools/recall.py results, one JSON per run):
+  for v in qtg qtg_seed gpt; do for s in 0 1 2; do python tools/recall.py --variant=$v --task=mqar \
+      --preset=small --seed=$s --output=docs/results/recall/mqar_small_${v}_seed$s.json; done; done
+and likewise for --task=lookup and --task=induction (presets small, hard) and --preset=medium, hard.
 
 The second corpus is English prose from the Debian package `fortunes` (`apt-get install fortunes`):
 the fortune databases in /usr/share/games/fortunes (quotations, jokes, poems, literature), one
@@ -77,6 +81,7 @@ def get_study():
           "/usr/share/games/fortunes that are not code, ASCII art or OS tips."),
       "base_config": "configs/neon_qtg_tiny.py",
       "lr_grid": LR_GRID,
+      "recall_dir": "docs/results/recall",
       "overrides": {
           # A tuning split needs a prepared directory of its own (the fraction is in its fingerprint).
           "data.tune_fraction": 0.02, "data.data_dir": "data/stdlib_tune02",
