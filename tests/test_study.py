@@ -464,3 +464,23 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path, corpus, capsys):
   assert study_tool.main([f"--study={changed}", f"--out={out}", "--report_only"]) == 1
   assert "made with another config (training.eval_steps: 1 -> 1" not in capsys.readouterr().err
   assert any("training.total_steps: 3 -> 5" in line for line in json.loads((out / "study.json").read_text())["stale"])
+
+
+@pytest.mark.slow  # expands 66 runs of the real study (a minute and a half on 2 cores)
+def test_the_qtg_vs_gpt_study_is_the_one_issue_16_asks_for():
+  """studies/qtg_vs_gpt.py: four variants (the spec's QTG form by its name), 3 seeds, one lr grid for all,
+  at least 1,000 steps per tiny run, both corpora and a wall-time group; its recall results are committed."""
+  study = spec.load_study(str(ROOT / "studies" / "qtg_vs_gpt.py"))
+  runs = spec.expand(study)
+  finals = [r for r in runs if r.phase != "tune"]
+  assert {r.variant for r in finals} == {"gpt", "gpt_spec", "qtg", "qtg_seed"}
+  assert {r.group for r in finals} == {"tiny_stdlib", "tiny_fortunes", "tiny_stdlib_wall"}
+  for group in ("tiny_stdlib", "tiny_fortunes"):
+    for variant in ("gpt", "gpt_spec", "qtg", "qtg_seed"):
+      mine = [r for r in finals if (r.group, r.variant) == (group, variant)]
+      assert sorted(r.seed for r in mine) == [0, 1, 2]
+      assert all(r.config.training.total_steps >= 1000 for r in mine)
+  tuning = [r for r in runs if r.phase == "tune"]
+  assert {r.config.training.lr for r in tuning} == set(study["lr_grid"]) and len(study["lr_grid"]) >= 3
+  assert all(r.config.data.tune_fraction > 0 for r in runs)
+  assert (ROOT / study["recall_dir"]).is_dir()
