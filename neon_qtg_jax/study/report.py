@@ -484,7 +484,9 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
   recall = study_json.get("recall")
   if recall is not None:
     lines += ["## Associative recall (`tools/recall.py`)", "",
-              f"Accuracy on the value positions of held-out sequences, mean ± std over seeds; chance level; "
+              f"Accuracy on the scored positions of held-out sequences (the values for MQAR and lookup, the "
+              f"repeat for induction), mean ± std over seeds with each seed's; how many seeds reached "
+              f"{recall_table.SOLVED}; chance level; "
               f"training steps and seconds (mean over seeds); attention entropy per layer relative to uniform "
               f"(mean over seeds). From the results in `{recall['dir']}`.", ""]
     lines += recall_table.markdown(recall["rows"], recall["dir"])
