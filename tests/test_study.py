@@ -271,6 +271,87 @@ def test_a_changed_study_override_or_base_config_makes_runs_stale(tuned_study, c
   assert sorted(p.stat().st_mtime_ns for p in out.rglob("result.json")) == before  # nothing touched
 
 
+# The tuned wall-time group `w` and a second group that takes its learning rates from it.
+LR_FROM_GROUPS = TUNED_GROUPS[:-1] + """,
+                    {"name": "w2", "lr_from": "w", "budget": {"kind": "wall_time", "minutes": 0.001, "max_steps": 50},
+                     "overrides": {"training.weight_decay": 0.0},
+                     "variants": [{"name": "gpt", "overrides": GPT, "seeds": 1, "tier": 1}]}]"""
+
+
+def test_a_group_with_lr_from_trains_at_the_rates_chosen_in_its_source_group(tuned_study, tmp_path, capsys):
+  import shutil
+  import study as study_tool  # tools/study.py
+  source_tmp, corpus, _, out, _ = tuned_study
+  study_path = _study_file(source_tmp, corpus, top=TUNED_TOP, extra=', "data.tune_fraction": 0.2',
+                           groups=LR_FROM_GROUPS, name="lr_from.py")
+  runs = spec.expand(spec.load_study(str(study_path)))
+  assert [r.key for r in runs if r.group == "w2"] == ["w2/gpt/seed0"]  # no tuning runs of its own
+  assert runs[-1].pending_lr and runs[-1].lr_group == "w" and runs[-1].lr_grid == (1e-3, 3e-2)
+  # Another process's directory where w's tuning has not run: --groups=w2 reads it and runs nothing.
+  empty = tmp_path / "empty"
+  assert study_tool.main([f"--study={study_path}", f"--out={empty}", "--groups=w2"]) == 0
+  printed = capsys.readouterr().out
+  assert "1 runs (0 lr tuning runs), 0 with a result, 1 to run" in printed and "2 tuning runs" in printed
+  assert "0/1 runs finished" in printed and not (empty / "tune").exists() and not (empty / "runs").exists()
+  # Where w's tuning finished, w2's seed trains at w's chosen rate (the w runs stay untouched).
+  copy = tmp_path / "out"
+  shutil.copytree(out, copy)
+  assert study_tool.main([f"--study={study_path}", f"--out={copy}", "--groups=w2"]) == 0
+  assert "1/1 runs finished" in capsys.readouterr().out
+  assert study_tool.main([f"--study={study_path}", f"--out={copy}", "--report_only"]) == 0
+  result = json.loads((copy / "study.json").read_text())
+  chosen = result["lr_choices"]["w/gpt"]["chosen"]
+  record = json.loads((copy / "runs" / "w2" / "gpt" / "seed0" / "result.json").read_text())
+  assert record["lr"] == record["config"]["training"]["lr"] == chosen and record["lr_group"] == "w"
+  assert result["runs_finished"] == 4 and result["groups"][1]["lr_from"] == {"group": "w", "chosen": {"gpt": chosen}}
+  assert result["groups"][1]["lr_grid"] is None
+  assert f"each variant's as chosen in \"w\" (its grid above), not tuned for this group: `gpt` {chosen:g}." in \
+      (copy / "report.md").read_text()
+
+
+def test_lr_from_must_name_an_earlier_tuned_group_with_the_same_variants(tmp_path, corpus):
+  gpt = '{"name": "gpt", "overrides": GPT, "seeds": 1, "tier": 1}'
+  qtg = '{"name": "qtg", "overrides": {}, "seeds": 1, "tier": 1}'
+  budget = '"budget": {"kind": "tokens", "steps": 2}'
+
+  def groups(second: str, variants: str = gpt) -> str:
+    return f'[{{"name": "a", {budget}, "variants": [{gpt}]}}, {{"name": "b", {budget}, {second} "variants": [{variants}]}}]'
+
+  top = '\n            "lr_grid": [1e-3, 3e-3],'
+  for second, variants, message in (
+      ('"lr_from": "c",', gpt, r"lr_from 'c' is not a group listed before it \(\['a'\]\)"),
+      ('"lr_from": "a", "lr_grid": [1e-2],', gpt, "'lr_grid' and 'lr_from' exclude each other"),
+      ('"lr_from": "a",', f"{gpt}, {qtg}", r"lr_from 'a' has no variant \['qtg'\]")):
+    path = _study_file(tmp_path, corpus, top=top, groups=groups(second, variants), name="bad_lr_from.py",
+                       extra=', "data.tune_fraction": 0.2')
+    with pytest.raises(ValueError, match=message):
+      spec.load_study(str(path))
+
+
+def test_a_run_another_process_holds_is_skipped_never_run_twice(tuned_study, tmp_path):
+  import subprocess
+  _, _, study_path, _, _ = tuned_study
+  runs = spec.expand(spec.load_study(str(study_path)))
+  out = tmp_path / "shared"
+  workdirs = [runner.run_workdir(str(out), r) for r in runs if r.phase == "tune"]
+  with runner.run_lock(workdirs[0]) as first, runner.run_lock(workdirs[1]) as second:
+    assert first and second
+    with runner.run_lock(workdirs[0]) as again:  # a second holder, as another process would be
+      assert not again
+    printed = []
+    outcome = runner.run_all(runs, str(out), print_fn=printed.append)
+  assert [line.split(":")[0] for line in outcome.pending] == ["w/gpt/tune_lr0.001", "w/gpt/tune_lr0.03", "w/gpt/seed0"]
+  assert "being run by another process" in outcome.pending[0] and "waiting for its lr tuning" in outcome.pending[2]
+  assert any("being run by another process; skipped" in line for line in printed)
+  assert not outcome.failures and not any(p.name == "run.json" for p in out.rglob("*"))  # nothing started
+  # A lock dies with its process: a holder killed while holding it frees the run.
+  code = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); from neon_qtg_jax.study import runner\n"
+          f"with runner.run_lock({workdirs[0]!r}) as held:\n  assert held\n  os._exit(0)")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+  with runner.run_lock(workdirs[0]) as held:
+    assert held
+
+
 def test_code_versions_are_recorded_per_run_and_checked_on_request(tuned_study):
   _, _, study_path, out, _ = tuned_study
   records = [json.loads(p.read_text()) for p in out.rglob("result.json")]
@@ -482,5 +563,6 @@ def test_the_qtg_vs_gpt_study_is_the_one_issue_16_asks_for():
       assert all(r.config.training.total_steps >= 1000 for r in mine)
   tuning = [r for r in runs if r.phase == "tune"]
   assert {r.config.training.lr for r in tuning} == set(study["lr_grid"]) and len(study["lr_grid"]) >= 3
-  assert all(r.config.data.tune_fraction > 0 for r in runs)
+  assert all(r.config.data.tune_fraction > 0 and r.group == "tiny_stdlib" for r in tuning)
+  assert all(r.pending_lr and r.lr_group == "tiny_stdlib" for r in finals)  # each variant's rate, tuned once
   assert (ROOT / study["recall_dir"]).is_dir()

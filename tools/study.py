@@ -99,7 +99,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   try:
     study = spec.load_study(args.study)
-    runs = spec.expand(study)
+    all_runs = runs = spec.expand(study)
   except (ConfigError, ValueError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
@@ -120,6 +120,11 @@ def main(argv=None) -> int:
   if args.list:
     print_plan(runs, args.out, args.calibrate_from)
     return 0
+  # The tuning runs that the selected runs take their learning rates from but that another call runs.
+  needed = {(r.lr_group, r.variant) for r in runs if r.pending_lr}
+  selected = {r.key for r in runs}
+  read = [r for r in all_runs if r.phase == "tune" and (r.group, r.variant) in needed and r.key not in selected]
+  runs = read + runs
   recall_dir = study.get("recall_dir", "") if args.recall_dir is None else args.recall_dir
   if recall_dir:
     try:
@@ -129,10 +134,13 @@ def main(argv=None) -> int:
       return 2
   os.makedirs(args.out, exist_ok=True)
   outcome = runner.run_all(runs, args.out, execute=not args.report_only, rerun_stale=args.rerun_stale,
-                           require_same_code=args.require_same_code, stop_after_seconds=3600 * args.max_hours)
+                           require_same_code=args.require_same_code, stop_after_seconds=3600 * args.max_hours,
+                           read_only=frozenset(r.key for r in read))
   if args.groups or args.variants:
-    print(f"study: groups {args.groups or 'all'}, variants {args.variants or 'all'}: {len(outcome.records)}/{len(runs)} "
-          "runs finished; no report (--groups/--variants)")
+    finished = [r for r in outcome.records + outcome.tuning if r["key"] in selected]
+    print(f"study: groups {args.groups or 'all'}, variants {args.variants or 'all'}: "
+          f"{len(finished)}/{len(selected)} runs finished; no report "
+          "(--groups/--variants)")
     return 1 if outcome.failures else 0
   if args.analyze:
     analyze_first_seeds(outcome.records)

@@ -119,6 +119,14 @@ def lr_grid_summary(study: dict[str, Any], group: dict[str, Any], tuning: list[d
           "variants": variants}
 
 
+def lr_from_summary(group: dict[str, Any], lr_choices: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+  """For a group with lr_from: the source group and each variant's learning rate chosen there (None: not yet)."""
+  if "lr_from" not in group:
+    return None
+  chosen = {v["name"]: lr_choices.get(f"{group['lr_from']}/{v['name']}", {}).get("chosen") for v in group["variants"]}
+  return {"group": group["lr_from"], "chosen": chosen}
+
+
 def summarize(study: dict[str, Any], outcome: Outcome) -> list[dict[str, Any]]:
   """Per group and variant: seeds finished, mean and std of each metric, Welch CI against the baseline;
   per group its lr grid."""
@@ -137,7 +145,8 @@ def summarize(study: dict[str, Any], outcome: Outcome) -> list[dict[str, Any]]:
       variants.append(entry)
     groups.append({"name": group["name"], "title": group.get("title", group["name"]), "budget": group["budget"],
                    "overrides": group.get("overrides", {}), "variants": variants,
-                   "lr_grid": lr_grid_summary(study, group, outcome.tuning, outcome.lr_choices)})
+                   "lr_grid": lr_grid_summary(study, group, outcome.tuning, outcome.lr_choices),
+                   "lr_from": lr_from_summary(group, outcome.lr_choices)})
   return groups
 
 
@@ -501,6 +510,12 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
     if group["overrides"]:
       lines += ["Group overrides: " + ", ".join(f"`{k}={v}`" for k, v in group["overrides"].items()
                                                  if k != "data.paths") + ".", ""]
+    if group.get("lr_from"):
+      source = next(g["title"] for g in study_json["groups"] if g["name"] == group["lr_from"]["group"])
+      rates = ", ".join(f"`{name}` {lr:g}" if lr is not None else f"`{name}` not chosen yet"
+                        for name, lr in group["lr_from"]["chosen"].items())
+      lines += [f"Learning rates: each variant's as chosen in \"{source}\" (its grid above), not tuned for this "
+                f"group: {rates}.", ""]
     if group.get("lr_grid"):
       lines += lr_grid_table(group["lr_grid"], group["budget"])
       name = f"{group['name']}_lr_grid.png"

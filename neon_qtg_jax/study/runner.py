@@ -12,6 +12,10 @@ or failed run resumes from its latest checkpoint; each attempt scores into a fre
 attempt's result. The trainer's console output goes to the run's outputs/logs/console.txt so
 that the study prints one line per run with the overall ETA.
 
+Several processes may share one study directory: a process holds an exclusive lock on a run
+(`.WORKDIR.lock` beside its workdir, fcntl.flock, released by the kernel when the process dies)
+while it runs it, and skips a run another process holds, so no run is ever run twice at once.
+
 Code versions: a run records the code of the process that ran it (provenance.code_version, taken
 when the study process starts). By default a different code version does not make a run stale
 (a study of many CPU hours is not redone for every commit): the report lists the versions and
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -121,6 +126,23 @@ def move_aside(workdir: str) -> str:
   return f"{workdir}.stale{n}"
 
 
+@contextlib.contextmanager
+def run_lock(workdir: str):
+  """Yields True while this process holds the run's lock, False when another process holds it."""
+  path = os.path.join(os.path.dirname(workdir), f".{os.path.basename(workdir)}.lock")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _start_attempt(workdir: str, run: Run, code: dict[str, str]) -> None:
   """Writes run.json at the first start (the run's identity) and one attempts.jsonl line per start."""
   os.makedirs(os.path.join(workdir, "outputs", "logs"), exist_ok=True)
@@ -211,7 +233,8 @@ def train_and_score(run: Run, workdir: str, code: dict[str, str]) -> dict[str, A
   breakdown = summary["params_breakdown"]
   record = {
       "key": run.key, "phase": run.phase, "group": run.group, "variant": run.variant, "label": run.label,
-      "seed": run.seed, "tier": run.tier, "lr": run.lr, "lr_grid": list(run.lr_grid), "overrides": run.overrides,
+      "seed": run.seed, "tier": run.tier, "lr": run.lr, "lr_grid": list(run.lr_grid),
+      "lr_group": run.lr_group or run.group, "overrides": run.overrides,
       "budget": run.budget, "workdir": os.path.abspath(workdir), "config": config_json(config),
       "code": code, "code_attempts": attempt_codes(workdir),
       "params": summary["params"],
@@ -267,7 +290,7 @@ def _duration(seconds: float) -> str:
 
 def _resolve(run: Run, outcome: Outcome, blocked: set[str]) -> tuple[Run | None, str]:
   """A final run with its chosen lr, or (None, why not)."""
-  name = f"{run.group}/{run.variant}"
+  name = f"{run.lr_group or run.group}/{run.variant}"
   if name in outcome.lr_choices:
     choice = outcome.lr_choices[name]
   else:
@@ -283,8 +306,11 @@ def _resolve(run: Run, outcome: Outcome, blocked: set[str]) -> tuple[Run | None,
 
 def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stale: bool = False,
             require_same_code: bool = False, stop_after_seconds: float = 0.0, code: dict[str, str] | None = None,
-            print_fn: Callable[[str], None] = print) -> Outcome:
+            read_only: frozenset[str] = frozenset(), print_fn: Callable[[str], None] = print) -> Outcome:
   """Runs every missing run in order (execute=False: none) and collects what the study directory holds.
+
+  Runs whose key is in read_only are collected when finished, never run or moved aside here: the
+  tuning runs another process runs, read so that this one's runs can take their learning rates.
 
   The ETA scales the measured seconds per training FLOP of the runs finished in this call
   (compilation and scoring included) to the FLOPs of the runs still to do. With
@@ -293,11 +319,13 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
   code = code or provenance.code_version()
   outcome = Outcome()
   blocked: set[str] = set()   # group/variant whose tuning cannot complete in this call
-  has_result = [os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE)) for r in runs]
-  tuning_runs = sum(r.phase == "tune" for r in runs)
+  mine = [r for r in runs if r.key not in read_only]
+  has_result = [os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE)) for r in mine]
+  tuning_runs = sum(r.phase == "tune" for r in mine)
   if execute:
-    print_fn(f"study: {len(runs)} runs ({tuning_runs} lr tuning runs), {sum(has_result)} with a result, "
-             f"{len(runs) - sum(has_result)} to run; code {code['describe']}")
+    print_fn(f"study: {len(mine)} runs ({tuning_runs} lr tuning runs), {sum(has_result)} with a result, "
+             f"{len(mine) - sum(has_result)} to run; code {code['describe']}"
+             + (f"; {len(read_only)} tuning runs of other groups or variants read, not run" if read_only else ""))
   done_flops = done_seconds = 0.0
   started = time.perf_counter()
   for position, run in enumerate(runs):
@@ -310,40 +338,48 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
         continue
       run = resolved
     workdir = run_workdir(study_dir, run)
-    reason = stale_reason(workdir, run, code, require_same_code)
-    if reason and execute and rerun_stale:
-      print_fn(f"[{run.key}] {workdir}: {reason}; moved aside to {move_aside(workdir)}, running it again")
-    elif reason:
-      outcome.stale.append(f"{run.key}: {workdir} was {reason}; not reused (--rerun_stale moves it aside and runs "
-                           "it again, or use another --out)")
-      if execute:
-        print_fn(f"[{run.key}] {outcome.stale[-1]}")
-      if run.phase == "tune":
-        blocked.add(name)
-      continue
-    result_path = os.path.join(workdir, RESULT_FILE)
-    if os.path.exists(result_path):
-      (outcome.tuning if run.phase == "tune" else outcome.records).append(_read_json(result_path))
-      continue
-    if not execute or (stop_after_seconds and time.perf_counter() - started > stop_after_seconds):
-      outcome.pending.append(f"{run.key}: not run yet")
-      continue
-    run_start = time.perf_counter()
-    try:
-      record = train_and_score(run, workdir, code)
-    except Exception as err:  # pylint: disable=broad-except
-      outcome.failures.append(f"{run.key}: {type(err).__name__}: {err}")
-      print_fn(f"[{position + 1}/{len(runs)}] {run.key} FAILED: {err}")
-      if run.phase == "tune":
-        blocked.add(name)
-      continue
-    _write_new_json(result_path, record)
+    with run_lock(workdir) if execute and run.key not in read_only else contextlib.nullcontext(True) as held:
+      if not held:
+        outcome.pending.append(f"{run.key}: being run by another process")
+        print_fn(f"[{position + 1}/{len(runs)}] {run.key}: being run by another process; skipped")
+        continue
+      reason = stale_reason(workdir, run, code, require_same_code)
+      if reason and execute and rerun_stale and run.key not in read_only:
+        print_fn(f"[{run.key}] {workdir}: {reason}; moved aside to {move_aside(workdir)}, running it again")
+      elif reason:
+        outcome.stale.append(f"{run.key}: {workdir} was {reason}; not reused (--rerun_stale moves it aside and runs "
+                             "it again, or use another --out)")
+        if execute:
+          print_fn(f"[{run.key}] {outcome.stale[-1]}")
+        if run.phase == "tune":
+          blocked.add(name)
+        continue
+      result_path = os.path.join(workdir, RESULT_FILE)
+      if os.path.exists(result_path):
+        (outcome.tuning if run.phase == "tune" else outcome.records).append(_read_json(result_path))
+        continue
+      if run.key in read_only:
+        outcome.pending.append(f"{run.key}: not run yet (not one of the runs this call selects)")
+        continue
+      if not execute or (stop_after_seconds and time.perf_counter() - started > stop_after_seconds):
+        outcome.pending.append(f"{run.key}: not run yet")
+        continue
+      run_start = time.perf_counter()
+      try:
+        record = train_and_score(run, workdir, code)
+      except Exception as err:  # pylint: disable=broad-except
+        outcome.failures.append(f"{run.key}: {type(err).__name__}: {err}")
+        print_fn(f"[{position + 1}/{len(runs)}] {run.key} FAILED: {err}")
+        if run.phase == "tune":
+          blocked.add(name)
+        continue
+      _write_new_json(result_path, record)
     (outcome.tuning if run.phase == "tune" else outcome.records).append(record)
     elapsed = time.perf_counter() - run_start
     done_flops += record["train_flops"]
     done_seconds += elapsed
-    remaining = [r for r in runs[position + 1:]
-                 if not os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE))]
+    remaining = [r for r in runs[position + 1:] if r.key not in read_only
+                 and not os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE))]
     eta = done_seconds / max(done_flops, 1.0) * sum(train_flops_per_step(r.config) * r.config.training.total_steps
                                                     for r in remaining)
     scores = record.get("final") or record["tune"]

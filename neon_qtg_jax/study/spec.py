@@ -10,6 +10,9 @@ A study file is a Python module with `get_study() -> dict`:
                  training.lr as configured)
     tune_budget  the budget of each tuning run (default: the group's budget)
     tune_seed    the seed of the tuning runs (default 100; not one of the variant's own seeds)
+  optional, per group:
+    lr_from      the name of an earlier group with an lr grid: this group runs no tuning of its own, and
+                 each of its variants trains with the learning rate chosen for it there
   optional, study-wide: recall_dir (a directory of tools/recall.py JSON results for the report's
   first table; --recall_dir overrides it), headline, pictures, title, description.
 
@@ -22,8 +25,9 @@ steps; the learning-rate schedule runs over N steps, so a run the clock stops en
 With an lr_grid, every group x variant first gets one tuning run per grid value (seed tune_seed,
 the tuning budget), scored on the tuning split (data.tune_fraction > 0 is required; the report
 never scores that split); the value with the lowest tuning bits/byte is the variant's
-training.lr for its seeds. Runs are ordered by tier, then tuning before the seeds, then seed,
-group and variant, so the most important comparisons finish first.
+training.lr for its seeds (and for its seeds in the groups whose lr_from names this group). Runs
+are ordered by tier, then tuning before the seeds, then seed, group and variant, so the most
+important comparisons finish first; a group's runs never come before the tuning they wait for.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Run:
   phase: str = "final"         # "tune": one grid value, scored on the tuning split; "final": a seed
   lr: float | None = None      # training.lr; None for a final run whose lr the tuning runs choose
   lr_grid: tuple[float, ...] = ()
+  lr_group: str = ""           # the group whose tuning runs choose training.lr: its own, or its lr_from
 
   @property
   def key(self) -> str:
@@ -91,7 +96,15 @@ def _setting(study: dict[str, Any], group: dict[str, Any], name: str, default: A
 
 
 def lr_grid(study: dict[str, Any], group: dict[str, Any]) -> tuple[float, ...]:
+  """The group's own grid (empty for a group with lr_from: it runs no tuning)."""
+  if "lr_from" in group:
+    return ()
   return tuple(float(lr) for lr in _setting(study, group, "lr_grid", ()) or ())
+
+
+def lr_source(study: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+  """The group whose tuning runs choose this group's learning rates: the one its lr_from names, else itself."""
+  return next(g for g in study["groups"] if g["name"] == group.get("lr_from", group["name"]))
 
 
 def tune_budget(study: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
@@ -124,11 +137,14 @@ def load_study(path: str) -> dict[str, Any]:
   for field in ("name", "base_config", "baseline", "groups"):
     if field not in study:
       raise ValueError(f"{path}: the study has no '{field}'")
-  for group in study["groups"]:
+  for index, group in enumerate(study["groups"]):
     names = [v["name"] for v in group["variants"]]
     if study["baseline"] not in names:
       raise ValueError(f"{path}: group '{group['name']}' has no baseline variant '{study['baseline']}'")
     _check_budget(path, f"group '{group['name']}'", group.get("budget"), names)
+    if "lr_from" in group:
+      _check_lr_from(path, study["groups"][:index], group)
+      continue
     grid = _setting(study, group, "lr_grid", ()) or ()
     if not isinstance(grid, (list, tuple)) or not all(
         isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 for lr in grid):
@@ -143,6 +159,23 @@ def load_study(path: str) -> dict[str, Any]:
           raise ValueError(f"{path}: group '{group['name']}': tune_seed {seed} is one of variant "
                            f"'{variant['name']}''s seeds; tuning runs take a seed of their own")
   return study
+
+
+def _check_lr_from(path: str, earlier: list[dict[str, Any]], group: dict[str, Any]) -> None:
+  """lr_from names an earlier group that tunes every variant of this one, and this group sets no tuning itself."""
+  where = f"{path}: group '{group['name']}'"
+  for field in ("lr_grid", "tune_budget", "tune_seed"):
+    if field in group:
+      raise ValueError(f"{where}: '{field}' and 'lr_from' exclude each other (the tuning is the other group's)")
+  source = next((g for g in earlier if g["name"] == group["lr_from"]), None)
+  if source is None:
+    raise ValueError(f"{where}: lr_from {group['lr_from']!r} is not a group listed before it "
+                     f"({[g['name'] for g in earlier]})")
+  if "lr_from" in source:
+    raise ValueError(f"{where}: lr_from {source['name']!r} takes its own learning rates from another group")
+  missing = sorted({v["name"] for v in group["variants"]} - {v["name"] for v in source["variants"]})
+  if missing:
+    raise ValueError(f"{where}: lr_from {source['name']!r} has no variant {missing} to choose a learning rate for")
 
 
 def base_config(study: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -211,13 +244,15 @@ def expand(study: dict[str, Any]) -> list[Run]:
   """
   runs = []
   for group_index, group in enumerate(study["groups"]):
-    grid = lr_grid(study, group)
+    source = lr_source(study, group)
+    grid = lr_grid(study, source)
+    tiers = {v["name"]: int(v.get("tier", 1)) for v in source["variants"]}
     for variant_index, variant in enumerate(group["variants"]):
       overrides = dict(group.get("overrides", {})) | dict(variant.get("overrides", {}))
       tier = int(variant.get("tier", 1))
       label = variant.get("label", variant["name"])
       where = f"{group['name']}/{variant['name']}"
-      if grid:
+      if grid and source is group:
         budget = tune_budget(study, group)
         config = _budgeted_config(study, group, variant, budget)
         if config.data.tune_fraction <= 0:
@@ -231,9 +266,11 @@ def expand(study: dict[str, Any]) -> list[Run]:
       config = _budgeted_config(study, group, variant, group["budget"])
       for seed in _seeds(variant):
         run_config = _seeded(config, seed, None, f"{where}/seed{seed}")
+        # Never before the tuning it waits for: a later group's tier may be lower than its lr_from's.
+        order = (max(tier, tiers[variant["name"]]) if grid else tier, 1, seed, group_index, variant_index, 0)
         runs.append(Run(group["name"], variant["name"], label, seed, tier, overrides, run_config,
-                        dict(group["budget"]), (tier, 1, seed, group_index, variant_index, 0), "final",
-                        None if grid else float(run_config.training.lr), grid))
+                        dict(group["budget"]), order, "final", None if grid else float(run_config.training.lr),
+                        grid, source["name"]))
   runs.sort(key=lambda r: r.order)
   return runs
 
