@@ -352,6 +352,51 @@ def test_a_run_another_process_holds_is_skipped_never_run_twice(tuned_study, tmp
     assert held
 
 
+def test_a_stop_signal_inside_a_flag_reaches_the_enclosing_one_never_the_default_action():
+  import signal
+  from neon_qtg_jax.training.preemption import PreemptionFlag
+  before = signal.getsignal(signal.SIGTERM)
+  with PreemptionFlag() as outer:
+    with PreemptionFlag() as inner:
+      signal.raise_signal(signal.SIGTERM)
+      assert inner.requested and not outer.requested
+    assert outer.requested and outer.signal_name == "SIGTERM"
+  with PreemptionFlag() as alone:  # the previous handler is Python's default: not replayed on exit
+    signal.raise_signal(signal.SIGTERM)
+  assert alone.requested and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_signal_during_a_study_stops_it_and_the_run_resumes_unscored(tuned_study, tmp_path, monkeypatch):
+  """A wall-time run stopped by SIGTERM is not scored as if the clock had stopped it; no run starts after."""
+  import signal
+  from neon_qtg_jax.training import preemption, trainer
+  _, _, study_path, _, _ = tuned_study
+  runs = spec.expand(spec.load_study(str(study_path)))
+  real_run = trainer.run
+
+  def signalled_run(config, args):
+    with preemption.PreemptionFlag():  # the trainer's own flag receives it, as during a step
+      signal.raise_signal(signal.SIGTERM)
+    return real_run(config, args)
+
+  monkeypatch.setattr(trainer, "run", signalled_run)
+  out = tmp_path / "out"
+  printed = []
+  with restored_package_logger():
+    outcome = runner.run_all(runs, str(out), print_fn=printed.append)
+  first = Path(runner.run_workdir(str(out), runs[0]))
+  assert not outcome.failures and not outcome.records and not outcome.tuning
+  assert "w/gpt/tune_lr0.001: stopped by a signal at step 1; the next call resumes it" in outcome.pending[0]
+  assert "w/gpt/tune_lr0.03: not run: the study was stopped by SIGTERM" in outcome.pending[1]
+  assert not (first / runner.RESULT_FILE).exists() and not (first / "eval").exists()
+  assert not Path(runner.run_workdir(str(out), runs[1])).exists() and (first / "checkpoints" / "1").is_dir()
+  monkeypatch.setattr(trainer, "run", real_run)
+  with restored_package_logger():
+    outcome = runner.run_all(runs, str(out), print_fn=printed.append)
+  assert len(outcome.tuning) == 2 and len(outcome.records) == 1 and not outcome.pending
+  assert len(runner.attempt_codes(str(first))) == 2  # resumed from step 1 with the minutes left
+
+
 def test_code_versions_are_recorded_per_run_and_checked_on_request(tuned_study):
   _, _, study_path, out, _ = tuned_study
   records = [json.loads(p.read_text()) for p in out.rglob("result.json")]

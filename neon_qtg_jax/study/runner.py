@@ -40,6 +40,7 @@ import ml_collections
 from neon_qtg_jax import info
 from neon_qtg_jax.cli import RunArgs
 from neon_qtg_jax.study import provenance, readout
+from neon_qtg_jax.training import preemption
 from neon_qtg_jax.study.spec import Run, config_json, resolve_lr, train_flops_per_step
 
 SPEC_FILE = "run.json"
@@ -179,8 +180,16 @@ def _training_config(config: ml_collections.ConfigDict, workdir: str) -> ml_coll
   return left
 
 
-def train_and_score(run: Run, workdir: str, code: dict[str, str]) -> dict[str, Any]:
+class Interrupted(RuntimeError):
+  """A run that SIGTERM / SIGINT stopped: it resumes from its checkpoint on the next call, never scored now."""
+
+
+def train_and_score(run: Run, workdir: str, code: dict[str, str],
+                    interrupted: Callable[[], bool] = lambda: False) -> dict[str, Any]:
   """Trains (or resumes) the run and scores its final checkpoint on its split; the record.
+
+  interrupted() tells whether a stop signal arrived during training; then the run raises Interrupted
+  instead of being scored (a wall-time run would otherwise count as finished at the step it reached).
 
   Final runs are scored on the whole validation split, tuning runs on the whole tuning split. A
   tuning run whose training diverged (the trainer stopped on non-finite losses) is recorded as
@@ -203,6 +212,9 @@ def train_and_score(run: Run, workdir: str, code: dict[str, str]) -> dict[str, A
     train_config = _training_config(config, workdir)
     if train_config is not None:
       exit_code = trainer.run(train_config, RunArgs(workdir=workdir))
+      if interrupted():
+        raise Interrupted(f"{run.key}: stopped by a signal at step {checkpointer.load_meta(workdir, 'latest')['step']}; "
+                          "the next call resumes it from that checkpoint")
       diverged = exit_code == spike.EXIT_UNSTABLE and run.phase == "tune"
       if exit_code and not diverged:
         raise RuntimeError(f"{run.key}: training exited with code {exit_code} (log: {console})")
@@ -328,62 +340,72 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
              + (f"; {len(read_only)} tuning runs of other groups or variants read, not run" if read_only else ""))
   done_flops = done_seconds = 0.0
   started = time.perf_counter()
-  for position, run in enumerate(runs):
-    name = f"{run.group}/{run.variant}"
-    if run.pending_lr:
-      resolved, why = _resolve(run, outcome, blocked)
-      if resolved is None:
-        waiting = name not in blocked and "diverged" not in why
-        (outcome.pending if waiting else outcome.failures).append(f"{run.key}: not run: {why}")
+  # A stop signal during a run's training reaches this flag too (PreemptionFlag passes it on): the run
+  # saves its checkpoint and no further run starts.
+  with preemption.PreemptionFlag() as stop:
+    for position, run in enumerate(runs):
+      if stop.requested:
+        outcome.pending.append(f"{run.key}: not run: the study was stopped by {stop.signal_name}")
         continue
-      run = resolved
-    workdir = run_workdir(study_dir, run)
-    with run_lock(workdir) if execute and run.key not in read_only else contextlib.nullcontext(True) as held:
-      if not held:
-        outcome.pending.append(f"{run.key}: being run by another process")
-        print_fn(f"[{position + 1}/{len(runs)}] {run.key}: being run by another process; skipped")
-        continue
-      reason = stale_reason(workdir, run, code, require_same_code)
-      if reason and execute and rerun_stale and run.key not in read_only:
-        print_fn(f"[{run.key}] {workdir}: {reason}; moved aside to {move_aside(workdir)}, running it again")
-      elif reason:
-        outcome.stale.append(f"{run.key}: {workdir} was {reason}; not reused (--rerun_stale moves it aside and runs "
-                             "it again, or use another --out)")
-        if execute:
-          print_fn(f"[{run.key}] {outcome.stale[-1]}")
-        if run.phase == "tune":
-          blocked.add(name)
-        continue
-      result_path = os.path.join(workdir, RESULT_FILE)
-      if os.path.exists(result_path):
-        (outcome.tuning if run.phase == "tune" else outcome.records).append(_read_json(result_path))
-        continue
-      if run.key in read_only:
-        outcome.pending.append(f"{run.key}: not run yet (not one of the runs this call selects)")
-        continue
-      if not execute or (stop_after_seconds and time.perf_counter() - started > stop_after_seconds):
-        outcome.pending.append(f"{run.key}: not run yet")
-        continue
-      run_start = time.perf_counter()
-      try:
-        record = train_and_score(run, workdir, code)
-      except Exception as err:  # pylint: disable=broad-except
-        outcome.failures.append(f"{run.key}: {type(err).__name__}: {err}")
-        print_fn(f"[{position + 1}/{len(runs)}] {run.key} FAILED: {err}")
-        if run.phase == "tune":
-          blocked.add(name)
-        continue
-      _write_new_json(result_path, record)
-    (outcome.tuning if run.phase == "tune" else outcome.records).append(record)
-    elapsed = time.perf_counter() - run_start
-    done_flops += record["train_flops"]
-    done_seconds += elapsed
-    remaining = [r for r in runs[position + 1:] if r.key not in read_only
-                 and not os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE))]
-    eta = done_seconds / max(done_flops, 1.0) * sum(train_flops_per_step(r.config) * r.config.training.total_steps
-                                                    for r in remaining)
-    scores = record.get("final") or record["tune"]
-    bits = "diverged" if scores.get("diverged") else f"{scores['bits_per_byte']:.4f}"
-    print_fn(f"[{position + 1}/{len(runs)}] {run.key}: {record['steps']} steps, {record['eval_split']} bits/byte "
-             f"{bits}, {_duration(elapsed)} | {len(remaining)} left, ETA {_duration(eta)}")
+      name = f"{run.group}/{run.variant}"
+      if run.pending_lr:
+        resolved, why = _resolve(run, outcome, blocked)
+        if resolved is None:
+          waiting = name not in blocked and "diverged" not in why
+          (outcome.pending if waiting else outcome.failures).append(f"{run.key}: not run: {why}")
+          continue
+        run = resolved
+      workdir = run_workdir(study_dir, run)
+      with run_lock(workdir) if execute and run.key not in read_only else contextlib.nullcontext(True) as held:
+        if not held:
+          outcome.pending.append(f"{run.key}: being run by another process")
+          print_fn(f"[{position + 1}/{len(runs)}] {run.key}: being run by another process; skipped")
+          continue
+        reason = stale_reason(workdir, run, code, require_same_code)
+        if reason and execute and rerun_stale and run.key not in read_only:
+          print_fn(f"[{run.key}] {workdir}: {reason}; moved aside to {move_aside(workdir)}, running it again")
+        elif reason:
+          outcome.stale.append(f"{run.key}: {workdir} was {reason}; not reused (--rerun_stale moves it aside and runs "
+                               "it again, or use another --out)")
+          if execute:
+            print_fn(f"[{run.key}] {outcome.stale[-1]}")
+          if run.phase == "tune":
+            blocked.add(name)
+          continue
+        result_path = os.path.join(workdir, RESULT_FILE)
+        if os.path.exists(result_path):
+          (outcome.tuning if run.phase == "tune" else outcome.records).append(_read_json(result_path))
+          continue
+        if run.key in read_only:
+          outcome.pending.append(f"{run.key}: not run yet (not one of the runs this call selects)")
+          continue
+        if not execute or (stop_after_seconds and time.perf_counter() - started > stop_after_seconds):
+          outcome.pending.append(f"{run.key}: not run yet")
+          continue
+        run_start = time.perf_counter()
+        try:
+          record = train_and_score(run, workdir, code, lambda: stop.requested)
+        except Interrupted as err:
+          outcome.pending.append(str(err))
+          print_fn(f"[{position + 1}/{len(runs)}] {err}")
+          continue
+        except Exception as err:  # pylint: disable=broad-except
+          outcome.failures.append(f"{run.key}: {type(err).__name__}: {err}")
+          print_fn(f"[{position + 1}/{len(runs)}] {run.key} FAILED: {err}")
+          if run.phase == "tune":
+            blocked.add(name)
+          continue
+        _write_new_json(result_path, record)
+      (outcome.tuning if run.phase == "tune" else outcome.records).append(record)
+      elapsed = time.perf_counter() - run_start
+      done_flops += record["train_flops"]
+      done_seconds += elapsed
+      remaining = [r for r in runs[position + 1:] if r.key not in read_only
+                   and not os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE))]
+      eta = done_seconds / max(done_flops, 1.0) * sum(train_flops_per_step(r.config) * r.config.training.total_steps
+                                                      for r in remaining)
+      scores = record.get("final") or record["tune"]
+      bits = "diverged" if scores.get("diverged") else f"{scores['bits_per_byte']:.4f}"
+      print_fn(f"[{position + 1}/{len(runs)}] {run.key}: {record['steps']} steps, {record['eval_split']} bits/byte "
+               f"{bits}, {_duration(elapsed)} | {len(remaining)} left, ETA {_duration(eta)}")
   return outcome

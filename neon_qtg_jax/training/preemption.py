@@ -16,18 +16,23 @@ class PreemptionFlag:
   """Within `with PreemptionFlag() as flag:`, the first SIGTERM or SIGINT sets `flag.requested`.
 
   A second SIGINT raises KeyboardInterrupt, so an impatient Ctrl-C still stops the process.
-  Outside the main thread (where handlers cannot be installed) the flag never fires.
+  Outside the main thread (where handlers cannot be installed) the flag never fires. On exit the
+  handlers before it come back, and a signal it received is passed on to a previous handler that is a
+  Python function (an enclosing flag: a study that runs trainings learns that it was asked to stop);
+  the default action is never replayed, so a preempted training still exits normally.
   """
 
   def __init__(self):
     self.requested = False
     self.signal_name = ""
+    self._signum = 0
     self._previous: dict[int, object] = {}
 
   def _handle(self, signum: int, frame: FrameType | None) -> None:
     if self.requested and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.requested = True
+    self._signum = signum
     self.signal_name = signal.Signals(signum).name
     log.warning("%s received: finishing the current step, saving a checkpoint and exiting", self.signal_name)
 
@@ -40,3 +45,6 @@ class PreemptionFlag:
   def __exit__(self, *exc) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    previous = self._previous.get(self._signum)
+    if self.requested and callable(previous):
+      previous(self._signum, None)
