@@ -392,9 +392,9 @@ def test_a_signal_during_a_study_stops_it_and_the_run_resumes_unscored(tuned_stu
   assert not Path(runner.run_workdir(str(out), runs[1])).exists() and (first / "checkpoints" / "1").is_dir()
   monkeypatch.setattr(trainer, "run", real_run)
   with restored_package_logger():
-    outcome = runner.run_all(runs, str(out), print_fn=printed.append)
-  assert len(outcome.tuning) == 2 and len(outcome.records) == 1 and not outcome.pending
-  assert len(runner.attempt_codes(str(first))) == 2  # resumed from step 1 with the minutes left
+    outcome = runner.run_all(runs[:1], str(out), print_fn=printed.append)
+  assert len(outcome.tuning) == 1 and not outcome.pending and not outcome.failures
+  assert len(runner.attempt_codes(str(first))) == 2  # resumed from step 1 with the minutes left, then scored
 
 
 def test_code_versions_are_recorded_per_run_and_checked_on_request(tuned_study):
