@@ -1,6 +1,7 @@
 """tools/study.py: seed statistics, budgets, run order, and a smoke study end to end (resumable)."""
 
 import json
+import os
 import re
 import sys
 import textwrap
@@ -395,6 +396,36 @@ def test_a_signal_during_a_study_stops_it_and_the_run_resumes_unscored(tuned_stu
     outcome = runner.run_all(runs[:1], str(out), print_fn=printed.append)
   assert len(outcome.tuning) == 1 and not outcome.pending and not outcome.failures
   assert len(runner.attempt_codes(str(first))) == 2  # resumed from step 1 with the minutes left, then scored
+
+
+def test_wait_passes_again_until_another_process_finishes_its_run(tuned_study, tmp_path, capsys):
+  import shutil
+  import threading
+  import study as study_tool  # tools/study.py
+  _, _, study_path, out, _ = tuned_study
+  copy = tmp_path / "out"
+  shutil.copytree(out, copy)
+  final = next(r for r in spec.expand(spec.load_study(str(study_path))) if r.phase == "final")
+  workdir = runner.run_workdir(str(copy), final)
+  os.rename(workdir, tmp_path / "finished_elsewhere")
+  held, finish = threading.Event(), threading.Event()
+
+  def other_process():  # a second worker: holds the run's lock until it has "trained" it
+    with runner.run_lock(workdir):
+      held.set()
+      finish.wait(60)
+      os.rename(tmp_path / "finished_elsewhere", workdir)
+
+  thread = threading.Thread(target=other_process)
+  thread.start()
+  held.wait(60)
+  threading.Timer(1.5, finish.set).start()
+  code = study_tool.main([f"--study={study_path}", f"--out={copy}", "--wait", "--wait_seconds=0.5"])
+  thread.join()
+  printed = capsys.readouterr().out
+  assert code == 0 and "w/gpt/seed0: being run by another process; skipped" in printed
+  assert printed.count("passing again every 0.5 s") == 1 and "study: 3/3 runs finished" in printed
+  assert "0 to run" not in printed.split("passing again")[1]  # later passes print no header
 
 
 def test_code_versions_are_recorded_per_run_and_checked_on_request(tuned_study):

@@ -12,13 +12,22 @@ grid in the study file, the tuning runs come first and choose each variant's lea
 A finished run is reused only when its whole config equals what the study file gives now; a run
 made under other settings is reported as stale and not reused (--rerun_stale moves it aside and
 runs it again). Exit code 1 when a run failed or is stale.
+
+Several processes can share one --out: each holds a lock on the run it trains, and the others skip
+it. With --wait a process passes over the study again (every --wait_seconds while it has nothing to
+run) until every run it selects has a result, so N copies of one command keep N cores busy:
+
+  for i in 1 2; do python tools/study.py --study=studies/qtg_vs_gpt.py --out=runs/study --wait \
+      --groups=tiny_stdlib,tiny_fortunes,tiny_stdlib_wall > runs/study_worker$i.log 2>&1 & done
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,6 +80,12 @@ def print_plan(runs: list[spec.Run], study_dir: str, calibration: str = "") -> N
         f"{_hours(done + left)} in all, {_hours(done)} done, {_hours(left)} left")
 
 
+def _quiet(line: str) -> None:
+  """print for a later --wait pass: what it runs, not its header or what another process holds."""
+  if not line.startswith("study: ") and "being run by another process" not in line:
+    print(line, flush=True)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--study", required=True, help="a study file (Python module with get_study())")
@@ -88,6 +103,11 @@ def main(argv=None) -> int:
                  help="move a run made under other settings aside (WORKDIR.staleN) and run it again")
   p.add_argument("--require_same_code", action="store_true",
                  help="treat a run made by other code than this checkout's (commit and uncommitted changes) as stale")
+  p.add_argument("--wait", action="store_true",
+                 help="pass over the study again until every selected run has a result, while runs are left that "
+                      "other processes hold or whose tuning they run; a failed or stale run, a stop signal or "
+                      "--max_hours ends it")
+  p.add_argument("--wait_seconds", type=float, default=60.0, help="--wait: pause after a pass that ran nothing")
   p.add_argument("--analyze", action="store_true",
                  help="run tools/analyze.py on the first seed of every finished variant (once; kept in its workdir)")
   p.add_argument("--groups", default="",
@@ -133,9 +153,22 @@ def main(argv=None) -> int:
       print(f"error: {err}", file=sys.stderr)
       return 2
   os.makedirs(args.out, exist_ok=True)
-  outcome = runner.run_all(runs, args.out, execute=not args.report_only, rerun_stale=args.rerun_stale,
-                           require_same_code=args.require_same_code, stop_after_seconds=3600 * args.max_hours,
-                           read_only=frozenset(r.key for r in read))
+  deadline = time.monotonic() + 3600 * args.max_hours if args.max_hours else 0.0
+  waiting = False
+  for passes in itertools.count(1):
+    outcome = runner.run_all(runs, args.out, execute=not args.report_only, rerun_stale=args.rerun_stale,
+                             require_same_code=args.require_same_code,
+                             stop_after_seconds=max(deadline - time.monotonic(), 1e-9) if deadline else 0.0,
+                             read_only=frozenset(r.key for r in read), print_fn=print if passes == 1 else _quiet)
+    if (not args.wait or args.report_only or not outcome.pending or outcome.failures or outcome.stale
+        or outcome.stopped_by or outcome.out_of_time):
+      break
+    if not outcome.ran:
+      if not waiting:
+        print(f"study: {len(outcome.pending)} run(s) left to other processes or their tuning; passing again every "
+              f"{args.wait_seconds:g} s until they finish", flush=True)
+      time.sleep(args.wait_seconds)
+    waiting = not outcome.ran
   if args.groups or args.variants:
     finished = [r for r in outcome.records + outcome.tuning if r["key"] in selected]
     print(f"study: groups {args.groups or 'all'}, variants {args.variants or 'all'}: "

@@ -292,6 +292,9 @@ class Outcome:
   failures: list[str] = dataclasses.field(default_factory=list)  # failed in this call, or cannot run
   stale: list[str] = dataclasses.field(default_factory=list)     # made under other settings: not reused
   pending: list[str] = dataclasses.field(default_factory=list)   # not run yet (report only, time limit)
+  ran: int = 0               # runs this call trained and scored
+  out_of_time: bool = False  # stop_after_seconds left runs unstarted
+  stopped_by: str = ""       # the signal that stopped this call
 
 
 def _duration(seconds: float) -> str:
@@ -345,6 +348,7 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
   with preemption.PreemptionFlag() as stop:
     for position, run in enumerate(runs):
       if stop.requested:
+        outcome.stopped_by = stop.signal_name
         outcome.pending.append(f"{run.key}: not run: the study was stopped by {stop.signal_name}")
         continue
       name = f"{run.group}/{run.variant}"
@@ -380,12 +384,14 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
           outcome.pending.append(f"{run.key}: not run yet (not one of the runs this call selects)")
           continue
         if not execute or (stop_after_seconds and time.perf_counter() - started > stop_after_seconds):
+          outcome.out_of_time = execute
           outcome.pending.append(f"{run.key}: not run yet")
           continue
         run_start = time.perf_counter()
         try:
           record = train_and_score(run, workdir, code, lambda: stop.requested)
         except Interrupted as err:
+          outcome.stopped_by = stop.signal_name
           outcome.pending.append(str(err))
           print_fn(f"[{position + 1}/{len(runs)}] {err}")
           continue
@@ -396,6 +402,7 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
             blocked.add(name)
           continue
         _write_new_json(result_path, record)
+        outcome.ran += 1
       (outcome.tuning if run.phase == "tune" else outcome.records).append(record)
       elapsed = time.perf_counter() - run_start
       done_flops += record["train_flops"]
