@@ -362,9 +362,16 @@ def test_a_stop_signal_inside_a_flag_reaches_the_enclosing_one_never_the_default
       signal.raise_signal(signal.SIGTERM)
       assert inner.requested and not outer.requested
     assert outer.requested and outer.signal_name == "SIGTERM"
-  with PreemptionFlag() as alone:  # the previous handler is Python's default: not replayed on exit
+  with PreemptionFlag() as alone:  # the previous handler is the default action: not replayed on exit
     signal.raise_signal(signal.SIGTERM)
   assert alone.requested and signal.getsignal(signal.SIGTERM) == before
+  previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with PreemptionFlag() as ctrl_c:  # nor is Python's SIGINT handler: no KeyboardInterrupt after a clean stop
+      signal.raise_signal(signal.SIGINT)
+    assert ctrl_c.requested and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, previous_int)
 
 
 def test_a_signal_during_a_study_stops_it_and_the_run_resumes_unscored(tuned_study, tmp_path, monkeypatch):

@@ -17,9 +17,9 @@ class PreemptionFlag:
 
   A second SIGINT raises KeyboardInterrupt, so an impatient Ctrl-C still stops the process.
   Outside the main thread (where handlers cannot be installed) the flag never fires. On exit the
-  handlers before it come back, and a signal it received is passed on to a previous handler that is a
-  Python function (an enclosing flag: a study that runs trainings learns that it was asked to stop);
-  the default action is never replayed, so a preempted training still exits normally.
+  handlers before it come back, and a signal it received is passed on to an enclosing flag (a study
+  that runs trainings learns that it was asked to stop); never to another handler (Python's SIGINT
+  handler would raise KeyboardInterrupt), so a preempted training still exits normally.
   """
 
   def __init__(self):
@@ -46,5 +46,5 @@ class PreemptionFlag:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     previous = self._previous.get(self._signum)
-    if self.requested and callable(previous):
+    if self.requested and isinstance(getattr(previous, "__self__", None), PreemptionFlag):
       previous(self._signum, None)
