@@ -630,7 +630,6 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path, corpus, capsys):
   assert any("training.total_steps: 3 -> 5" in line for line in json.loads((out / "study.json").read_text())["stale"])
 
 
-@pytest.mark.slow  # expands the 45 runs of the real study (about a minute on 2 cores)
 def test_the_qtg_vs_gpt_study_is_the_one_issue_16_asks_for():
   """studies/qtg_vs_gpt.py: four variants (the spec's QTG form by its name), 3 seeds, one lr grid for all,
   at least 1,000 steps per tiny run, both corpora and a wall-time group; its recall results are committed."""
