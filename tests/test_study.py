@@ -222,7 +222,7 @@ def test_lr_grid_picks_the_lowest_tuning_bits_and_reruns_nothing(tuned_study, ca
   assert "| variant | lr 0.001 | lr 0.03 | chosen |" in report_text
   assert "tuning split" in report_text and "never scored in the tables of this report" in report_text
   choice = result["lr_choices"]["w/gpt"]
-  bold = f"**{choice['tune_bits_per_byte'][[1e-3, 3e-2].index(choice['chosen'])]:.4f} (1 steps, clock)**"
+  bold = f"**{choice['tune_bits_per_byte'][[1e-3, 3e-2].index(choice['chosen'])]:.4f} (1 step, stopped by the clock)**"
   assert bold in report_text and f"| {choice['chosen']:g} |" in report_text
   assert "| 1 of 50, 1/1 stopped by the clock |" in report_text
   assert (tmp_path / "docs" / "results" / "w_lr_grid.png").exists()

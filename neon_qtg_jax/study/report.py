@@ -385,7 +385,7 @@ def lr_grid_table(grid: dict[str, Any], group_budget: dict[str, Any]) -> list[st
         continue
       text = "diverged" if bits == "diverged" else f"{bits:.4f}"
       if budget["kind"] == "wall_time" and steps is not None:
-        text += f" ({steps} steps{', clock' if clock else ''})"
+        text += f" ({steps} step{'s' if steps != 1 else ''}{', stopped by the clock' if clock else ''})"
       cells.append(f"**{text}**" if lr == v["chosen"] else text)
     chosen = f"{v['chosen']:g}" if v["chosen"] is not None else "not yet"
     lines.append(f"| {v['label']} | " + " | ".join(cells) + f" | {chosen} |")
