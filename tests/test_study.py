@@ -573,13 +573,34 @@ def test_report_says_worse_plainly():
                          "vs_baseline_bits_per_byte": {"difference": 0.05, "low": 0.02, "high": 0.08}}]}
   assert report._findings(group, "gpt") == [  # pylint: disable=protected-access
       "- QTG: WORSE than `gpt`: bits/byte higher by 0.0500 (95% CI +0.0500 [+0.0200, +0.0800]; 3 seeds against 3)."]
-  variant = {"bits_per_byte": {"mean": 2.0, "std": 0.01}, "seeds_done": 3}
-  study_json = {"study": {"baseline": "gpt", "headline": "qtg"}, "groups": [
-      {"title": "A", "variants": [dict(variant, name="gpt"), dict(variant, name="qtg", verdict="worse",
-                                                                  vs_baseline_bits_per_byte=None)]}]}
-  lines = report.main_table(study_json)
+  def record(variant, seed, bits):
+    return {"variant": variant, "seed": seed, "final": {"bits_per_byte": bits}}
+  in_group = [record("gpt", s, b) for s, b in enumerate((2.00, 2.01, 1.99))]
+  in_group += [record("qtg", s, b) for s, b in enumerate((2.10, 2.12, 2.11))]
+  in_group += [record("dot", s, b) for s, b in enumerate((2.11, 2.09, 2.12))]
+  study_json = {"groups": [
+      {"title": "A", "comparisons": [report._comparison(in_group, "qtg", "gpt"),  # pylint: disable=protected-access
+                                     report._comparison(in_group, "qtg", "dot")]},  # pylint: disable=protected-access
+      {"title": "B", "comparisons": [report._comparison([], "qtg", "gpt")]}]}  # pylint: disable=protected-access
+  lines = report.comparison_table(study_json, "qtg", "gpt")
   assert lines[0].startswith("Of 1 group(s) with both run, `qtg` is worse than `gpt` in 1, better in 0")
-  assert "| `qtg` worse than `gpt` |" in lines[-1]
+  assert "| A | 2.0000 ± 0.0100 | 2.1100 ± 0.0100 | +0.1100 [" in lines[-2] and "| `qtg` worse than `gpt` |" in lines[-2]
+  assert "| B | | | | not run yet | |" == lines[-1]
+  # A contrast is read the same way: here no measurable difference, and a group without it has no row.
+  lines = report.comparison_table(study_json, "qtg", "dot")
+  assert "not measurably different in 1" in lines[0] and "| no measurable difference | 3 + 3 |" in lines[-1]
+  assert len(lines) == 5
+
+
+def test_contrasts_must_name_two_variants_some_group_runs_together(tmp_path, corpus):
+  for top, message in (('\n            "contrasts": [("qtg", "qtg")],', "a pair of two different variant names"),
+                       ('\n            "contrasts": [("qtg", "mamba")],', "no group runs both 'qtg' and 'mamba'"),
+                       ('\n            "headline": "mamba",', "no group runs both 'mamba' and 'gpt'")):
+    with pytest.raises(ValueError, match=message):
+      spec.load_study(str(_study_file(tmp_path, corpus, top=top)))
+  study = spec.load_study(str(_study_file(tmp_path, corpus, top='\n            "headline": "qtg", '
+                                                                   '"contrasts": [["gpt", "qtg"]],')))
+  assert spec.comparisons(study) == [("qtg", "gpt"), ("gpt", "qtg")]
 
 
 def test_an_unmeasured_attention_entropy_is_said_not_hidden():
@@ -648,3 +669,6 @@ def test_the_qtg_vs_gpt_study_is_the_one_issue_16_asks_for():
   assert all(r.config.data.tune_fraction > 0 and r.group == "tiny_stdlib" for r in tuning)
   assert all(r.pending_lr and r.lr_group == "tiny_stdlib" for r in finals)  # each variant's rate, tuned once
   assert (ROOT / study["recall_dir"]).is_dir()
+  # The main result also sets QTG against dot-product attention at its own shape, the comparison that isolates
+  # the Fisher-Rao attention, and the spec's form against the defaults.
+  assert spec.comparisons(study) == [("qtg", "gpt"), ("qtg", "gpt_spec"), ("qtg_seed", "qtg")]

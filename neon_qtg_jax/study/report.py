@@ -97,6 +97,15 @@ def _variant_summary(records: list[dict[str, Any]], baseline: list[dict[str, Any
   return out
 
 
+def _comparison(records: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+  """`a` against `b` in one group: final bits/byte of each, Welch's interval of a - b and its verdict."""
+  bits = {name: [r["final"]["bits_per_byte"] for r in sorted(records, key=lambda r: r["seed"]) if r["variant"] == name]
+          for name in (a, b)}
+  interval = stats.welch_interval(bits[a], bits[b])
+  return {"a": a, "b": b, "bits_per_byte": bits, "interval": interval,
+          "verdict": stats.verdict(interval) if bits[a] and bits[b] else "not run yet"}
+
+
 def lr_grid_summary(study: dict[str, Any], group: dict[str, Any], tuning: list[dict[str, Any]],
                     lr_choices: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
   """The group's lr grid: per variant every value's tuning bits/byte (None: not run yet; "diverged") and
@@ -145,6 +154,8 @@ def summarize(study: dict[str, Any], outcome: Outcome) -> list[dict[str, Any]]:
       variants.append(entry)
     groups.append({"name": group["name"], "title": group.get("title", group["name"]), "budget": group["budget"],
                    "overrides": group.get("overrides", {}), "variants": variants,
+                   "comparisons": [_comparison(in_group, a, b) for a, b in spec.comparisons(study)
+                                   if {a, b} <= {v["name"] for v in group["variants"]}],
                    "lr_grid": lr_grid_summary(study, group, outcome.tuning, outcome.lr_choices),
                    "lr_from": lr_from_summary(group, outcome.lr_choices)})
   return groups
@@ -319,27 +330,30 @@ def _reading(verdict: str, name: str, baseline: str) -> str:
   return verdict
 
 
-def main_table(study_json: dict[str, Any]) -> list[str]:
-  """A sentence that counts the groups where the headline is better, worse or neither, and one row per group."""
-  study = study_json["study"]
-  baseline, headline = study["baseline"], study.get("headline")
-  if headline is None:
-    return []
-  lines = [f"| group | `{baseline}` bits/byte | `{headline}` bits/byte | difference [95% CI] | reading | seeds |",
+def _mean_text(values: list[float]) -> str:
+  mean, std = stats.mean_std(values)
+  return f"{mean:.4f}" if len(values) < 2 else f"{mean:.4f} ± {std:.4f}"
+
+
+def comparison_table(study_json: dict[str, Any], a: str, b: str) -> list[str]:
+  """`a` against `b` in every group that has both: a sentence counting the groups where `a` is worse, better
+  or neither, and one row per group."""
+  lines = [f"| group | `{b}` bits/byte | `{a}` bits/byte | `{a}` minus `{b}` [95% CI] | reading | seeds |",
            "| --- | --- | --- | --- | --- | --- |"]
   verdicts = []
   for group in study_json["groups"]:
-    variants = {v["name"]: v for v in group["variants"]}
-    base, head = variants.get(baseline, {}), variants.get(headline, {})
-    if not base.get("seeds_done") or not head.get("seeds_done"):
+    pair = next((c for c in group.get("comparisons", []) if (c["a"], c["b"]) == (a, b)), None)
+    if pair is None:
+      continue
+    bits_a, bits_b = pair["bits_per_byte"][a], pair["bits_per_byte"][b]
+    if not bits_a or not bits_b:
       lines.append(f"| {group['title']} | | | | not run yet | |")
       continue
-    verdicts.append(head["verdict"])
-    lines.append(f"| {group['title']} | {_fmt_mean(base, 'bits_per_byte', 4)} | {_fmt_mean(head, 'bits_per_byte', 4)} "
-                 f"| {_fmt_interval(head.get('vs_baseline_bits_per_byte'))} "
-                 f"| {_reading(head['verdict'], headline, baseline)} | {base['seeds_done']} + {head['seeds_done']} |")
+    verdicts.append(pair["verdict"])
+    lines.append(f"| {group['title']} | {_mean_text(bits_b)} | {_mean_text(bits_a)} | {_fmt_interval(pair['interval'])} "
+                 f"| {_reading(pair['verdict'], a, b)} | {len(bits_b)} + {len(bits_a)} |")
   counts = collections.Counter(verdicts)
-  summary = (f"Of {len(verdicts)} group(s) with both run, `{headline}` is worse than `{baseline}` in "
+  summary = (f"Of {len(verdicts)} group(s) with both run, `{a}` is worse than `{b}` in "
              f"{counts['worse']}, better in {counts['better']}, and not measurably different in "
              f"{counts[stats.NO_DIFFERENCE]}" + (f"; {counts['too few seeds for an interval']} have too few seeds for "
                                                  "an interval" if counts["too few seeds for an interval"] else "")
@@ -499,10 +513,12 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
               f"training steps and seconds (mean over seeds); attention entropy per layer relative to uniform "
               f"(mean over seeds). From the results in `{recall['dir']}`.", ""]
     lines += recall_table.markdown(recall["rows"], recall["dir"])
-  headline = main_table(study_json)
-  if headline:
-    lines += ["## Main result", "", f"`{study['headline']}` against `{baseline}` in every group "
-              "(final validation bits per byte, mean ± std over seeds; lower is better).", ""] + headline + [""]
+  pairs = spec.comparisons(study)
+  if pairs:
+    lines += ["## Main result", ""]
+    for a, b in pairs:
+      lines += [f"`{a}` against `{b}` in every group that has both (final validation bits per byte, mean ± std "
+                "over seeds; lower is better).", ""] + comparison_table(study_json, a, b) + [""]
   for group in study_json["groups"]:
     steps_note = (" The steps column gives the steps reached (mean, min-max over seeds) of the cap."
                   if group["budget"]["kind"] == "wall_time" else "")

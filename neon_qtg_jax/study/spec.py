@@ -14,7 +14,9 @@ A study file is a Python module with `get_study() -> dict`:
     lr_from      the name of an earlier group with an lr grid: this group runs no tuning of its own, and
                  each of its variants trains with the learning rate chosen for it there
   optional, study-wide: recall_dir (a directory of tools/recall.py JSON results for the report's
-  first table; --recall_dir overrides it), headline, pictures, title, description.
+  first table; --recall_dir overrides it), headline (the variant set against the baseline first in
+  the main result), contrasts (more [a, b] pairs of variant names for the main result, each a
+  against b in every group that has both), pictures, title, description.
 
 Overrides map dotted config fields to values ("model.attention": "dot"). A budget is
 {"kind": "tokens", "steps": N}, {"kind": "flops", "steps": N, "reference": VARIANT} (every
@@ -137,6 +139,7 @@ def load_study(path: str) -> dict[str, Any]:
   for field in ("name", "base_config", "baseline", "groups"):
     if field not in study:
       raise ValueError(f"{path}: the study has no '{field}'")
+  _check_comparisons(path, study)
   for index, group in enumerate(study["groups"]):
     names = [v["name"] for v in group["variants"]]
     if study["baseline"] not in names:
@@ -159,6 +162,23 @@ def load_study(path: str) -> dict[str, Any]:
           raise ValueError(f"{path}: group '{group['name']}': tune_seed {seed} is one of variant "
                            f"'{variant['name']}''s seeds; tuning runs take a seed of their own")
   return study
+
+
+def comparisons(study: dict[str, Any]) -> list[tuple[str, str]]:
+  """The main result's (a, b) pairs, a against b: the headline against the baseline, then the contrasts."""
+  pairs = [(study["headline"], study["baseline"])] if study.get("headline") else []
+  return pairs + [tuple(pair) for pair in study.get("contrasts", ())]
+
+
+def _check_comparisons(path: str, study: dict[str, Any]) -> None:
+  """Each pair names two different variants that some group runs together."""
+  together = [{v["name"] for v in group["variants"]} for group in study["groups"]]
+  for pair in study.get("contrasts", ()):
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or pair[0] == pair[1]:
+      raise ValueError(f"{path}: contrasts: each entry is a pair of two different variant names, got {pair!r}")
+  for a, b in comparisons(study):
+    if not any({a, b} <= names for names in together):
+      raise ValueError(f"{path}: no group runs both '{a}' and '{b}' (the main result compares them)")
 
 
 def _check_lr_from(path: str, earlier: list[dict[str, Any]], group: dict[str, Any]) -> None:
