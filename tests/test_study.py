@@ -121,6 +121,11 @@ def test_wall_time_and_token_budgets(tmp_path, corpus):
   study["groups"][0]["budget"] = {"kind": "wall_time", "minutes": 1.5, "max_steps": 90}
   for run in spec.expand(study):
     assert run.config.training.total_steps == 90 and run.config.training.max_train_minutes == 1.5
+    # Its expected time (the ETA, --list) is its minutes whatever the FLOPs of its step cap.
+    assert spec.expected_seconds(run, 1.0) == spec.expected_seconds(run, 0.0) == 90.0
+  study["groups"][0]["budget"] = {"kind": "tokens", "steps": 7}
+  run = spec.expand(study)[0]
+  assert spec.expected_seconds(run, 2e-9) == pytest.approx(2e-9 * 7 * spec.train_flops_per_step(run.config))
 
 
 def test_an_unknown_override_is_named(tmp_path, corpus):
@@ -638,7 +643,8 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path, corpus, capsys):
   assert "`gamma`: L0:" in report_text and "## Code versions" in report_text
   assert (publish.parent / "results" / "g_curves.png").exists()
   assert (out / "tensorboard" / "g" / "qtg").is_dir()
-  capsys.readouterr()
+  assert re.search(r"\[1/2\] g/qtg/seed0: 3 steps, val bits/byte [\d.]+, \S+ \| 1 left, ETA \S+ for one process",
+                   capsys.readouterr().out)
   # Resuming runs nothing new and reproduces the same numbers.
   assert study_tool.main([f"--study={study_path}", f"--out={out}"]) == 0
   assert "2 with a result, 0 to run" in capsys.readouterr().out

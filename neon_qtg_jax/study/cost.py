@@ -18,7 +18,7 @@ import os
 import statistics
 
 from neon_qtg_jax.study.runner import RESULT_FILE, run_workdir
-from neon_qtg_jax.study.spec import Run, train_flops_per_step
+from neon_qtg_jax.study.spec import Run, expected_seconds, train_flops_per_step
 
 
 @dataclasses.dataclass
@@ -61,13 +61,14 @@ def estimate(runs: list[Run], study_dir: str, calibration: str = "") -> list[Est
       with open(result, encoding="utf-8") as f:
         out.append(Estimate(run, flops, float(json.load(f)["run_seconds"]), "finished"))
     elif run.budget["kind"] == "wall_time":
-      out.append(Estimate(run, flops, 60.0 * float(run.budget["minutes"]), "wall time"))
+      out.append(Estimate(run, flops, expected_seconds(run, 0.0), "wall time"))
     elif (run.group, run.variant) in rates:
-      out.append(Estimate(run, flops, flops * statistics.median(rates[run.group, run.variant]), "group/variant"))
+      out.append(Estimate(run, flops, expected_seconds(run, statistics.median(rates[run.group, run.variant])),
+                          "group/variant"))
     elif run.variant in by_variant:
-      out.append(Estimate(run, flops, flops * statistics.median(by_variant[run.variant]), "variant"))
+      out.append(Estimate(run, flops, expected_seconds(run, statistics.median(by_variant[run.variant])), "variant"))
     elif every:
-      out.append(Estimate(run, flops, flops * statistics.median(every), "all runs"))
+      out.append(Estimate(run, flops, expected_seconds(run, statistics.median(every)), "all runs"))
     else:
       out.append(Estimate(run, flops, None, "none"))
   return out

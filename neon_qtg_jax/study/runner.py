@@ -41,7 +41,7 @@ from neon_qtg_jax import info
 from neon_qtg_jax.cli import RunArgs
 from neon_qtg_jax.study import provenance, readout
 from neon_qtg_jax.training import preemption
-from neon_qtg_jax.study.spec import Run, config_json, resolve_lr, train_flops_per_step
+from neon_qtg_jax.study.spec import Run, config_json, expected_seconds, resolve_lr, train_flops_per_step
 
 SPEC_FILE = "run.json"
 ATTEMPTS_FILE = "attempts.jsonl"
@@ -327,8 +327,10 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
   Runs whose key is in read_only are collected when finished, never run or moved aside here: the
   tuning runs another process runs, read so that this one's runs can take their learning rates.
 
-  The ETA scales the measured seconds per training FLOP of the runs finished in this call
-  (compilation and scoring included) to the FLOPs of the runs still to do. With
+  The ETA is this process's alone: the measured seconds per training FLOP of the runs it finished
+  in this call (compilation and scoring included) times the FLOPs of the runs without a result
+  after the current one (a wall-time run counts its minutes); other processes sharing the study
+  directory shorten it. With
   stop_after_seconds > 0 no new run starts after that many seconds (the rest stays pending).
   """
   code = code or provenance.code_version()
@@ -405,14 +407,16 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
         outcome.ran += 1
       (outcome.tuning if run.phase == "tune" else outcome.records).append(record)
       elapsed = time.perf_counter() - run_start
-      done_flops += record["train_flops"]
-      done_seconds += elapsed
+      if run.budget["kind"] != "wall_time":  # a wall-time run's seconds are its minutes, not its FLOPs
+        done_flops += record["train_flops"]
+        done_seconds += elapsed
       remaining = [r for r in runs[position + 1:] if r.key not in read_only
                    and not os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE))]
-      eta = done_seconds / max(done_flops, 1.0) * sum(train_flops_per_step(r.config) * r.config.training.total_steps
-                                                      for r in remaining)
+      measured = done_flops > 0 or all(r.budget["kind"] == "wall_time" for r in remaining)
+      eta = (f"ETA {_duration(sum(expected_seconds(r, done_seconds / max(done_flops, 1.0)) for r in remaining))}"
+             if measured else "ETA not known yet")
       scores = record.get("final") or record["tune"]
       bits = "diverged" if scores.get("diverged") else f"{scores['bits_per_byte']:.4f}"
       print_fn(f"[{position + 1}/{len(runs)}] {run.key}: {record['steps']} steps, {record['eval_split']} bits/byte "
-               f"{bits}, {_duration(elapsed)} | {len(remaining)} left, ETA {_duration(eta)}")
+               f"{bits}, {_duration(elapsed)} | {len(remaining)} left, {eta} for one process")
   return outcome

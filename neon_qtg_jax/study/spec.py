@@ -209,6 +209,13 @@ def train_flops_per_step(config: ml_collections.ConfigDict) -> float:
   return info.flops_per_token(config)["train"] * t.batch_size * t.grad_accum_steps * config.data.max_length
 
 
+def expected_seconds(run: "Run", seconds_per_flop: float) -> float:
+  """A run's time at a measured seconds per training FLOP; a wall-time run takes its minutes (the clock stops it)."""
+  if run.budget["kind"] == "wall_time":
+    return 60.0 * float(run.budget["minutes"])
+  return seconds_per_flop * train_flops_per_step(run.config) * run.config.training.total_steps
+
+
 def _variant_config(study: dict[str, Any], group: dict[str, Any], variant: dict[str, Any]) -> ml_collections.ConfigDict:
   config = base_config(study)
   apply_overrides(config, group.get("overrides", {}), f"group {group['name']}")
