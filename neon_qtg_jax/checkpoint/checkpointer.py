@@ -56,6 +56,14 @@ def _best_metric(metrics: dict[str, float]) -> float:
   return metrics[BEST_METRIC]
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops Orbax's warning that a manager is read only: make_manager(read_only=True) asks for it (evaluation,
+  sampling, analysis), so the warning says nothing, and it was logged several times per run."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 def make_manager(directory: str, *, keep: int = 3, read_only: bool = False,
                  timeout_minutes: float = DEFAULT_SAVE_TIMEOUT_MINUTES) -> ocp.CheckpointManager:
   """CheckpointManager for `directory` (a run's checkpoints/): async, atomic, keeps the last `keep` plus the best.
@@ -75,7 +83,15 @@ def make_manager(directory: str, *, keep: int = 3, read_only: bool = False,
       save_interval_steps=0 if read_only else 1,
       async_options=ocp.AsyncOptions(timeout_secs=max(1, round(60 * timeout_minutes)),
                                      barrier_sync_fn=decisions.SaveBarrier() if jax.process_count() > 1 else None))
-  return ocp.CheckpointManager(directory, options=options)
+  if not read_only:
+    return ocp.CheckpointManager(directory, options=options)
+  notice = _DropReadOnlyNotice()
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(notice)
+  try:
+    return ocp.CheckpointManager(directory, options=options)
+  finally:
+    absl_logger.removeFilter(notice)
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
