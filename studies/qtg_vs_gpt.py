@@ -126,6 +126,12 @@ def get_study():
           "Equal FLOPs counts model FLOPs (`--mode=info`). Equal wall time is measured on a 2-core machine "
           "shared with other jobs: a run's steps depend on the load while it ran, and its learning-rate "
           "schedule spans the step cap, so a run the clock stops ends before its schedule does.",
+          "At equal wall time `gpt` and `qtg` stopped at the same step in every seed (851, 876, 851), one step "
+          "after a log step: on this CPU the host queues steps ahead of the computation and waits for it at "
+          "each log step (every 25 steps, about 14 s), so the clock's stop comes in 25-step increments, coarser "
+          "than the few percent by which their step times differ at the tiny shape. Between them that group is "
+          "in effect an equal-steps comparison. The last run (`qtg_seed` seed 2) had the machine to itself for "
+          "part of its 8 minutes and reached 1001 steps.",
           "Seeds change the initialisation and the data order together; 3 seeds give wide intervals, and an "
           "interval that excludes 0 at 3 seeds is still a weak result.",
           "The learning rate is chosen per variant from the same grid on the standard library's tuning split (one "
