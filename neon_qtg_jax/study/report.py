@@ -14,6 +14,7 @@ import datetime
 import os
 import platform
 import shutil
+import textwrap
 from typing import Any
 
 import jax
@@ -224,7 +225,7 @@ def plot_group(group: dict[str, Any], records: list[dict[str, Any]], out_dir: st
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
     labels, centers, lows, highs = [], [], [], []
     for v in rows:
-      labels.append(f"{v['label']} (n={v['seeds_done']})")
+      labels.append(f"{v['name']} (n={v['seeds_done']})")  # the long labels did not fit beside the bars
       interval = v.get("vs_baseline_bits_per_byte")
       if v["name"] == baseline:
         centers.append(0.0), lows.append(0.0), highs.append(0.0)
@@ -241,7 +242,7 @@ def plot_group(group: dict[str, Any], records: list[dict[str, Any]], out_dir: st
     ax.set_yticks(ys, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("bits/byte minus the baseline's (95% Welch CI; < 0 is better)")
-    ax.set_title(f"{group['title']}: final validation bits/byte against {baseline}", fontsize=9)
+    ax.set_title(textwrap.fill(f"{group['title']}: final validation bits/byte against {baseline}", 70), fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, f"{group['name']}_comparison.png"))
