@@ -69,7 +69,7 @@ def _scalars_mean(records: list[dict[str, Any]]) -> dict[str, list[list[float]]]
   return {name: np.mean(values, axis=0).round(3).tolist() for name, values in per_name.items()}
 
 
-def _variant_summary(records: list[dict[str, Any]], baseline: list[dict[str, Any]], is_baseline: bool
+def _variant_summary(records: list[dict[str, Any]], baseline: list[dict[str, Any]], baseline_name: str
                      ) -> dict[str, Any]:
   out: dict[str, Any] = {"seeds": [r["seed"] for r in records]}
   for metric in METRICS:
@@ -90,11 +90,10 @@ def _variant_summary(records: list[dict[str, Any]], baseline: list[dict[str, Any
   out["attention_entropy_errors"] = sorted({r["attention_entropy_error"] for r in records
                                             if r.get("attention_entropy_error")})
   out["attention_scalars_mean"] = _scalars_mean(records)
-  if not is_baseline:
-    interval = stats.welch_interval([r["final"]["bits_per_byte"] for r in records],
-                                    [r["final"]["bits_per_byte"] for r in baseline])
-    out["vs_baseline_bits_per_byte"] = interval
-    out["verdict"] = stats.verdict(interval) if baseline else "baseline not run yet"
+  if first["variant"] != baseline_name:
+    pair = _comparison(records + baseline, first["variant"], baseline_name)
+    out["vs_baseline_bits_per_byte"] = pair["interval"]
+    out["verdict"] = pair["verdict"] if baseline else "baseline not run yet"
   return out
 
 
@@ -151,7 +150,7 @@ def summarize(study: dict[str, Any], outcome: Outcome) -> list[dict[str, Any]]:
       entry = {"name": variant["name"], "label": variant.get("label", variant["name"]),
                "seeds_planned": seeds if isinstance(seeds, int) else len(seeds), "seeds_done": len(mine)}
       if mine:
-        entry |= _variant_summary(mine, baseline, variant["name"] == study["baseline"])
+        entry |= _variant_summary(mine, baseline, study["baseline"])
       variants.append(entry)
     groups.append({"name": group["name"], "title": group.get("title", group["name"]), "budget": group["budget"],
                    "overrides": group.get("overrides", {}), "variants": variants,
