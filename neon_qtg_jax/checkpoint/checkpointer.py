@@ -7,6 +7,8 @@ Layout (docs/TRAINING.md): `{workdir}/checkpoints/{step}/` holds one Orbax compo
   meta/       JSON: step, rng (uint32 key data), counters, best validation loss
   data/       the Grain iterator state (present when training from the data loader)
   config/     JSON: the resolved run config
+  tokenizer/  JSON: the run's tokenizer (data.data_dir's tokenizer.model, base64, and tokenizer.json), so a
+              copied workdir serves, samples and evaluates without the data directory (inference/restore.py)
 
 Each item restores on its own, so evaluation and sampling read `params` alone. Steps are
 kept by Orbax's preservation policy: the last `keep_checkpoints` plus the best by `val_loss`.
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 DEFAULT_SAVE_TIMEOUT_MINUTES = 20.0  # Orbax's own default
 BEST_METRIC = "val_loss"
+TOKENIZER_ITEM = "tokenizer"
 
 
 def checkpoint_nbytes(*trees: Any) -> int:
@@ -215,6 +218,25 @@ def load_run_config(workdir_or_path: str, which: str | int = "latest") -> ml_col
   return config_from_json(restored["config"])
 
 
+def tokenizer_item(data_dir: str) -> dict[str, Any] | None:
+  """data_dir's tokenizer as the JSON checkpoint item {"model_base64", "info"}; None where data_dir has none."""
+  import base64
+  import json
+  model, info = os.path.join(data_dir, "tokenizer.model"), os.path.join(data_dir, "tokenizer.json")
+  if not (os.path.exists(model) and os.path.exists(info)):
+    return None
+  with open(model, "rb") as f, open(info, encoding="utf-8") as g:
+    return {"model_base64": base64.b64encode(f.read()).decode("ascii"), "info": json.load(g)}
+
+
+def load_tokenizer_item(workdir_or_path: str, which: str | int = "latest") -> dict[str, Any] | None:
+  """The tokenizer item saved with a checkpoint (tokenizer_item), or None for a checkpoint saved without one."""
+  ref = resolve(workdir_or_path, which)
+  if not os.path.isdir(os.path.join(ref.path, TOKENIZER_ITEM)):
+    return None
+  return dict(_restore_items(ref, {TOKENIZER_ITEM: ocp.args.JsonRestore()})[TOKENIZER_ITEM])
+
+
 def load_meta(workdir_or_path: str, which: str | int = "latest") -> dict[str, Any]:
   """The host bookkeeping saved with a checkpoint: step, best_val_loss, train_seconds, counters."""
   ref = resolve(workdir_or_path, which)
@@ -284,6 +306,7 @@ class Checkpointer:
     self.manager = make_manager(self.directory, keep=keep, read_only=read_only, timeout_minutes=timeout_minutes)
     self.on_save_error = on_save_error  # "stop": raise CheckpointSaveError; "continue": log it and go on
     self.pending: int | None = None     # the step whose asynchronous save may still be running
+    self._tokenizer: dict[str, Any] | None = None  # the item saved with every step (tokenizer_item)
 
   def _save_failed(self, step: int | None, err: Exception) -> None:
     """Raises (or with on_save_error="continue", logs) a clear error for a failed save of `step`."""
@@ -316,6 +339,10 @@ class Checkpointer:
     }
     if data_args is not None:
       items["data"] = data_args
+    if self._tokenizer is None:  # read once: a run's tokenizer does not change
+      self._tokenizer = tokenizer_item(config.data.data_dir) or {}
+    if self._tokenizer:
+      items[TOKENIZER_ITEM] = ocp.args.JsonSave(self._tokenizer)
     metrics = {BEST_METRIC: float(val_loss)} if val_loss is not None else None
     warning = free_space_warning(self.directory, checkpoint_nbytes(params, opt_state))
     if warning:

@@ -60,8 +60,8 @@ class NeonQTGLM(LM):
                weight_dtype: str = "float32", seed: int = 0, **unused: Any):
     super().__init__()
     from neon_qtg_jax.config import default_config, validate
-    from neon_qtg_jax.data.tokenizer import Tokenizer
     from neon_qtg_jax.inference.quantize import load_for_inference
+    from neon_qtg_jax.inference.restore import load_tokenizer
     from neon_qtg_jax.parallel import ShardingConfig
 
     config = default_config()
@@ -70,7 +70,7 @@ class NeonQTGLM(LM):
     step = int(step) if str(step).isdigit() else step
     restored = load_for_inference(str(checkpoint), step, config, sharding=ShardingConfig.from_config(config.parallel))
     self.model, self.step, self.weight_dtype = restored.model, restored.step, restored.weight_dtype
-    self.tokenizer = Tokenizer.load(restored.run_config.data.data_dir)
+    self.tokenizer = load_tokenizer(str(checkpoint), step, restored.run_config)  # carried by the checkpoint
     self.context = int(self.model.cfg.max_seq_len)
     self.window = min(int(max_length or self.context), self.context)
     # loglikelihood_rolling scores like --mode=eval with the run's eval windows

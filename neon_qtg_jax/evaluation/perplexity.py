@@ -161,19 +161,19 @@ def validation_stream(data_dir: str, eos_id: int, split: str = "val") -> tuple[n
 
 def run(config, args) -> int:
   """--mode=eval: perplexity of a checkpoint on a prepared split (--eval_split) or --eval_data; writes a JSON result."""
-  from neon_qtg_jax.data.tokenizer import Tokenizer
   from neon_qtg_jax.evaluation.result_files import claimed, data_tag, result_path
   from neon_qtg_jax.evaluation.tool_cli import write_json
+  from neon_qtg_jax.inference import restore as restore_lib
   from neon_qtg_jax.inference.quantize import load_for_inference
 
   from neon_qtg_jax.parallel import ShardingConfig
 
   restored = load_for_inference(args.workdir, args.checkpoint, config,  # inference.weight_dtype
                                 sharding=ShardingConfig.from_config(config.parallel))
-  data_dir = restored.run_config.data.data_dir
-  tokenizer = Tokenizer.load(data_dir)
+  data_dir = restore_lib.data_dir(restored.run_config, config)  # only read for a prepared split
+  tokenizer = restore_lib.load_tokenizer(args.workdir, args.checkpoint, restored.run_config, config)
   if tokenizer.vocab_size > restored.model.cfg.vocab_size:
-    print(f"error: tokenizer in {data_dir} has {tokenizer.vocab_size} ids, the model {restored.model.cfg.vocab_size}",
+    print(f"error: the checkpoint's tokenizer has {tokenizer.vocab_size} ids, the model {restored.model.cfg.vocab_size}",
           file=sys.stderr)
     return 2
   if args.eval_data:

@@ -55,15 +55,15 @@ def peak_memory() -> dict[str, int | None]:
 
 
 def run(config, args) -> int:
-  from neon_qtg_jax.data.tokenizer import Tokenizer
   from neon_qtg_jax.inference.quantize import load_for_inference
+  from neon_qtg_jax.inference.restore import load_tokenizer
 
   from neon_qtg_jax.parallel import ShardingConfig
 
   # inference.weight_dtype; float32 weights go bf16 only where they won't fit
   restored = load_for_inference(args.workdir, args.checkpoint, config, param_dtype="auto",
                                 sharding=ShardingConfig.from_config(config.parallel))
-  tokenizer = Tokenizer.load(restored.run_config.data.data_dir)
+  tokenizer = load_tokenizer(args.workdir, args.checkpoint, restored.run_config, config)  # carried by the checkpoint
   sampling = config.sampling
   max_new = min(sampling.max_new_tokens, restored.model.cfg.max_seq_len - 1)
   texts = read_prompts(args, sampling)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import psutil
 
@@ -115,16 +116,59 @@ def load_model(workdir_or_path: str, which: str | int = "best",
   return Restored(nnx.merge(graphdef, params), step, run_config, sharding, dtype)
 
 
+def load_tokenizer(workdir_or_path: str, which: str | int = "best",
+                   run_config: ml_collections.ConfigDict | None = None,
+                   config: ml_collections.ConfigDict | None = None):
+  """The tokenizer a checkpoint was trained with, from the checkpoint itself where it carries one.
+
+  A checkpoint saved since the tokenizer became a checkpoint item (checkpointer.TOKENIZER_ITEM)
+  needs no data directory: its sha256 is checked against the tokenizer.json saved beside it.
+  An older one reads data_dir(run_config, config)'s tokenizer.
+  """
+  import base64
+  import hashlib
+  import json
+  import tempfile
+  from neon_qtg_jax.data.sources import DataError
+  from neon_qtg_jax.data.tokenizer import INFO_FILE, MODEL_FILE, Tokenizer
+  item = checkpointer.load_tokenizer_item(workdir_or_path, which)
+  if item is None:
+    if run_config is None:
+      run_config = checkpointer.load_run_config(workdir_or_path, which)
+    directory = data_dir(run_config, config)
+    try:
+      return Tokenizer.load(directory)
+    except DataError as err:
+      raise DataError(f"the checkpoint in {workdir_or_path!r} was saved without its tokenizer and {err}; pass "
+                      "the run's prepared data directory as --config.data.data_dir=/abs/path") from None
+  model = base64.b64decode(item["model_base64"])
+  if hashlib.sha256(model).hexdigest() != item["info"]["sha256"]:
+    raise DataError(f"the tokenizer saved with the checkpoint in {workdir_or_path!r} does not match its sha256")
+  with tempfile.TemporaryDirectory(prefix="neon_qtg_tokenizer_") as tmp:  # SentencePiece reads it into memory
+    with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
+      f.write(model)
+    with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:
+      json.dump(item["info"], f)
+    return Tokenizer.load(tmp)
+
+
+def data_dir(run_config: ml_collections.ConfigDict, config: ml_collections.ConfigDict | None = None) -> str:
+  """The data directory to read a run's splits from: --config's data.data_dir where it differs from the one
+  saved with the checkpoint (set on the command line), else the saved one (relative to where training ran)."""
+  if config is not None and config.data.data_dir != run_config.data.data_dir:
+    return config.data.data_dir
+  return run_config.data.data_dir
+
+
 def load_model_and_tokenizer(workdir_or_path: str, which: str | int = "best",
                              config: ml_collections.ConfigDict | None = None, *,
                              sharding: ShardingConfig | None = None):
-  """load_model plus the run's tokenizer (from the data_dir saved in its config): (Restored, Tokenizer).
+  """load_model plus the run's tokenizer (load_tokenizer): (Restored, Tokenizer).
 
   For the benchmark tools: sharding None means config.parallel's layout when a config is given,
   else every device on fsdp (ShardingConfig.all_fsdp).
   """
-  from neon_qtg_jax.data.tokenizer import Tokenizer
   if sharding is None:
     sharding = ShardingConfig.from_config(config.parallel) if config is not None else ShardingConfig.all_fsdp()
   restored = load_model(workdir_or_path, which, config, sharding=sharding)
-  return restored, Tokenizer.load(restored.run_config.data.data_dir)
+  return restored, load_tokenizer(workdir_or_path, which, restored.run_config, config)

@@ -84,13 +84,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def build(config, workdir: str, checkpoint: str) -> tuple[Server, Engine]:
   """The engine (started, warm) and the API state for a checkpoint."""
-  from neon_qtg_jax.data.tokenizer import Tokenizer
   from neon_qtg_jax.inference.quantize import load_for_inference
+  from neon_qtg_jax.inference.restore import load_tokenizer
   from neon_qtg_jax.parallel import ShardingConfig
 
   restored = load_for_inference(workdir, checkpoint, config, param_dtype="auto",
                                 sharding=ShardingConfig.from_config(config.parallel))
-  tokenizer = Tokenizer.load(restored.run_config.data.data_dir)
+  tokenizer = load_tokenizer(workdir, checkpoint, restored.run_config, config)
   engine = Engine(restored.model, tokenizer.decode, eos_id=tokenizer.eos_id, slots=config.serve.slots,
                   max_queue=config.serve.max_queue, valid_vocab=tokenizer.vocab_size,
                   sharding=restored.sharding).start()
