@@ -28,6 +28,7 @@ from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.parallel import distributed
 from neon_qtg_jax.checkpoint.errors import (BackupError, CheckpointMismatchError, CheckpointSaveError,
                                            CheckpointUnreadableError)
+from neon_qtg_jax.training.workdir_lock import WorkdirError
 
 
 def reject_unknown_overrides(argv: list[str]) -> None:
@@ -123,7 +124,7 @@ def main(argv: list[str]) -> int:
   try:
     return cli.mode_function(_MODE.value)(config, args) or 0
   except (FileNotFoundError, FileExistsError, DataError, CheckpointSaveError, CheckpointMismatchError,
-          CheckpointUnreadableError, ConfigError, BackupError) as err:
+          CheckpointUnreadableError, ConfigError, BackupError, WorkdirError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
 

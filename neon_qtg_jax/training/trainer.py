@@ -19,6 +19,7 @@ from neon_qtg_jax.checkpoint.checkpointer import Checkpointer, checkpoint_dir
 from neon_qtg_jax.parallel import ShardingConfig, inputs
 from neon_qtg_jax.training import hooks, observe, resume, spike
 from neon_qtg_jax.training import train_step as ts
+from neon_qtg_jax.training import workdir_lock
 from neon_qtg_jax.training.loop import Hook, Loop
 from neon_qtg_jax.training.outputs import RunOutputs, describe_devices, flat_config, open_outputs
 
@@ -114,6 +115,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
   workdir, t = os.path.abspath(args.workdir), config.training
   sharding = ShardingConfig.from_config(config.parallel)
   inputs.check_batch(config, sharding)  # a ConfigError before any work
+  lock = workdir_lock.acquire(workdir, writer=jax.process_index() == 0)  # one run per workdir, before any write
   outputs = open_outputs(workdir)
   log.info("workdir %s; devices: %s; mesh %s", workdir, describe_devices(), parallel.describe(sharding.mesh))
   checkpointer = Checkpointer(checkpoint_dir(workdir), keep=t.keep_checkpoints,  # failures: hooks.Checkpoints
@@ -140,6 +142,7 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
               total_steps=t.total_steps, write_scalars=outputs.write_scalars)
   stop = loop.run(state, start_step)
   outputs.close()
+  lock.release()
   log.info("stopped at step %d (%s); checkpoints %s in %s; loss curves %s", loop.step, stop.reason,
            checkpointer.steps(), checkpointer.directory, outputs.plot_path)
   if stop.error is not None:
