@@ -107,3 +107,16 @@ def test_sample_covers_a_small_corpus_and_only_a_prefix_of_a_large_one():
   assert max(int(line.split()[1]) for line in whole) > 300       # late documents are sampled too
   prefix = sample_sentences(iter(docs), 100, seed=0, scan_factor=2, scan_bytes=0)
   assert max(int(line.split()[1]) for line in prefix) < 200      # stops after 2 x 100 lines
+
+
+def test_same_corpus_gives_identical_tokenizer_bytes_in_two_directories(tmp_path):
+  """SentencePiece records its output path in the model; train_tokenizer leaves it out, and splits the work over
+  TRAIN_THREADS threads on any number of cores, so the file depends on the data alone."""
+  sentences = sample_sentences([Document(t, f"doc{i}") for i, t in enumerate(corpus(200, seed=5))], 3000)
+  a = train_tokenizer(sentences, str(tmp_path / "a"), vocab_size=300)
+  b = train_tokenizer(sentences, str(tmp_path / "elsewhere" / "b"), vocab_size=300)
+  with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+    assert fa.read() == fb.read()
+  assert a.sha256 == b.sha256
+  with open(a.path, "rb") as f:
+    assert str(tmp_path).encode() not in f.read()
