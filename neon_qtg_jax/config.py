@@ -10,11 +10,24 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 
-ATTENTION_KINDS = ("geo", "dot")
+# model.attention takes the name of a registered attention kind (model/attention/): the registry,
+# two layers above this module, adds its names here when it is imported (register_choices), and
+# validate() reads them. Nothing here lists or compares the kinds themselves.
+_CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {}
+
+
+def register_choices(field: str, names: Callable[[], tuple[str, ...]]) -> None:
+  """Lets a higher layer supply the allowed values of a string field (`names()` is read at validation)."""
+  _CHOICES[field] = names
+
+
+def choices(field: str) -> tuple[str, ...] | None:
+  """The registered allowed values of a field, or None while no layer has registered them."""
+  return _CHOICES[field]() if field in _CHOICES else None
 SPHERE_MAPS = ("seed", "scaled", "normed")
 SCALE_PARAMS = ("softplus", "exp")
 ATTENTION_WIDTHS = ("complex", "residual")
@@ -28,8 +41,13 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "int8")  # inference/quantize.py
 DATA_SOURCES = ("stdlib", "openwebtext", "jsonl", "text")
 TEXT_SPLITS = ("file", "blank_line", "percent_line")
 # data.filters (data/filters.py runs them): the steps in pipeline order, the presets, the word tokenizers
-FILTER_STEPS = ("length", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality", "exact_dedup", "minhash")
-FILTER_PRESETS = {"fineweb": FILTER_STEPS}
+FILTER_STEPS = ("language", "length", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality", "code",
+                "exact_dedup", "minhash")
+_WEB_EN = ("length", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality", "exact_dedup", "minhash")
+# web_en: FineWeb's English rules (fineweb: its old name); web: language ID, then each language's rules
+# (data/languages.py); code: The Stack / StarCoder's file filters and dedup (docs/DATA.md)
+FILTER_PRESETS = {"web_en": _WEB_EN, "fineweb": _WEB_EN, "web": ("language",) + _WEB_EN,
+                  "code": ("code", "exact_dedup", "minhash")}
 FILTER_TOKENIZERS = ("regex", "spacy")
 
 
@@ -86,7 +104,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.qk_init_std = 0.0         # init std of W_Q and W_K (0: init_std)
   m.w_psi_init = "orthogonal"  # W_psi: a random orthogonal matrix (norm-preserving), or "normal" (init_std, the spec's)
   m.dropout = 0.0
-  m.attention = "geo"         # "geo" (Fisher-Rao) or "dot" (plain GPT)
+  m.attention = "geo"         # a registered attention kind (model/attention/): "geo" (Fisher-Rao), "dot" (plain
+                              # GPT), "cosine" (geo's second-order twin); docs/MODEL.md
   m.topofilter = True         # False: f = psi, no s_t
   m.w_psi = True              # the 2d x 2d W_psi before the filter; False: psi = LN_1(h) (GPT block)
   m.amplitude_embedding = True  # unit-norm embedding; False: plain token + position sum (GPT)
@@ -165,10 +184,16 @@ def default_config() -> ml_collections.ConfigDict:
   d.prefetch = 2
   d.shuffle_seed = 0
   # Pre-filtering before tokenization (data/filters.py, docs/DATA.md; needs the `filters` extra):
-  # ordered comma-separated steps (data/filters.py STEPS), or the preset "fineweb" (all of them); "": none.
+  # ordered comma-separated steps (data/filters.py STEPS), or a preset: "web_en" (FineWeb's English rules;
+  # "fineweb" is the same), "web" (language ID + per-language rules), "code"; "": none.
   d.filters = ""
+  d.languages = ""            # "language" step: lid.176 codes kept ("en", "ru", "en,ru"); "": any (labels only)
+  d.language_threshold = 0.65  # lowest lid.176 score kept (FineWeb's)
+  d.filters_preview = 300     # documents scored before the full pass; 0: no preview
+  d.filters_preview_max_removed = 0.5  # stop before the full pass when the preview removes more; 1: never stop
+  d.filters_preview_only = False  # print the preview and stop
   d.filter_tokenizer = "regex"  # words for the Gopher, C4, FineWeb and MinHash steps: "regex" or "spacy" (slower)
-  d.filter_tasks = 0          # datatrove tasks; 0: data.num_workers (at least 1). Kept documents do not depend on it
+  d.filter_tasks = 0          # datatrove tasks; 0: the cores this run has. Kept documents do not depend on it
   d.filter_min_words = 50     # "length" step: whitespace-separated words per document (Gopher's bounds)
   d.filter_max_words = 100000
   d.minhash_ngrams = 5        # "minhash" step: word n-gram shingles, LSH buckets x hashes per bucket (FineWeb's)
@@ -244,6 +269,30 @@ def filter_spec_problem(spec: str) -> str | None:
     parse_filters(spec)
   except ValueError as err:
     return str(err)
+  return None
+
+
+def languages_problem(spec: str, filters: str) -> str | None:
+  """Why a data.languages value is unusable with data.filters, or None."""
+  from neon_qtg_jax.data.languages import LANGUAGES, parse_languages  # no datatrove: a plain table
+  try:
+    names = parse_languages(spec)
+  except ValueError as err:
+    return str(err)
+  if any(not re.fullmatch(r"[a-z]{2,3}", n) for n in names):
+    return "languages are lid.176 codes such as 'en' or 'ru', comma-separated"
+  try:
+    steps = parse_filters(filters)
+  except ValueError:
+    return None     # data.filters reports its own problem
+  if names and "language" not in steps:
+    return "keeps languages only with the 'language' step (data.filters='web', or a list with 'language')"
+  if "language" in steps and set(steps) & {"gopher_repetition", "gopher_quality", "c4", "fineweb_quality"}:
+    if not names:
+      return f"the per-language rules need the languages to keep, from {list(LANGUAGES)}"
+    unknown = [n for n in names if n not in LANGUAGES]
+    if unknown:
+      return f"no quality rules for {unknown}: rules exist for {list(LANGUAGES)} (data/languages.py)"
   return None
 
 
@@ -349,7 +398,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
   _check(m.embed_dim % m.num_heads == 0, "model.embed_dim",
          f"must be divisible by model.num_heads={m.num_heads}", m.embed_dim)
-  _check(m.attention in ATTENTION_KINDS, "model.attention", f"must be one of {ATTENTION_KINDS}", m.attention)
+  kinds = choices("model.attention")
+  _check(bool(m.attention) and (kinds is None or m.attention in kinds), "model.attention",
+         f"must be one of {kinds} (the registered attention kinds)", m.attention)
   _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", f"must be one of {ATTENTION_IMPLS}",
          m.attention_impl)
   _check(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}", m.remat)
@@ -398,6 +449,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          d.filter_tokenizer)
   filter_problem = filter_spec_problem(d.filters)
   _check(filter_problem is None, "data.filters", str(filter_problem), d.filters)
+  language_problem = languages_problem(d.languages, d.filters)
+  _check(language_problem is None, "data.languages", str(language_problem), d.languages)
+  _check(0.0 <= d.language_threshold < 1.0, "data.language_threshold", "must be in [0, 1)", d.language_threshold)
+  _check(0.0 < d.filters_preview_max_removed <= 1.0, "data.filters_preview_max_removed",
+         "must be in (0, 1] (1: never stop)", d.filters_preview_max_removed)
+  positive("data", ("filters_preview",), strict=False)
   positive("data", ("filter_tasks", "filter_min_words"), strict=False)
   positive("data", ("filter_max_words", "minhash_ngrams", "minhash_buckets", "minhash_hashes_per_bucket"))
   _check(d.filter_max_words > d.filter_min_words, "data.filter_max_words",

@@ -80,7 +80,9 @@ def run_filters(path: str, data_dir: str, spec: str = "fineweb", tasks: int = 1,
 
 def test_filter_spec_parsing_and_validation():
   assert filters.parse_filters("") == ()
-  assert filters.parse_filters("fineweb") == filters.STEPS
+  assert filters.parse_filters("fineweb") == filters.parse_filters("web_en") == filters.PRESETS["web_en"]
+  assert filters.parse_filters("web") == ("language",) + filters.PRESETS["web_en"]
+  assert filters.parse_filters("code") == ("code", "exact_dedup", "minhash")
   assert filters.parse_filters(" minhash , length") == ("minhash", "length")
   for bad, word in (("gopher", "unknown"), ("length,length", "more than once"), ("fineweb,length", "unknown")):
     c = default_config()
@@ -129,7 +131,7 @@ def test_filter_missing_datatrove_names_field_and_extra(monkeypatch, tmp_path):
 def test_filter_7b_config_turns_filters_on():
   import configs.neon_qtg_7b as big
   import configs.neon_qtg_tiny as tiny
-  assert filters.parse_filters(big.get_config().data.filters) == filters.STEPS
+  assert filters.parse_filters(big.get_config().data.filters) == filters.PRESETS["web_en"]
   assert tiny.get_config().data.filters == ""
 
 
@@ -204,7 +206,7 @@ def test_filters_remove_planted_documents_same_for_any_task_count(corpus, finewe
   assert kinds["clean"] / total["clean"] >= 0.99, kinds
   summary = filters.load_summary(one_dir)
   removed = {step: m["docs_removed"] for step, m in summary["removed"].items()}
-  assert list(removed) == list(filters.STEPS)
+  assert list(removed) == list(filters.PRESETS["web_en"])
   assert summary["documents_in"] == len(docs) and summary["documents_out"] == len(kept(one))
   assert sum(removed.values()) == len(docs) - len(kept(one))
   # each planted kind is removed by the step meant for it

@@ -9,7 +9,8 @@ Loader: batches/s of `make_train_iterator` against plain numpy (random window st
 stack from the memmap) for the same batch shape.
 
 Filters (--filters): the data.filters pass over the same corpus as one in-process datatrove task
-(so this process's CPU time is all of it), as MB of input per CPU second per stage and in total;
+(so this process's CPU time is all of it), as MB of input per CPU second per stage and in total, then
+again with 1 and 2 tasks on as many processes (--filter_task_counts: measured scaling, each task's CPU);
 then preparation with filters (filter pass + tokenizing the kept documents) against without, and
 the hours that means for OpenWebText on 32 cores. --planted benchmarks the planted corpus
 (fortunes prose with duplicates, spam and short documents; data/planted.py).
@@ -19,6 +20,8 @@ the hours that means for OpenWebText on 32 cores. --planted benchmarks the plant
   python tools/bench_data.py --source=jsonl --paths=data/train.jsonl
   python tools/bench_data.py --openwebtext_layout      # stdlib text packed as urlsf_subset00.tar (xz members)
   python tools/bench_data.py --planted --filters=fineweb --num_processes=2 --loader_batches=0
+  python tools/bench_data.py --prose=ru --filters=web --languages=ru --num_processes=2 --loader_batches=0
+  python tools/bench_data.py --filters=code --num_processes=2 --loader_batches=0 --filter_task_counts=1,2
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--filters", default="", help="data.filters to benchmark as well (e.g. fineweb); '' for none")
   p.add_argument("--filter_tokenizer", default="regex", choices=["regex", "spacy"], help="data.filter_tokenizer")
   p.add_argument("--planted", action="store_true", help="benchmark the planted corpus (data/planted.py) as jsonl")
+  p.add_argument("--prose", default="", choices=["", "en", "ru"],
+                 help="benchmark 200 clean prose documents of fortunes (en) or fortunes-ru (ru) as jsonl")
+  p.add_argument("--languages", default="", help="data.languages for --filters=web (e.g. ru)")
+  p.add_argument("--filter_task_counts", default="1,2",
+                 help="the filter pass is run with each of these task counts (one worker process per task)")
   return p.parse_args(argv)
 
 
@@ -143,6 +151,7 @@ def bench_filters(args, config, text_bytes: int, manifest, owt_hours: float) -> 
 
   c = copy.deepcopy(config)
   c.data.filters, c.data.filter_tasks, c.data.filter_tokenizer = args.filters, 1, args.filter_tokenizer
+  c.data.languages = args.languages
   c.data.data_dir = os.path.join(os.path.dirname(config.data.data_dir), "filtered")
   validate(c)
   files = sources.source_files(c.data.source, c.data.paths, sources.Issues())
@@ -165,11 +174,41 @@ def bench_filters(args, config, text_bytes: int, manifest, owt_hours: float) -> 
         f"with filters (filter, then tokenize the kept {kept:.0%}) {with_rate:.3f}")
   print(f"OpenWebText 38 GB on {SEED_CORES} cores: filter pass {filter_hours:.2f} h + tokenizing the kept text "
         f"{owt_hours * kept:.2f} h = {filter_hours + owt_hours * kept:.2f} h (without filters {owt_hours:.2f} h)")
-  return {"filters": args.filters, "filter_tokenizer": args.filter_tokenizer, "mb_in": summary["bytes_in"] / 1e6, "kept_bytes_fraction": kept,
+  scaling = bench_filter_tasks(args, c, files)
+  return {"filters": args.filters, "languages": args.languages, "filter_tokenizer": args.filter_tokenizer,
+          "mb_in": summary["bytes_in"] / 1e6, "kept_bytes_fraction": kept,
           "filter_cpu_s": cpu_s, "filter_wall_s": wall_s, "filter_mb_per_cpu_s": filter_rate,
           "without_filters_mb_per_cpu_s": tokenize_rate, "with_filters_mb_per_cpu_s": with_rate,
           "stages": summary["stages"], "owt_filter_hours_32_cores": filter_hours,
-          "owt_hours_32_cores_with_filters": filter_hours + owt_hours * kept}
+          "owt_hours_32_cores_with_filters": filter_hours + owt_hours * kept, "tasks": scaling}
+
+
+def bench_filter_tasks(args, config, files) -> list[dict]:
+  """The filter pass again with each of --filter_task_counts tasks, as many worker processes as tasks: wall
+  seconds, every task's own CPU seconds added up (filter_steps.QuietLocalExecutor records them), MB of input
+  per task CPU second and per wall second. Measured, not extrapolated from one task."""
+  from neon_qtg_jax.data import filters
+
+  rows = []
+  for tasks in [int(t) for t in args.filter_task_counts.split(",") if t.strip()]:
+    c = copy.deepcopy(config)
+    c.data.filter_tasks = tasks
+    c.data.data_dir = os.path.join(os.path.dirname(config.data.data_dir), f"filtered_{tasks}_tasks")
+    start = time.perf_counter()
+    filters.filter_corpus(c, files, sources.Issues(), progress=False, num_processes=tasks)
+    wall_s = time.perf_counter() - start
+    summary = filters.load_summary(c.data.data_dir)
+    task_cpu = sum(stage.get("task_cpu_s") or 0.0 for stage in summary["stages"])
+    rows.append({"tasks": tasks, "wall_s": wall_s, "task_cpu_s": task_cpu,
+                 "mb_per_cpu_s": summary["bytes_in"] / task_cpu / 1e6, "mb_per_wall_s": summary["bytes_in"] / wall_s / 1e6,
+                 "documents_out": summary["documents_out"]})
+  base = rows[0]["wall_s"] if rows else 1.0
+  for row in rows:
+    print(f"filter pass, {row['tasks']} task(s) on {row['tasks']} process(es): {row['wall_s']:6.1f} s wall "
+          f"({base / row['wall_s']:.2f}x the first), {row['task_cpu_s']:6.1f} task CPU s, "
+          f"{row['mb_per_cpu_s']:.3f} MB per CPU second, {row['mb_per_wall_s']:.3f} MB per wall second, "
+          f"{row['documents_out']} documents kept")
+  return rows
 
 
 def time_batches(next_batch, count: int) -> float:
@@ -190,6 +229,13 @@ def main(argv=None) -> int:
       from neon_qtg_jax.data import planted
       args.source, args.paths = "jsonl", os.path.join(workdir, "planted.jsonl")
       planted.write_jsonl(planted.planted_corpus(), args.paths)
+    if args.prose:
+      import random
+      from neon_qtg_jax.data import planted
+      args.source, args.paths = "jsonl", os.path.join(workdir, f"prose_{args.prose}.jsonl")
+      with open(args.paths, "w", encoding="utf-8") as f:
+        for text in planted.clean_documents(200, random.Random(0), args.prose):
+          f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     config = make_config(args, os.path.join(workdir, "prepared"))
     if args.openwebtext_layout:
       docs = sources.documents_from_config(config.data, sources.Issues())

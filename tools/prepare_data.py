@@ -19,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from neon_qtg_jax.config import ConfigError, validate
+from neon_qtg_jax.data.filters import PreviewOnly
 from neon_qtg_jax.data.prepare import prepare_dataset
 from neon_qtg_jax.data.sources import DataError
 
@@ -32,6 +33,8 @@ def main(argv: list[str]) -> int:
   try:
     validate(config)
     manifest = prepare_dataset(config, num_processes=_PROCESSES.value or None)
+  except PreviewOnly:
+    return 0
   except (ConfigError, DataError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 1

@@ -13,6 +13,7 @@ after its original where it copies one:
   short             a handful of words (navigation text, error pages)
 
   docs = planted_corpus(num_clean=200, num_each=40, seed=0)   # [PlantedDocument(text, kind, copy_of)]
+  ru = clean_documents(100, random.Random(0), "ru")           # Russian prose (fortunes-ru), no planted kinds
   write_jsonl(docs, "planted.jsonl")                         # {"text": ..., "kind": ...} per line
 """
 
@@ -28,6 +29,12 @@ FORTUNE_DIR = "/usr/share/games/fortunes"
 # Files of quotations and anecdotes in prose (not one-liners, verse, definitions, code or ASCII art).
 PROSE_FILES = ("art", "education", "food", "humorists", "kids", "law", "literature", "love", "magic", "medicine",
                "men-women", "news", "people", "pets", "politics", "science", "sports", "tao", "wisdom", "work")
+# Russian prose, for the per-language rules: the Debian package `fortunes-ru` (UTF-8), the files of quotations
+# and anecdotes on the same kinds of subjects, made into documents the same way.
+RU_FORTUNE_DIR = "/usr/share/games/fortunes/ru"
+RU_PROSE_FILES = ("art", "book", "citates", "education", "freewill", "friendship", "future", "genious", "happy",
+                  "knowledge", "life", "love", "polit", "success", "sympathy", "time", "truth", "war", "wealth",
+                  "work")
 CLEAN_WORDS = 400
 MIN_FORTUNE_WORDS = 12      # shorter fortunes are one-liners, not paragraphs
 # Narrative prose only: fortunes with digits, markup or formula characters, or quoted dialogue are left out.
@@ -62,18 +69,24 @@ class PlantedDocument:
   copy_of: int = -1  # index (in the corpus) of the clean document a duplicate copies
 
 
-def fortunes_available() -> bool:
-  return all(os.path.exists(os.path.join(FORTUNE_DIR, name)) for name in PROSE_FILES)
+PROSE = {"en": (FORTUNE_DIR, PROSE_FILES, "fortunes"), "ru": (RU_FORTUNE_DIR, RU_PROSE_FILES, "fortunes-ru")}
 
 
-def prose_paragraphs() -> list[str]:
-  """The narrative fortunes of PROSE_FILES with at least MIN_FORTUNE_WORDS words, each unwrapped into one line."""
-  if not fortunes_available():
-    raise FileNotFoundError(f"{FORTUNE_DIR}: the planted corpus needs the Debian package `fortunes` "
-                            f"(apt-get install fortunes)")
+def fortunes_available(language: str = "en") -> bool:
+  directory, files, _ = PROSE[language]
+  return all(os.path.exists(os.path.join(directory, name)) for name in files)
+
+
+def prose_paragraphs(language: str = "en") -> list[str]:
+  """The narrative fortunes of PROSE_FILES (RU_PROSE_FILES for "ru") with at least MIN_FORTUNE_WORDS words,
+  each unwrapped into one line."""
+  directory, files, package = PROSE[language]
+  if not fortunes_available(language):
+    raise FileNotFoundError(f"{directory}: the {language} prose needs the Debian package `{package}` "
+                            f"(apt-get install {package})")
   paragraphs = []
-  for name in PROSE_FILES:
-    with open(os.path.join(FORTUNE_DIR, name), encoding="utf-8", errors="replace") as f:
+  for name in files:
+    with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as f:
       for record in f.read().split("\n%\n"):
         words = ATTRIBUTION.split(record)[0].replace("%", " ").split()
         paragraph = " ".join(words)
@@ -82,9 +95,9 @@ def prose_paragraphs() -> list[str]:
   return paragraphs
 
 
-def clean_documents(count: int, rng: random.Random) -> list[str]:
+def clean_documents(count: int, rng: random.Random, language: str = "en") -> list[str]:
   """`count` documents of about CLEAN_WORDS words from shuffled paragraphs, no paragraph used twice."""
-  paragraphs = prose_paragraphs()
+  paragraphs = prose_paragraphs(language)
   rng.shuffle(paragraphs)
   docs, current, words = [], [], 0
   for paragraph in paragraphs:
@@ -95,7 +108,7 @@ def clean_documents(count: int, rng: random.Random) -> list[str]:
       current, words = [], 0
       if len(docs) == count:
         return docs
-  raise ValueError(f"the fortunes of {PROSE_FILES} make only {len(docs)} clean documents, {count} asked")
+  raise ValueError(f"the {language} fortunes make only {len(docs)} clean documents, {count} asked")
 
 
 def near_duplicate(text: str, rng: random.Random) -> str:

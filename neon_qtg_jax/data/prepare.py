@@ -242,9 +242,12 @@ def prepare_dataset(config, *, progress: bool = True, num_processes: int | None 
   data_dir was prepared with other data settings.
   """
   settings = {**data_settings(config), **filters.filter_settings(config)}
-  if os.path.exists(os.path.join(config.data.data_dir, MANIFEST_FILE)):
+  if os.path.exists(os.path.join(config.data.data_dir, MANIFEST_FILE)) and not config.data.filters_preview_only:
     _ensure_settings(config.data.data_dir, settings)  # raises, naming the fields that differ
     return Manifest.load(config.data.data_dir)
+  if filters.filter_settings(config):
+    # Seconds on a sample before anything is written: stops here when the filters would remove most of it.
+    filters.preview(config, src.source_files(config.data.source, config.data.paths, Issues()), progress=progress)
   with _exclusive(config.data.data_dir):  # a second process preparing the same directory waits, then returns
     _ensure_settings(config.data.data_dir, settings)
     if os.path.exists(os.path.join(config.data.data_dir, MANIFEST_FILE)):
@@ -288,7 +291,7 @@ def _prepare(config, settings: dict, progress: bool, num_processes: int | None) 
       raise DataError(f"data.source={d.source!r}, data.paths={d.paths!r}: no usable documents\n"
                       f"{sample_issues.summary()}")
     tokenizer = train_tokenizer(sentences, data_dir, vocab_size=config.model.vocab_size,
-                                model_type=d.tokenizer_model_type, num_threads=num_processes, progress=progress)
+                                model_type=d.tokenizer_model_type, progress=progress)   # TRAIN_THREADS: same file anywhere
     _log(progress, f"tokenizer: {tokenizer.vocab_size} pieces ({d.tokenizer_model_type}) trained on "
                    f"{len(sentences)} lines in {time.perf_counter() - clock:.1f}s -> {tokenizer.path}")
   if tokenizer.vocab_size > config.model.vocab_size:
@@ -450,6 +453,8 @@ def run(config, args) -> int:
       checked = manifest.verify()
       print(f"verified {len(manifest.checksums)} files, {checked / 2**20:.1f} MiB, in "
             f"{time.perf_counter() - clock:.1f}s: every checksum matches the manifest")
+  except filters.PreviewOnly:
+    return 0
   except DataError as err:
     print(f"error: {err}", file=sys.stderr)
     return 1
