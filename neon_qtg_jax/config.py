@@ -10,24 +10,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 
-# model.attention takes the name of a registered attention kind (model/attention/): the registry,
-# two layers above this module, adds its names here when it is imported (register_choices), and
-# validate() reads them. Nothing here lists or compares the kinds themselves.
-_CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {}
-
-
-def register_choices(field: str, names: Callable[[], tuple[str, ...]]) -> None:
-  """Lets a higher layer supply the allowed values of a string field (`names()` is read at validation)."""
-  _CHOICES[field] = names
-
-
-def choices(field: str) -> tuple[str, ...] | None:
-  """The registered allowed values of a field, or None while no layer has registered them."""
-  return _CHOICES[field]() if field in _CHOICES else None
+ATTENTION_KINDS = ("geo", "dot")
 SPHERE_MAPS = ("seed", "scaled", "normed")
 SCALE_PARAMS = ("softplus", "exp")
 ATTENTION_WIDTHS = ("complex", "residual")
@@ -104,8 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.qk_init_std = 0.0         # init std of W_Q and W_K (0: init_std)
   m.w_psi_init = "orthogonal"  # W_psi: a random orthogonal matrix (norm-preserving), or "normal" (init_std, the spec's)
   m.dropout = 0.0
-  m.attention = "geo"         # a registered attention kind (model/attention/): "geo" (Fisher-Rao), "dot" (plain
-                              # GPT), "cosine" (geo's second-order twin); docs/MODEL.md
+  m.attention = "geo"         # "geo" (Fisher-Rao) or "dot" (plain GPT)
   m.topofilter = True         # False: f = psi, no s_t
   m.w_psi = True              # the 2d x 2d W_psi before the filter; False: psi = LN_1(h) (GPT block)
   m.amplitude_embedding = True  # unit-norm embedding; False: plain token + position sum (GPT)
@@ -398,9 +384,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
   _check(m.embed_dim % m.num_heads == 0, "model.embed_dim",
          f"must be divisible by model.num_heads={m.num_heads}", m.embed_dim)
-  kinds = choices("model.attention")
-  _check(bool(m.attention) and (kinds is None or m.attention in kinds), "model.attention",
-         f"must be one of {kinds} (the registered attention kinds)", m.attention)
+  _check(m.attention in ATTENTION_KINDS, "model.attention", f"must be one of {ATTENTION_KINDS}", m.attention)
   _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", f"must be one of {ATTENTION_IMPLS}",
          m.attention_impl)
   _check(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}", m.remat)
