@@ -16,6 +16,7 @@ import ml_collections
 from flax import nnx
 
 from neon_qtg_jax import ops
+from neon_qtg_jax.model import initializers
 from neon_qtg_jax.ops.dispatch import resolve_impl
 from neon_qtg_jax.parallel.sharding import constrain
 
@@ -89,7 +90,7 @@ def _state_preparation(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Li
   (`model.w_psi_init="orthogonal"`), which keeps ||psi|| = ||LN_1(h)||, the real form of a unitary
   state preparation."""
   width = 2 * cfg.embed_dim
-  init = (nnx.initializers.orthogonal() if cfg.w_psi_init == "orthogonal"
+  init = (initializers.sequential_orthogonal() if cfg.w_psi_init == "orthogonal"
           else nnx.initializers.normal(cfg.init_std))
   return nnx.Linear(width, width, use_bias=cfg.use_bias, dtype=compute_dtype(cfg), param_dtype=jnp.float32,
                     kernel_init=init, kernel_metadata=axes("embed", None), bias_metadata=axes(None), rngs=rngs)
