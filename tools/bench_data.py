@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--filter_tokenizer", default="regex", choices=["regex", "spacy"], help="data.filter_tokenizer")
   p.add_argument("--planted", action="store_true", help="benchmark the planted corpus (data/planted.py) as jsonl")
   p.add_argument("--prose", default="", choices=["", "en", "ru"],
-                 help="benchmark 200 clean prose documents of fortunes (en) or fortunes-ru (ru) as jsonl")
+                 help="benchmark 150 clean prose documents of fortunes (en) or fortunes-ru (ru) as jsonl")
   p.add_argument("--languages", default="", help="data.languages for --filters=web (e.g. ru)")
   p.add_argument("--filter_task_counts", default="1,2",
                  help="the filter pass is run with each of these task counts (one worker process per task)")
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
       from neon_qtg_jax.data import planted
       args.source, args.paths = "jsonl", os.path.join(workdir, f"prose_{args.prose}.jsonl")
       with open(args.paths, "w", encoding="utf-8") as f:
-        for text in planted.clean_documents(200, random.Random(0), args.prose):
+        for text in planted.clean_documents(150, random.Random(0), args.prose):
           f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     config = make_config(args, os.path.join(workdir, "prepared"))
     if args.openwebtext_layout:
