@@ -16,7 +16,9 @@ kept by Orbax's preservation policy: the last `keep_checkpoints` plus the best b
 A restore first compares the arrays the checkpoint holds (Orbax metadata, nothing read) with the
 run's: a checkpoint of another model shape is a CheckpointMismatchError naming the parameter and
 the config fields that differ, and is left where it is; only a checkpoint whose data cannot be read
-is moved aside.
+is moved aside. Every step carries a sha256 per file, recorded when it was committed
+(integrity.py): a restore checks the files of the items it reads first, and the parameters it read
+for NaN and infinity; either failure makes the step unreadable.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
-from neon_qtg_jax.checkpoint import storage
+from neon_qtg_jax.checkpoint import integrity, storage
 from neon_qtg_jax.checkpoint.errors import CheckpointMismatchError, CheckpointSaveError, free_space_warning
 from neon_qtg_jax.config import MODEL_EXECUTION_FIELDS, complete_saved_config
 from neon_qtg_jax.parallel import decisions
@@ -84,6 +86,7 @@ def make_manager(directory: str, *, keep: int = 3, read_only: bool = False,
       best_fn=_best_metric, best_mode="min", preservation_policy=None if read_only else policy,
       enable_async_checkpointing=not read_only, read_only=read_only, create=not read_only,
       save_interval_steps=0 if read_only else 1,
+      temporary_path_class=None if read_only else integrity.ChecksummedTemporaryPath,  # checksums.json at commit
       async_options=ocp.AsyncOptions(timeout_secs=max(1, round(60 * timeout_minutes)),
                                      barrier_sync_fn=decisions.SaveBarrier() if jax.process_count() > 1 else None))
   if not read_only:
@@ -178,6 +181,8 @@ def resolve(workdir_or_path: str, which: str | int = "latest") -> CheckpointRef:
 
 
 def _restore_items(ref: CheckpointRef, items: dict[str, ocp.args.CheckpointArgs]) -> ocp.args.Composite:
+  """The items of one step, their files checked against the checksums recorded at its commit first."""
+  integrity.verify(ref.path, items)
   manager = make_manager(ref.directory, read_only=True)
   try:
     return manager.restore(ref.step, args=ocp.args.Composite(**items))
@@ -206,6 +211,7 @@ def restore_params(workdir_or_path: str, which: str | int, abstract_model_state:
   if differs:
     raise CheckpointMismatchError(f"checkpoint {ref.path} does not fit the model: {differs}")
   restored = _restore_items(ref, {"params": ocp.args.StandardRestore(target)})
+  integrity.check_finite(restored["params"], ref.path)
   state = jax.tree.map(lambda x: x, params_state)  # a copy whose leaves are replaced below
   nnx.replace_by_pure_dict(state, restored["params"])
   return state, ref.step
@@ -395,7 +401,10 @@ class Checkpointer:
     }
     if data_args is not None:
       items["data"] = data_args
+    step_dir = os.path.join(self.directory, str(step))
+    integrity.verify(step_dir, items)  # ChecksumMismatch: an unreadable step (try_restore moves it aside)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    integrity.check_finite(restored["params"], step_dir)
     state = jax.tree.map(lambda x: x, nnx.filter_state(params, nnx.Param))
     nnx.replace_by_pure_dict(state, restored["params"])
     # Orbax gives plain tuples for optax's NamedTuples: put the leaves back into the original structure.
