@@ -9,6 +9,12 @@ spike guard, stopping) is a Hook. Each step:
    process, the previous step's with several) into one `Agreed` record every hook reads;
 3. the hooks `due` at this step `run` in their order; a hook may stop the loop, or drop the rest of
    the step (a rollback); the step's scalars are then written as one record.
+
+The host keeps at most one step in flight: once step k is dispatched it waits for step k - 1's
+results before it reads the step's flags. Otherwise it runs ahead of the device until the next
+sync point (a log step), and a stop signal seen at host step k would be acted on while the device
+was still many steps behind (15 steps with log_steps 50): the save would come that much later.
+While the device computes step k the host prepares step k + 1, so the device is never idle.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from typing import Any, Callable, Mapping, Sequence
+
+import jax
 
 from neon_qtg_jax.parallel.decisions import Agreed, StepAgreement
 
@@ -81,6 +89,8 @@ class Hook:
 class Loop:
   """The steps from `step` to total_steps and the hooks. Hooks may replace state, step or train_step."""
 
+  in_flight: int | None = 1  # steps dispatched ahead of the last finished one; None: unbounded (benchmarks)
+
   def __init__(self, *, train_step: Callable[[Any, Any], tuple[Any, Any]], next_batch: Callable[[], Any],
                hooks: Sequence[Hook], total_steps: int, write_scalars: Callable[[int, Mapping[str, float]], None]):
     self.train_step, self.next_batch, self.hooks = train_step, next_batch, list(hooks)
@@ -116,12 +126,16 @@ class Loop:
     return self.stopped or Stop("finished")
 
   def _steps(self, agreement: StepAgreement) -> None:
+    dispatched: list[Any] = []  # the metrics of the steps that may still be running, oldest first
     while self.step < self.total_steps and self.stopped is None:
       fetch_start = time.perf_counter()
       batch = self.next_batch()
       fetched = time.perf_counter()
       self.state, metrics = self.train_step(self.state, batch)
       self.step += 1
+      dispatched.append(metrics)
+      if self.in_flight is not None and len(dispatched) > self.in_flight:
+        jax.block_until_ready(jax.tree.leaves(dispatched.pop(0))[:1])  # one output: the step is done
       ctx = StepContext(self.step, self.state, metrics, Agreed(self.step, {}), self.step == self.total_steps,
                         fetched - fetch_start)
       proposals: dict[str, bool] = {}
