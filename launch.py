@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from neon_qtg_jax import cli
 from neon_qtg_jax.config import ConfigError, default_config, validate
+from neon_qtg_jax.model import attention as _attention_kinds  # noqa: F401  registers model.attention's names
 from neon_qtg_jax.data.sources import DataError
 from neon_qtg_jax.parallel import distributed
 from neon_qtg_jax.checkpoint.errors import (BackupError, CheckpointMismatchError, CheckpointSaveError,

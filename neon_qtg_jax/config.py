@@ -10,11 +10,26 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 
-ATTENTION_KINDS = ("geo", "dot")
+# model.attention takes the name of a registered attention kind (model/attention/): the registry,
+# two layers above this module, adds its names here when it is imported (register_choices), and
+# validate() reads them. Nothing here lists or compares the kinds themselves.
+_CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {}
+
+
+def register_choices(field: str, names: Callable[[], tuple[str, ...]]) -> None:
+  """Lets a higher layer supply the allowed values of a string field (`names()` is read at validation)."""
+  _CHOICES[field] = names
+
+
+def choices(field: str) -> tuple[str, ...] | None:
+  """The registered allowed values of a field, or None while no layer has registered them."""
+  return _CHOICES[field]() if field in _CHOICES else None
+
+
 SPHERE_MAPS = ("seed", "scaled", "normed")
 SCALE_PARAMS = ("softplus", "exp")
 ATTENTION_WIDTHS = ("complex", "residual")
@@ -91,7 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.qk_init_std = 0.0         # init std of W_Q and W_K (0: init_std)
   m.w_psi_init = "orthogonal"  # W_psi: a random orthogonal matrix (norm-preserving), or "normal" (init_std, the spec's)
   m.dropout = 0.0
-  m.attention = "geo"         # "geo" (Fisher-Rao) or "dot" (plain GPT)
+  m.attention = "geo"         # a registered attention kind (model/attention/): "geo" (Fisher-Rao), "dot" (plain
+                              # GPT), "cosine" (geo's second-order twin); docs/MODEL.md
   m.topofilter = True         # False: f = psi, no s_t
   m.w_psi = True              # the 2d x 2d W_psi before the filter; False: psi = LN_1(h) (GPT block)
   m.amplitude_embedding = True  # unit-norm embedding; False: plain token + position sum (GPT)
@@ -140,6 +156,10 @@ def default_config() -> ml_collections.ConfigDict:
   t.on_save_error = "stop"    # a checkpoint that cannot be written (disk full): "stop" the run or "continue"
   t.save_timeout_minutes = 20.0  # longest background save; with several processes, how long a save that
                                  # failed on one process holds the others before all of them see it
+  t.collective_timeout_minutes = 30.0  # no step for this long (a hung collective, a stopped process): every
+                                      # process exits with status 3 and a line naming the step; 0: never
+  t.stop_grace_seconds = 120.0  # after SIGTERM/SIGINT, how long a main thread blocked in a wait may go without
+                                # a step before the process exits without a save (status 143 / 130)
   t.sample_steps = 200
   t.max_consecutive_nonfinite = 5  # that many skipped non-finite steps in a row: roll back (the spike guard)
   t.spike_sigmas = 6.0        # a loss above the running mean by this many running std devs rolls back; 0: off
@@ -384,7 +404,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
   _check(m.embed_dim % m.num_heads == 0, "model.embed_dim",
          f"must be divisible by model.num_heads={m.num_heads}", m.embed_dim)
-  _check(m.attention in ATTENTION_KINDS, "model.attention", f"must be one of {ATTENTION_KINDS}", m.attention)
+  kinds = choices("model.attention")
+  _check(bool(m.attention) and (kinds is None or m.attention in kinds), "model.attention",
+         f"must be one of {kinds} (the registered attention kinds)", m.attention)
   _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", f"must be one of {ATTENTION_IMPLS}",
          m.attention_impl)
   _check(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}", m.remat)
@@ -408,7 +430,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          t.on_save_error)
   positive("training", ("backup_wait_minutes", "profile_start_step", "profile_num_steps", "spike_sigmas",
                         "spike_max_rollbacks"), strict=False)
-  positive("training", ("spike_window", "spike_rollback_window", "save_timeout_minutes"))
+  positive("training", ("spike_window", "spike_rollback_window", "save_timeout_minutes", "stop_grace_seconds"))
+  positive("training", ("collective_timeout_minutes",), strict=False)
   _check(0.0 < t.spike_lr_scale <= 1.0, "training.spike_lr_scale", "must be in (0, 1]", t.spike_lr_scale)
   _check(t.profile_num_steps == 0 or t.profile_start_step >= 1, "training.profile_start_step",
          "must be >= 1 (the first traced step, as logged) when training.profile_num_steps > 0", t.profile_start_step)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from neon_qtg_jax.model import QTGModel
+from neon_qtg_jax.model import attention as attention_kinds
 from neon_qtg_jax.model.qtg import attention_dim
 from neon_qtg_jax.parallel import targets
 from neon_qtg_jax.parallel.mesh import mesh_shape
@@ -75,8 +76,7 @@ def spec_block_parameters(model_cfg: ml_collections.ConfigDict) -> int:
   w_psi_bias = 2 * d if model_cfg.w_psi else 0
   a = attention_dim(model_cfg)
   biases = (w_psi_bias + 3 * a + 2 * d + model_cfg.mlp_ratio * d + 2 * d) if model_cfg.use_bias else 0
-  geo = model_cfg.attention == "geo"
-  scales = model_cfg.num_heads * ((1 if geo else 0) + (1 if geo and model_cfg.sphere_map != "seed" else 0))
+  scales = model_cfg.num_heads * attention_kinds.get(model_cfg.attention).scales_per_head(model_cfg)
   return matrices + norms + biases + scales
 
 
@@ -89,8 +89,8 @@ def flops_per_token(config: ml_collections.ConfigDict) -> dict[str, float]:
   m = config.model
   d, n, length = m.embed_dim, m.num_layers, config.data.max_length
   matmuls = 2.0 * (n * block_matmul_parameters(m) + 2 * d * m.vocab_size)
-  # QK^T and A V over (on average) L/2 keys per query, for every layer.
-  attention = n * 2.0 * (2.0 * attention_dim(m) * length / 2)
+  # The attention kind's FLOPs per query (QK^T and A V) over, on average, L/2 keys, for every layer.
+  attention = n * attention_kinds.get(m.attention).flops_per_query(attention_dim(m), length / 2)
   topofilter = n * 2.0 * (2 * d) * length / 2 if m.topofilter else 0.0
   forward = matmuls + attention + topofilter
   return {"matmuls": matmuls, "attention": attention, "topofilter": topofilter,

@@ -10,8 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from neon_qtg_jax import ops
-from neon_qtg_jax.analysis import attention_probs, layer_traces, normalized_entropy
+from neon_qtg_jax.analysis import layer_traces, normalized_entropy
 from neon_qtg_jax.config import default_config
 from neon_qtg_jax.data.prepare import prepare_dataset
 from neon_qtg_jax.model import QTGModel
@@ -29,8 +28,8 @@ def small_model(**overrides) -> QTGModel:
   return QTGModel(m, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("overrides", [{}, GPT], ids=["qtg", "gpt"])
-def test_traced_attention_is_causal_and_reproduces_the_layer_output(overrides):
+@pytest.mark.parametrize("overrides", [{}, GPT, {"attention": "cosine"}], ids=["qtg", "gpt", "cosine"])
+def test_traced_attention_is_causal_and_is_what_the_layer_computed(overrides):
   model = small_model(**overrides)
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 61, dtype=jnp.int32)
   traces = layer_traces(model, tokens)
@@ -38,37 +37,31 @@ def test_traced_attention_is_causal_and_reproduces_the_layer_output(overrides):
   assert probs.shape == (2, 2, 2, 12, 12)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   assert np.all(np.triu(probs, k=1) == 0.0)
-  # probs @ V through W_O is what the block's own (fused) attention computes.
+  # The maps are sown by the layer's own attention: probs @ V is its (fused) output.
   graphdef, state = nnx.split(model.blocks)
   layer = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state))
   h = model.embed(tokens, jnp.broadcast_to(jnp.arange(12), tokens.shape))
   f, s = layer.filtered_states(h)
-  p, v = attention_probs(layer, f)
-  mine = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(2, 12, -1)
-  np.testing.assert_allclose(mine, layer.attn(f), atol=1e-5)
+  _, _, v = layer.attn.project(f)
+  mine = jnp.einsum("bhqk,bkhd->bqhd", probs[0], v).reshape(2, 12, -1)
+  np.testing.assert_allclose(mine, layer.attn(f)[0], atol=1e-5)
   np.testing.assert_allclose(traces["s"][0], s, atol=1e-6)
-  assert ("gamma" in traces) == (overrides == {})
+  assert ("gamma" in traces) == ("attention" not in overrides or overrides["attention"] != "dot")
   entropy = normalized_entropy(traces["attention"])
   assert entropy.shape == (2, 2) and np.all((entropy > 0) & (entropy <= 1 + 1e-6))
   uniform = np.tril(np.ones((1, 1, 1, 5, 5))) / np.arange(1, 6)[:, None]
   np.testing.assert_allclose(normalized_entropy(uniform), 1.0)
 
 
-def test_traces_of_an_attention_the_analysis_does_not_know_are_refused(monkeypatch):
-  """A model whose scores attention_probs re-derives wrongly (say, a new attention switch it does not
-  know yet) gets an error, not the maps of another attention."""
-  from neon_qtg_jax import analysis
+def test_recording_leaves_the_logits_unchanged_and_nothing_is_sown_without_it():
   model = small_model()
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 61, dtype=jnp.int32)
-
-  def uniform_probs(layer, f):
-    _, v = attention_probs(layer, f)
-    probs = jnp.tril(jnp.ones((12, 12))) / jnp.arange(1, 13)[:, None]
-    return jnp.broadcast_to(probs, (2, 2, 12, 12)), v
-
-  monkeypatch.setattr(analysis, "attention_probs", uniform_probs)
-  with pytest.raises(ValueError, match=r"layer 0: analysis\.attention_probs does not reproduce the model's attention"):
-    layer_traces(model, tokens)
+  plain = model(tokens)
+  assert not nnx.state(model, nnx.Intermediate)
+  recorded = model(tokens, record=True)
+  np.testing.assert_allclose(recorded, plain, atol=1e-6)
+  sown = nnx.pop(model, nnx.Intermediate)
+  assert {"attention", "s", "w", "bc_quantiles"} <= {path[-1] for path, _ in nnx.to_flat_state(sown)}
 
 
 def test_analyze_writes_the_pictures_and_tensorboard_images(tmp_path):

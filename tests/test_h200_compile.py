@@ -84,6 +84,7 @@ def test_7b_fits_on_one_h200_with_headroom_and_info_agrees():
 def test_pallas_attention_follows_the_compile_target_not_this_host(kind, kernel):
   """Under a GPU target `pallas` lowers to the Pallas (Triton) kernel or cuDNN; on this CPU host it cannot."""
   from jax.sharding import NamedSharding, PartitionSpec
+  from neon_qtg_jax.model import attention as attention_kinds
   from neon_qtg_jax.ops import dispatch
 
   target = targets.compile_target("h200:1")
@@ -92,7 +93,7 @@ def test_pallas_attention_follows_the_compile_target_not_this_host(kind, kernel)
   gamma = jax.ShapeDtypeStruct((4,), jax.numpy.float32, sharding=NamedSharding(mesh, PartitionSpec()))
 
   def attend(q, k, v, g):
-    return dispatch.attention(q, k, v, g if kind == "geo" else None, kind=kind, impl="pallas")
+    return attention_kinds.get(kind).attend(q, k, v, g, impl="pallas", block_q=128, block_k=128)
   with dispatch.target_platform(target.platform):
     on_target = jax.jit(attend).lower(x, x, x, gamma).as_text()
   on_host = jax.jit(attend).lower(*[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, x, x, gamma)]).as_text()

@@ -33,7 +33,10 @@ forward_cached = nnx.jit(decoding.forward_cached, static_argnames=("last_only",)
     ({"sphere_map": "seed", "w_psi_init": "normal"}, 2e-5),
     ({"attention": "dot", "topofilter": False, "w_psi": False, "amplitude_embedding": False,
       "attention_width": "residual", "mlp_ratio": 8, "tie_embeddings": True}, 2e-5),
-], ids=["qtg", "qtg_topo_k2", "gpt_spec", "gpt_spec_no_psi", "qtg_seed_form", "gpt_standard_shape"])
+    ({"attention": "cosine"}, 2e-5),
+    ({"attention": "cosine", "sphere_map": "seed"}, 2e-5),
+], ids=["qtg", "qtg_topo_k2", "gpt_spec", "gpt_spec_no_psi", "qtg_seed_form", "gpt_standard_shape", "cosine",
+        "cosine_seed_form"])
 def test_cached_logits_match_full_forward_at_every_step(overrides, tol):
   model = tiny_model(**overrides)
   rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from neon_qtg_jax.model import attention as attention_kinds
 from neon_qtg_jax.ops import blockwise_geo, blockwise_topo, dispatch, geo_attention, measure, pallas_geo, topo_filter
 
 GAMMA = jnp.array([1.0, 8.0, 30.0])  # the seed's value, the config default, a sharp head
@@ -167,11 +168,12 @@ def test_dispatch_resolves_and_routes():
   assert dispatch.resolve_impl("pallas", 8, 1024) == "pallas"
   q, k, v, _ = attention_inputs(24)
   ref = geo_attention.geo_attention_reference(q, k, v, GAMMA)
+  geo = attention_kinds.get("geo")
   for impl in ("blockwise", "pallas"):  # pallas falls back to blockwise off GPU
-    attn = jax.jit(functools.partial(dispatch.attention, kind="geo", impl=impl, block_q=8, block_k=8))
+    attn = jax.jit(functools.partial(geo.attend, impl=impl, block_q=8, block_k=8))
     np.testing.assert_allclose(attn(q, k, v, GAMMA), ref, atol=2e-5)
   with pytest.raises(ValueError, match="attention_impl='fused'"):
-    dispatch.attention(q, k, v, GAMMA, kind="geo", impl="fused")
+    geo.attend(q, k, v, GAMMA, impl="fused", block_q=8, block_k=8)
   psi = jax.random.normal(jax.random.PRNGKey(0), (2, 24, 6))
   topo = jax.jit(functools.partial(dispatch.topo_persistence, k=1, eps=1e-6, impl="blockwise", block_q=8, block_k=8))
   np.testing.assert_allclose(topo(psi), topo_filter.topo_persistence_reference(psi), atol=1e-6)

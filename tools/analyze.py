@@ -120,7 +120,8 @@ def analyze(workdir: str, checkpoint: str, windows: int, out_dir: str) -> list[s
   batch = loader.eval_batches(restored.run_config, "val", num_batches=1, batch_size=windows)[0]
   tokens = np.asarray(batch["inputs"])
   traces = layer_traces(model, tokens)
-  kind = "Fisher-Rao" if cfg.attention == "geo" else "dot-product"
+  from neon_qtg_jax.model import attention as attention_kinds  # pylint: disable=import-outside-toplevel
+  kind = attention_kinds.get(cfg.attention).display_name
   title = f"{'/'.join(Path(workdir).resolve().parts[-3:])} step {restored.step}, {kind}"
   os.makedirs(out_dir, exist_ok=True)
   images = {"attention": plot_attention(traces["attention"][:, 0], title, os.path.join(out_dir, "attention.png"))}

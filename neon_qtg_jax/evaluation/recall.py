@@ -262,7 +262,7 @@ def train_and_score(task: str, preset_name: str, variant: str, seed: int, *,
   model = nnx.merge(graphdef, state.params)
   entropy = attention_entropy(model, held_out)
   scales = {name: np.asarray(jax.device_get(v)).round(4).tolist()
-            for name, v in model.blocks.attn.learned_scales().items()}
+            for name, v in model.learned_scales().items()}
   final = curve[-1]["accuracy"]
   reached = next((p["step"] for p in curve if p["accuracy"] >= 0.95), None)
   return {

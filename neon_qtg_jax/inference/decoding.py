@@ -1,8 +1,10 @@
-"""Cached forward pass of QTGModel: prefill and single-token decode share one layer function.
+"""The decode cache of QTGModel: its allocation, layout, sharding and bookkeeping. The computation is the
+model's own forward pass (QTGModel.__call__ with a cache), so prefill and single-token decode run the
+same code as training.
 
 Per layer the cache holds, for every slot of a fixed-size buffer of T tokens, the keys
-as attention reads them (the transformed keys k~ = sqrt_probs(k) for Fisher-Rao attention,
-raw keys for dot-product), the values V and the unit states phi of the TopoFilter. Prompts
+as the attention kind stores them (AttentionKind.key: the sphere points sqrt(softmax(k~)) for geo,
+the raw keys for dot), the values V and the unit states phi of the TopoFilter. Prompts
 of different lengths are left-padded: a pad slot is marked invalid and never enters the
 s_t minima or the attention; positions are explicit, so a row's first real token has
 position 0 whatever its padding.
@@ -20,21 +22,19 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from neon_qtg_jax import ops
-from neon_qtg_jax.model.qtg import Block, QTGModel, compute_dtype
+from neon_qtg_jax.model import attention as attention_kinds
+from neon_qtg_jax.model.cache import LayerCache, Slots, write
+from neon_qtg_jax.model.qtg import QTGModel, compute_dtype
 from neon_qtg_jax.model.qtg import head_dim as model_head_dim
-from neon_qtg_jax.ops.geo_attention import masked_softmax_values
-from neon_qtg_jax.ops.topo_filter import k_smallest_mean
 from neon_qtg_jax.parallel import ShardingConfig
 
 
 class DecodeCache(NamedTuple):
   """Per-layer caches with a leading layer axis, and which slots hold real tokens.
 
-  keys, values: (num_layers, B, T, H, hd) in the model's compute dtype; keys are k~ for
-  geo attention. phi: (num_layers, B, T, 2d) unit states in the compute dtype (float32 or
+  keys, values: (num_layers, B, T, H, hd) in the model's compute dtype; keys as the attention
+  kind stores them (AttentionKind.key, AttentionKind.key_width wide). phi: (num_layers, B, T, 2d) unit states in the compute dtype (float32 or
   bf16: docs/PERFORMANCE.md measures bf16 as harmless), or None without the TopoFilter.
   valid: (B, T) bool, True for slots written with a real (non-pad) token.
   """
@@ -51,8 +51,9 @@ def init_cache(model: QTGModel, batch: int, size: int) -> DecodeCache:
   heads = cfg.num_heads
   head_dim = model_head_dim(cfg)
   kv_shape = (cfg.num_layers, batch, size, heads, head_dim)
+  key_shape = kv_shape[:-1] + (attention_kinds.get(cfg.attention).key_width(head_dim),)
   phi = jnp.zeros((cfg.num_layers, batch, size, 2 * cfg.embed_dim), dtype) if cfg.topofilter else None
-  return DecodeCache(jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype), phi,
+  return DecodeCache(jnp.zeros(key_shape, dtype), jnp.zeros(kv_shape, dtype), phi,
                      jnp.zeros((batch, size), bool))
 
 
@@ -78,74 +79,21 @@ def shard_cache(cache: DecodeCache, sharding: ShardingConfig) -> DecodeCache:
                        for x, s in zip(cache, cache_shardings(cache, sharding))))
 
 
-def _write(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-  """Writes new (B, n, ...) into buffer (B, T, ...) at slot `start`, () or one per row (B,)."""
-  if start.ndim == 1:
-    return jax.vmap(_write)(buffer[:, None], new[:, None], start)[:, 0]
-  index = (0, start) + (0,) * (buffer.ndim - 2)
-  return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), index)
-
-
-def _cached_persistence(phi_new: jax.Array, phi_cache: jax.Array, before: jax.Array, k: int) -> jax.Array:
-  """s_t of new unit states (B, n, 2d) against cached ones (B, T, 2d) under mask (B, n, T) -> (B, n)."""
-  gram = jnp.einsum("bqc,bkc->bqk", phi_new, phi_cache)
-  return k_smallest_mean(jnp.maximum(2.0 - 2.0 * gram, 0.0), before, k)
-
-
-def _layer(block: Block, h: jax.Array, keys: jax.Array, values: jax.Array, phi: jax.Array | None,
-           start: jax.Array, key_valid: jax.Array, query_slots: jax.Array):
-  """One block over new tokens h (B, n, 2d) with this layer's caches; returns (h, keys, values, phi).
-
-  query_slots: (B, n) the cache slot of each new token."""
-  psi = block.psi(h)
-  visible = key_valid[:, None, :] & (jnp.arange(key_valid.shape[1])[None, None, :] <= query_slots[:, :, None])
-  if block.use_topofilter:
-    phi_new = ops.unit_states(psi, block.topo.eps)
-    phi = _write(phi, phi_new, start)
-    strictly_before = visible & (jnp.arange(key_valid.shape[1])[None, None, :] < query_slots[:, :, None])
-    s = _cached_persistence(phi_new, phi, strictly_before, block.topo.k)
-    f = (block.topo.weights(s)[..., None] * psi).astype(psi.dtype)
-  else:
-    f = psi
-  q, k, v = block.attn.project(f)
-  values = _write(values, v, start)
-  if block.attn.kind == "geo":
-    keys = _write(keys, ops.sqrt_probs(k).astype(v.dtype), start)
-    scores = ops.geo_scores(ops.sqrt_probs(q).astype(v.dtype), keys, block.attn.gamma())
-    out = masked_softmax_values(scores, values, visible[:, None])
-  else:
-    keys = _write(keys, k, start)
-    out = ops.dot_attention_reference(q, keys, values, mask=visible[:, None])
-  h = h + block.w_o(out.reshape(h.shape[0], h.shape[1], -1)).astype(jnp.float32)
-  return block.mlp_residual(h, None), keys, values, phi
-
-
 def forward_cached(model: QTGModel, cache: DecodeCache, tokens: jax.Array, positions: jax.Array,
                    start: jax.Array | int, new_valid: jax.Array, *, last_only: bool = False
                    ) -> tuple[jax.Array, DecodeCache]:
-  """Runs n new tokens through the model against the cache.
+  """Runs n new tokens through the model's one forward pass against the cache.
 
   tokens, positions: (B, n) int32; new_valid: (B, n) bool (False for left padding);
   start: the slot of the first new token, the same for every row or (B,) one per row. Returns float32 logits
   (B, n, V), or (B, 1, V) for the last new token with last_only, and the updated cache.
   """
   start = jnp.asarray(start, jnp.int32)
-  key_valid = _write(cache.valid, new_valid, start)
-  query_slots = jnp.broadcast_to(start[..., None] + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  h = model.embed(tokens, positions)
-  graphdef, block_state = nnx.split(model.blocks)
-
-  def body(h, layer):
-    layer_state, keys, values, phi = layer
-    h, keys, values, phi = _layer(nnx.merge(graphdef, layer_state), h, keys, values, phi, start, key_valid,
-                                  query_slots)
-    return h, (keys, values, phi)
-
-  h, (keys, values, phi) = jax.lax.scan(body, h, (block_state, cache.keys, cache.values, cache.phi))
-  if last_only:
-    h = h[:, -1:]
-  logits = model.logits(h)
-  return logits, DecodeCache(keys, values, phi, key_valid)
+  query = jnp.broadcast_to(start[..., None] + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  slots = Slots(start, query, write(cache.valid, new_valid, start))
+  logits, layers = model(tokens, positions=positions, cache=LayerCache(cache.keys, cache.values, cache.phi),
+                         slots=slots, last_only=last_only)
+  return logits, DecodeCache(layers.keys, layers.values, layers.phi, slots.valid)
 
 
 def left_pad(prompts: list[list[int]], length: int, pad_id: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:

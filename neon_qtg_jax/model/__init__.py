@@ -1,5 +1,5 @@
-"""The QTG decoder in Flax nnx."""
+"""The QTG decoder in Flax nnx, and its attention kinds (model/attention/)."""
 
-from neon_qtg_jax.model.qtg import Block, GeoAttention, QEmbed, QTGModel, TopoFilter
+from neon_qtg_jax.model.qtg import Attention, Block, GeoAttention, QEmbed, QTGModel, TopoFilter
 
-__all__ = ["Block", "GeoAttention", "QEmbed", "QTGModel", "TopoFilter"]
+__all__ = ["Attention", "Block", "GeoAttention", "QEmbed", "QTGModel", "TopoFilter"]

@@ -1,4 +1,9 @@
-"""The QTG decoder (../shared/QTG_SPEC.md) in Flax nnx, with the switches that make it a plain GPT.
+"""The QTG decoder (docs/MODEL.md states the definition) in Flax nnx, with the switches that make it a plain GPT.
+
+One forward pass serves training, evaluation, cached decoding and attention maps: `QTGModel.__call__`
+takes an optional decode cache (model/cache.py) and returns it updated, and `record=True` sows the
+attention probabilities and the TopoFilter's s_t and w_t (nnx.Intermediate) for analysis. The score
+itself comes from the attention kind `model.attention` names (model/attention/).
 
 Complex vectors of width d are real arrays of width 2d laid out [re | im]. Parameters are
 float32; matmuls run in `model.dtype` (bf16 on GPUs); the residual stream, norms' statistics,
@@ -7,7 +12,6 @@ the TopoFilter distances, the Bhattacharyya coefficients and the logits are floa
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -16,8 +20,14 @@ import ml_collections
 from flax import nnx
 
 from neon_qtg_jax import ops
+from neon_qtg_jax.model import attention as attention_kinds
 from neon_qtg_jax.model import initializers
+from neon_qtg_jax.model.cache import LayerCache, Slots, write
+from neon_qtg_jax.model.common import (POSITIVE_MAPS, axes, inverse_softplus, positive_scale,  # noqa: F401
+                                       positive_scale_raw, rms_normalize)
 from neon_qtg_jax.ops.dispatch import resolve_impl
+from neon_qtg_jax.ops.geo_attention import causal_mask, masked_softmax
+from neon_qtg_jax.ops.topo_filter import k_smallest_mean
 from neon_qtg_jax.parallel.sharding import constrain
 
 Aux = dict[str, jax.Array]
@@ -35,16 +45,6 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 
 def compute_dtype(cfg: ml_collections.ConfigDict) -> jnp.dtype:
   return jnp.dtype(cfg.dtype)
-
-
-def inverse_softplus(y: float) -> float:
-  return y + math.log(-math.expm1(-y))
-
-
-POSITIVE_MAPS: dict[str, tuple[Callable[[jax.Array], jax.Array], Callable[[float], float]]] = {
-    "softplus": (jax.nn.softplus, inverse_softplus),
-    "exp": (jnp.exp, math.log),
-}
 
 
 def attention_dim(cfg: ml_collections.ConfigDict) -> int:
@@ -68,14 +68,6 @@ def amplitude_normalize(x: jax.Array, eps: float) -> jax.Array:
   """x / max(||x||_2, eps) over the last axis: the amplitude encoding |psi>."""
   norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
   return x / jnp.maximum(norm, eps)
-
-
-def axes(*names: str | None) -> dict[str, Any]:
-  """nnx Variable metadata naming a parameter's logical axes (mapped to the mesh by parallel.rules).
-
-  eager_sharding=False: the names only describe; the train step places the arrays on its mesh.
-  """
-  return {"out_sharding": names, "eager_sharding": False}
 
 
 def _norm(cfg: ml_collections.ConfigDict, width: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -160,48 +152,41 @@ class TopoFilter(nnx.Module):
   def weights(self, s: jax.Array) -> jax.Array:
     return ops.persistence_weights(s, self.threshold, self.tau)
 
-  def __call__(self, psi: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """psi (B, L, 2d) -> (f (B, L, 2d) in psi's dtype, s (B, L) float32)."""
-    s = self.persistence(psi)
-    return (self.weights(s)[..., None] * psi).astype(psi.dtype), s
+  def cached_persistence(self, psi: jax.Array, phi: jax.Array, slots: Slots) -> tuple[jax.Array, jax.Array]:
+    """s_t of new states psi (B, n, 2d) against the cached unit states phi (B, T, 2d), after writing
+    theirs at the new slots: (s (B, n) float32, phi updated)."""
+    phi_new = ops.unit_states(psi, self.eps)
+    phi = write(phi, phi_new, slots.start)
+    gram = jnp.einsum("bqc,bkc->bqk", phi_new, phi)
+    return k_smallest_mean(jnp.maximum(2.0 - 2.0 * gram, 0.0), slots.strictly_before(), self.k), phi
+
+  def __call__(self, psi: jax.Array, phi: jax.Array | None = None,
+               slots: Slots | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """psi (B, L, 2d) -> (f (B, L, 2d) in psi's dtype, s (B, L) float32, phi).
+
+    With a decode cache's unit states phi (B, T, 2d) and the new tokens' slots, s_t reads the cached
+    states of earlier tokens and phi comes back with the new ones written; without, phi is None.
+    """
+    if phi is None:
+      s = self.persistence(psi)
+    else:
+      s, phi = self.cached_persistence(psi, phi, slots)
+    return (self.weights(s)[..., None] * psi).astype(psi.dtype), s, phi
 
 
-def positive_scale(raw: jax.Array, param: str, lr_mult: float) -> jax.Array:
-  """A learned positive scale stored as raw: map(lr_mult * raw), map softplus or exp (`model.scale_param`).
+class Attention(nnx.Module):
+  """Q, K, V = W f (2d -> attention_dim each, fused), H heads, scored by the attention kind
+  `model.attention` names (model/attention/: geo, dot, cosine, or one registered elsewhere).
 
-  lr_mult (`model.scale_lr_mult`) multiplies the step AdamW takes on the scale's pre-image, so it acts
-  as a learning-rate multiplier; with exp the step is taken on log(scale).
-  """
-  return POSITIVE_MAPS[param][0](lr_mult * raw)
-
-
-def positive_scale_raw(value: float, num_heads: int, param: str, lr_mult: float) -> nnx.Param:
-  """The (H,) raw parameter whose positive_scale is `value` in every head."""
-  raw = POSITIVE_MAPS[param][1](value) / lr_mult
-  return nnx.Param(jnp.full((num_heads,), raw, jnp.float32), **axes("heads"))
-
-
-def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
-  """x / rms(x) over the last axis, in float32."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-
-
-class GeoAttention(nnx.Module):
-  """Q, K, V = W f (2d -> attention_dim each, fused), H heads; Fisher-Rao or dot-product scores.
-
-  (B, L, 2d) -> (B, L, attention_dim). For Fisher-Rao attention `model.sphere_map` chooses what the
-  sphere map sqrt(softmax(.)) over head_dim receives (the score stays -gamma_h D_FR(q~, k~)^2):
-    seed    q and k as projected (the spec's form)
-    scaled  beta_h q and beta_h k, beta_h a learned positive per-head scale initialised at `model.beta`
-    normed  beta_h q / rms(q) and beta_h k / rms(k) (QK-norm before the sphere map)
+  (B, L, 2d) -> (B, L, attention_dim). The kind creates its own parameters on this module (geo and
+  cosine: gamma_raw, and beta_raw for the scaled and normed sphere maps).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    self.kind = cfg.attention
+    self.kind_name = cfg.attention
+    kind = attention_kinds.get(cfg.attention)
     self.num_heads = cfg.num_heads
     self.head_dim = head_dim(cfg)
-    self.sphere_map = cfg.sphere_map if self.kind == "geo" else "seed"
     self.eps = cfg.eps
     self.impl = cfg.attention_impl
     self.blockwise_min_len = cfg.blockwise_min_len
@@ -212,59 +197,67 @@ class GeoAttention(nnx.Module):
                                    kernel_init=_qkv_init(cfg.init_std, cfg.qk_init_std or cfg.init_std),
                                    kernel_metadata=axes("embed", None, "heads", "head_dim"),
                                    bias_metadata=axes(None, "heads", "head_dim"), rngs=rngs)
-    self.learn_gamma = cfg.learn_gamma
-    self.scale_param, self.scale_lr_mult = cfg.scale_param, cfg.scale_lr_mult
-    if self.kind == "geo":
-      self.gamma_raw = positive_scale_raw(cfg.gamma, cfg.num_heads, cfg.scale_param, cfg.scale_lr_mult)
-      if self.sphere_map != "seed":
-        self.beta_raw = positive_scale_raw(cfg.beta, cfg.num_heads, cfg.scale_param, cfg.scale_lr_mult)
+    kind.init_params(self, cfg)
 
-  def gamma(self) -> jax.Array | None:
-    """Per-head positive scale (H,) float32, or None for dot-product attention."""
-    if self.kind != "geo":
-      return None
-    raw = self.gamma_raw[...]
-    raw = raw if self.learn_gamma else jax.lax.stop_gradient(raw)
-    return positive_scale(raw, self.scale_param, self.scale_lr_mult)
-
-  def beta(self) -> jax.Array:
-    """Per-head positive scale (H,) of the sphere map's inputs (sphere_map scaled or normed)."""
-    return positive_scale(self.beta_raw[...], self.scale_param, self.scale_lr_mult)
+  @property
+  def kind(self) -> attention_kinds.AttentionKind:
+    return attention_kinds.get(self.kind_name)
 
   def learned_scales(self) -> dict[str, jax.Array]:
-    """The learned per-head scales by name ("gamma", "beta"), each (H,) float32 (leading layer axes kept)."""
-    scales = {}
-    if self.kind == "geo":
-      scales["gamma"] = self.gamma()
-      if self.sphere_map != "seed":
-        scales["beta"] = self.beta()
-    return scales
+    """The kind's learned per-head scales by name ("gamma", "beta"), each (H,) float32 (leading layer axes kept)."""
+    return self.kind.learned_scales(self)
 
-  def sphere_inputs(self, x: jax.Array) -> jax.Array:
-    """What the sphere map receives for projected q or k (B, L, H, hd), per `model.sphere_map`."""
-    if self.sphere_map == "seed":
-      return x
-    beta = self.beta()[:, None]
-    if self.sphere_map == "normed":
-      return (beta * rms_normalize(x, self.eps)).astype(x.dtype)
-    return (beta * x.astype(jnp.float32)).astype(x.dtype)
+  def gamma(self) -> jax.Array | None:
+    """The per-head scale gamma (H,) float32 of kinds that have one (geo, cosine), else None."""
+    return self.learned_scales().get("gamma")
+
+  def beta(self) -> jax.Array | None:
+    """The per-head scale beta (H,) of the scaled and normed sphere maps, else None."""
+    return self.learned_scales().get("beta")
 
   def project(self, f: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """f (B, L, 2d) -> q, k, v each (B, L, H, hd); for Fisher-Rao attention q and k are ready for the sphere map."""
+    """f (B, L, 2d) -> q, k, v each (B, L, H, hd); q and k as the kind's score receives them (AttentionKind.inputs)."""
     qkv = constrain(self.w_qkv(f), ("batch", "length", None, "act_heads", None))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    return self.sphere_inputs(q), self.sphere_inputs(k), v
+    return (*self.kind.inputs(self, q, k), v)
 
-  def __call__(self, f: jax.Array) -> jax.Array:
+  def __call__(self, f: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None, slots: Slots | None = None,
+               record: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """f (B, n, 2d) -> (out (B, n, attention_dim), cache).
+
+    cache: this layer's (keys, values) buffers (B, T, H, .) of a decode cache, with the new tokens' slots:
+    the new keys (as the kind stores them) and values are written there and every new token attends
+    to the valid slots up to its own; returned updated (None without a cache). record=True sows the
+    attention probabilities (B, H, L, L) as "attention" and the kind's diagnostics (nnx.Intermediate),
+    computing them explicitly (the reference path) so the output is made from the very probabilities sown.
+    """
     q, k, v = self.project(f)
-    impl = resolve_impl(self.impl, f.shape[1], self.blockwise_min_len)
-    out = ops.attention(q, k, v, self.gamma(), kind=self.kind, impl=impl, block_q=self.block_q,
-                        block_k=self.block_k)
-    return out.reshape(f.shape[0], f.shape[1], -1)
+    kind = self.kind
+    p = kind.score_params(self)
+    if cache is not None:
+      keys, values = cache
+      values = write(values, v, slots.start)
+      keys = write(keys, kind.key(k, v.dtype), slots.start)
+      out = ops.masked_softmax_values(kind.scores(kind.query(q, v.dtype), keys, p), values, slots.visible()[:, None])
+      cache = (keys, values)
+    elif record:
+      mask = causal_mask(q.shape[1], k.shape[1])
+      probs = masked_softmax(kind.scores(kind.query(q, v.dtype), kind.key(k, v.dtype), p), mask)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+                       ).astype(v.dtype)
+      self.sow(nnx.Intermediate, "attention", probs)
+      for name, value in kind.diagnostics(q, k, p, mask).items():
+        self.sow(nnx.Intermediate, name, value)
+    else:
+      impl = resolve_impl(self.impl, f.shape[1], self.blockwise_min_len)
+      out = kind.attend(q, k, v, p, impl=impl, block_q=self.block_q, block_k=self.block_k)
+    return out.reshape(f.shape[0], f.shape[1], -1), cache
 
+
+GeoAttention = Attention  # the former name
 
 class Block(nnx.Module):
-  """Pre-norm QTG block: TopoFilter -> GeoAttention -> W_O residual, then the MLP residual.
+  """Pre-norm QTG block: TopoFilter -> attention -> W_O residual, then the MLP residual.
 
   With `w_psi=False`, `topofilter=False` and `attention="dot"` it is the standard pre-norm GPT block.
   """
@@ -280,7 +273,7 @@ class Block(nnx.Module):
     # psi keeps its full width on every tensor shard (see RESIDUAL_AXES): only the input is FSDP-split.
     self.w_psi = _state_preparation(cfg, rngs) if cfg.w_psi else None
     self.topo = TopoFilter(cfg)
-    self.attn = GeoAttention(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
     self.w_o = _linear(cfg, attention_dim(cfg), 2 * d, out_std, rngs, ("heads", "embed"))
     self.ln2 = _norm(cfg, 2 * d, rngs)
     self.w_1 = _linear(cfg, 2 * d, cfg.mlp_ratio * d, cfg.init_std, rngs, ("embed", "mlp"))
@@ -291,23 +284,38 @@ class Block(nnx.Module):
     x = self.ln1(h)
     return self.w_psi(x) if self.w_psi is not None else x.astype(self.compute_dtype)
 
+  def filter(self, psi: jax.Array, phi: jax.Array | None = None,
+             slots: Slots | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """psi -> (f compute dtype, s (B, L) float32, phi): the TopoFilter, or f = psi and s = 0 without it."""
+    if not self.use_topofilter:
+      return psi, jnp.zeros(psi.shape[:2], jnp.float32), phi
+    return self.topo(psi, phi, slots)
+
   def filtered_states(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """h (B, L, 2d) -> (f (B, L, 2d) compute dtype, s (B, L) float32; zeros without the filter)."""
-    psi = self.psi(h)
-    if not self.use_topofilter:
-      return psi, jnp.zeros(psi.shape[:2], jnp.float32)
-    return self.topo(psi)
+    f, s, _ = self.filter(self.psi(h))
+    return f, s
 
   def mlp_residual(self, h: jax.Array, key: jax.Array | None) -> jax.Array:
     y = self.w_2(self.activation(self.w_1(self.ln2(h))))
     return h + dropout(y.astype(jnp.float32), self.dropout_rate, key)
 
-  def __call__(self, h: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """h (B, L, 2d) float32 -> (h', s (B, L))."""
+  def __call__(self, h: jax.Array, key: jax.Array | None = None, *, cache: LayerCache | None = None,
+               slots: Slots | None = None, record: bool = False) -> tuple[jax.Array, jax.Array, LayerCache | None]:
+    """h (B, L, 2d) float32 -> (h', s (B, L), cache).
+
+    cache: this layer's part of a decode cache (keys, values, phi) with the new tokens' slots; the
+    TopoFilter and the attention each read and write their own buffers and it comes back updated
+    (None without a cache). record=True sows s, the filter weights w and the attention maps.
+    """
     attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
-    f, s = self.filtered_states(h)
-    h = h + dropout(self.w_o(self.attn(f)).astype(jnp.float32), self.dropout_rate, attn_key)
-    return self.mlp_residual(h, mlp_key), s
+    f, s, phi = self.filter(self.psi(h), None if cache is None else cache.phi, slots)
+    out, kv = self.attn(f, None if cache is None else (cache.keys, cache.values), slots, record)
+    if record:
+      self.sow(nnx.Intermediate, "s", s)
+      self.sow(nnx.Intermediate, "w", self.topo.weights(s) if self.use_topofilter else jnp.ones_like(s))
+    h = h + dropout(self.w_o(out).astype(jnp.float32), self.dropout_rate, attn_key)
+    return self.mlp_residual(h, mlp_key), s, None if cache is None else LayerCache(*kv, phi)
 
 
 class QTGModel(nnx.Module):
@@ -344,43 +352,82 @@ class QTGModel(nnx.Module):
     dtype = compute_dtype(self.cfg)
     return jnp.einsum("blc,vc->blv", x.astype(dtype), table.astype(dtype), preferred_element_type=jnp.float32)
 
-  def _layer_fn(self) -> Callable[[nnx.GraphDef, Any, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]:
-    def apply_layer(graphdef, layer_state, h, key):
-      h, s = nnx.merge(graphdef, layer_state)(h, key)
-      return constrain(h, RESIDUAL_AXES), s
+  def _layer_fn(self, slots: Slots | None, record: bool) -> Callable[..., Any]:
+    """(graphdef, layer state, h, dropout key, layer cache) -> (h, s, layer cache, records), records the
+    layer's sown intermediates by name (empty unless record)."""
+    def apply_layer(graphdef, layer_state, h, key, layer_cache):
+      block = nnx.merge(graphdef, layer_state)
+      h, s, layer_cache = block(h, key, cache=layer_cache, slots=slots, record=record)
+      records = {}
+      if record:
+        records = {path[-1]: variable.get_value()[0] for path, variable in nnx.to_flat_state(nnx.pop(block, nnx.Intermediate))}
+      return constrain(h, RESIDUAL_AXES), s, layer_cache, records
 
-    if self.cfg.remat == "none":
+    if self.cfg.remat == "none" or slots is not None or record:  # nothing to recompute without a backward pass
       return apply_layer
     return jax.checkpoint(apply_layer, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(0,))
 
-  def run_blocks(self, h: jax.Array, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Applies every block: h (B, L, 2d) -> (h, s (num_layers, B, L))."""
+  def run_blocks(self, h: jax.Array, dropout_key: jax.Array | None, cache: LayerCache | None = None,
+                 slots: Slots | None = None, record: bool = False
+                 ) -> tuple[jax.Array, jax.Array, LayerCache | None, dict[str, jax.Array]]:
+    """Applies every block: h (B, L, 2d) -> (h, s (num_layers, B, L), cache, records).
+
+    cache: the decode cache's buffers with a leading layer axis (then the layers are scanned, each
+    reading and writing its slice); records: what the layers sowed, stacked over layers."""
     graphdef, state = nnx.split(self.blocks)
-    layer_fn = self._layer_fn()
+    layer_fn = self._layer_fn(slots, record)
     n = self.cfg.num_layers
     keys = jax.random.split(dropout_key, n) if dropout_key is not None else None
-    if self.cfg.scan_layers:
+    if self.cfg.scan_layers or cache is not None:
       def body(carry, xs):
-        layer_state, key = xs
-        return layer_fn(graphdef, layer_state, carry, key)
-      return jax.lax.scan(body, h, (state, keys))
-    all_s = []
+        layer_state, key, layer_cache = xs
+        h, s, layer_cache, records = layer_fn(graphdef, layer_state, carry, key, layer_cache)
+        return h, (s, layer_cache, records)
+      h, (s, cache, records) = jax.lax.scan(body, h, (state, keys, cache))
+      return h, s, cache, records
+    all_s, all_records = [], []
     for i in range(n):
       layer_state = jax.tree.map(lambda x: x[i], state)
-      h, s = layer_fn(graphdef, layer_state, h, None if keys is None else keys[i])
+      h, s, _, records = layer_fn(graphdef, layer_state, h, None if keys is None else keys[i], None)
       all_s.append(s)
-    return h, jnp.stack(all_s)
+      all_records.append(records)
+    return h, jnp.stack(all_s), None, jax.tree.map(lambda *x: jnp.stack(x), *all_records)
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               dropout_key: jax.Array | None = None, return_aux: bool = False):
+               dropout_key: jax.Array | None = None, return_aux: bool = False, cache: LayerCache | None = None,
+               slots: Slots | None = None, last_only: bool = False, record: bool = False):
+    """The forward pass, for training, evaluation, decoding and analysis alike.
+
+    tokens, positions: (B, n) int32 (positions default to 0..n-1). Returns float32 logits (B, n, V)
+    (the last token's (B, 1, V) with last_only); with return_aux, (logits, aux) as the class says.
+    With a decode cache (buffers with a leading layer axis, model/cache.py) and the slots of the new
+    tokens, the tokens attend to the cached ones and it returns (logits, updated cache).
+    record=True sows, stacked over layers, "attention" (layers, B, H, L, L), "s" and "w" (layers, B, L)
+    and the attention kind's diagnostics as nnx.Intermediate on this model (see `recorded`).
+    """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     embed_key = block_key = None
     if dropout_key is not None:
       embed_key, block_key = jax.random.split(dropout_key)
     h = constrain(dropout(self.embed(tokens, positions), self.cfg.dropout, embed_key), RESIDUAL_AXES)
-    h, s = self.run_blocks(h, block_key)
+    h, s, cache, records = self.run_blocks(h, block_key, cache, slots, record)
+    for name, value in records.items():
+      self.sow(nnx.Intermediate, name, value)
+    if last_only:
+      h = h[:, -1:]
     logits = self.logits(h)
+    if slots is not None:
+      return logits, cache
     if return_aux:
       return logits, {"s": s, "residual": h}
     return logits
+
+  def recorded(self, tokens: jax.Array) -> dict[str, jax.Array]:
+    """What one recording forward pass on int32 tokens (B, L) sows (see __call__'s record), by name."""
+    self(tokens, record=True)
+    return {path[-1]: variable.get_value()[0] for path, variable in nnx.to_flat_state(nnx.pop(self, nnx.Intermediate))}
+
+  def learned_scales(self) -> dict[str, jax.Array]:
+    """The attention kind's learned per-head scales by name, each (num_layers, H) float32."""
+    return self.blocks.attn.learned_scales()

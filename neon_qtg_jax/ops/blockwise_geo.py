@@ -1,9 +1,9 @@
 """Blockwise (flash-style) causal attention with an exact custom backward pass.
 
-One loop serves both attention kinds: scores are an elementwise transform g_h of the tile
-x = a_i . b_j of two operands,
-  geo: a, b = q~, k~ (square-root probabilities), g_h(x) = -gamma_h arccos(x)^2
-  dot: a, b = q, k,                                 g_h(x) = gamma_h x with gamma_h = hd^-0.5
+One loop serves every attention kind whose score is an elementwise transform g_h of the tile
+x = a_i . b_j of two operands (the kinds in model/attention/ choose the operands):
+  "arccos_sq": g_h(x) = -gamma_h arccos(x)^2  (geo: a, b = q~, k~, square-root probabilities)
+  "linear":    g_h(x) = gamma_h x             (dot: a, b = q, k with gamma_h = hd^-0.5; cosine)
 followed by a causal softmax over keys and the value sum. The forward pass keeps a running
 max and sum per query row (online softmax) and saves only the output and the row
 log-sum-exp; the backward pass recomputes each tile. Only one (B, H, block_q, block_k)
@@ -27,12 +27,12 @@ import jax.numpy as jnp
 from neon_qtg_jax.ops.arccos_sq import arccos_sq
 from neon_qtg_jax.ops.geo_attention import MASK_VALUE, sqrt_probs
 
-TRANSFORMS = ("geo", "dot")
+TRANSFORMS = ("arccos_sq", "linear")
 
 
 def tile_logits(x: jax.Array, gamma: jax.Array, transform: str) -> jax.Array:
   """Scores g(x) of a float32 tile x; gamma broadcasts against x (e.g. (H, 1, 1) or a scalar)."""
-  if transform == "geo":
+  if transform == "arccos_sq":
     return -gamma * arccos_sq(x)
   return gamma * x
 
@@ -43,7 +43,7 @@ def tile_logits_and_slopes(x: jax.Array, gamma: jax.Array,
 
   The geo slope is arccos_sq's own custom derivative (finite at x = 1), taken through jvp.
   """
-  if transform == "geo":
+  if transform == "arccos_sq":
     theta_sq, slope = jax.jvp(arccos_sq, (x,), (jnp.ones_like(x),))
     return -gamma * theta_sq, -gamma * slope, -theta_sq
   return gamma * x, jnp.broadcast_to(gamma, x.shape), x
@@ -90,8 +90,10 @@ def _put_rows(x: jax.Array, update: jax.Array, block: jax.Array, size: int, axis
 
 def _forward(a: jax.Array, b: jax.Array, v: jax.Array, gamma: jax.Array, transform: str,
              block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
-  """a (B, Lq, H, hd), b and v (B, Lk, H, hd), Lq and Lk whole blocks -> (out like a in v's dtype, lse (B, H, Lq))."""
-  batch, len_q, heads, head_dim = a.shape
+  """a (B, Lq, H, w), b (B, Lk, H, w) and v (B, Lk, H, hd), Lq and Lk whole blocks -> (out (B, Lq, H, hd) in
+  v's dtype, lse (B, H, Lq)). The operands' width w may differ from the values' hd."""
+  batch, len_q, heads, _ = a.shape
+  head_dim = v.shape[-1]
   num_q, num_k = len_q // block_q, b.shape[1] // block_k
   g = gamma.astype(jnp.float32)[:, None, None]
 
@@ -123,7 +125,7 @@ def _forward(a: jax.Array, b: jax.Array, v: jax.Array, gamma: jax.Array, transfo
     out = _put_rows(out, jnp.swapaxes(acc / row_sum[..., None], 1, 2), i, block_q)
     return out, _put_rows(lse, row_max + jnp.log(row_sum), i, block_q, axis=2)
 
-  init = (jnp.zeros(a.shape, v.dtype), jnp.zeros((batch, heads, len_q), jnp.float32))
+  init = (jnp.zeros(a.shape[:-1] + (head_dim,), v.dtype), jnp.zeros((batch, heads, len_q), jnp.float32))
   return jax.lax.fori_loop(0, num_q, query_block, init)
 
 
@@ -159,10 +161,10 @@ def _backward(a, b, v, gamma, out, lse, dout, transform, block_q, block_k):
       db_j = db_j + jnp.einsum("bhqk,bqhd->bkhd", dx, a_i, preferred_element_type=jnp.float32)
       return db_j, dv_j, da, dgamma + jnp.sum(ds * ds_dgamma, axis=(0, 2, 3))
 
-    zeros = jnp.zeros(b_j.shape, jnp.float32)
+    zeros = (jnp.zeros(b_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32))
     whole_from = first_unmasked_query_block(j, block_q, block_k, num_q)
     inner = jax.lax.fori_loop(first_query_block(j, block_q, block_k), whole_from,
-                              functools.partial(query_step, masked=True), (zeros, zeros, da, dgamma))
+                              functools.partial(query_step, masked=True), (*zeros, da, dgamma))
     db_j, dv_j, da, dgamma = jax.lax.fori_loop(whole_from, num_q, functools.partial(query_step, masked=False),
                                                inner)
     return da, _put_rows(db, db_j, j, block_k), _put_rows(dv, dv_j, j, block_k), dgamma
@@ -204,7 +206,8 @@ def effective_blocks(length: int, block_q: int, block_k: int) -> tuple[int, int]
 
 def causal_attention_blockwise(a: jax.Array, b: jax.Array, v: jax.Array, gamma: jax.Array, *,
                                transform: str, block_q: int = 128, block_k: int = 128) -> jax.Array:
-  """softmax_j(g_h(a_i . b_j)) v_j over keys j <= i. a, b, v (B, L, H, hd), gamma (H,) -> (B, L, H, hd) in v's dtype."""
+  """softmax_j(g_h(a_i . b_j)) v_j over keys j <= i. a, b (B, L, H, w), v (B, L, H, hd), gamma (H,) -> (B, L, H, hd)
+  in v's dtype."""
   if transform not in TRANSFORMS:
     raise ValueError(f"transform={transform!r}: must be one of {TRANSFORMS}")
   length = a.shape[1]
@@ -218,12 +221,12 @@ def geo_attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, gamma: jax
   """Causal Fisher-Rao attention, blockwise; same contract as geo_attention_reference."""
   dtype = v.dtype
   return causal_attention_blockwise(sqrt_probs(q).astype(dtype), sqrt_probs(k).astype(dtype), v, gamma,
-                                    transform="geo", block_q=block_q, block_k=block_k)
+                                    transform="arccos_sq", block_q=block_q, block_k=block_k)
 
 
 def dot_attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *,
                             block_q: int = 128, block_k: int = 128) -> jax.Array:
   """Causal scaled dot-product attention, blockwise; same contract as dot_attention_reference."""
   scale = jnp.full((q.shape[2],), q.shape[-1] ** -0.5, jnp.float32)
-  return causal_attention_blockwise(q, k, v, scale, transform="dot", block_q=block_q, block_k=block_k)
+  return causal_attention_blockwise(q, k, v, scale, transform="linear", block_q=block_q, block_k=block_k)
 

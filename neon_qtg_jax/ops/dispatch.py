@@ -1,5 +1,8 @@
 """Chooses the implementation of attention and of the TopoFilter persistence for a config.
 
+Each attention kind (model/attention/) dispatches its own fast paths by the resolved `impl`;
+this module resolves `impl` and says which platform a trace targets.
+
 `impl` is the config's `model.attention_impl`:
   reference  the plain versions in geo_attention.py / topo_filter.py ((B, H, L, L) arrays)
   blockwise  the flash-style JAX versions (blockwise_geo.py, blockwise_topo.py), any backend
@@ -17,12 +20,8 @@ import contextvars
 from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 
-from neon_qtg_jax.ops import blockwise_geo
 from neon_qtg_jax.ops import blockwise_topo
-from neon_qtg_jax.ops import pallas_geo
-from neon_qtg_jax.ops import geo_attention as geo
 from neon_qtg_jax.ops import topo_filter as topo
 
 
@@ -48,27 +47,6 @@ def target_platform(platform: str) -> Iterator[None]:
 def on_gpu() -> bool:
   """Whether the program being traced will run on a GPU: the compile target's platform, else the default backend."""
   return (_TARGET_PLATFORM.get() or jax.default_backend()) == "gpu"
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, gamma: jax.Array | None, *, kind: str,
-              impl: str = "reference", block_q: int = 128, block_k: int = 128) -> jax.Array:
-  """Causal attention over (B, L, H, hd) inputs; kind "geo" (Fisher-Rao) or "dot"."""
-  if kind not in ("geo", "dot"):
-    raise ValueError(f"model.attention={kind!r}: must be 'geo' or 'dot'")
-  if impl == "pallas" and on_gpu():
-    if kind == "geo":
-      return pallas_geo.geo_attention_pallas(q, k, v, gamma, block_q=block_q, block_k=block_k)
-    if v.dtype in (jnp.bfloat16, jnp.float16):  # cuDNN's fused attention takes 16-bit operands only
-      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-  if impl in ("blockwise", "pallas"):
-    if kind == "geo":
-      return blockwise_geo.geo_attention_blockwise(q, k, v, gamma, block_q=block_q, block_k=block_k)
-    return blockwise_geo.dot_attention_blockwise(q, k, v, block_q=block_q, block_k=block_k)
-  if impl == "reference":
-    if kind == "geo":
-      return geo.geo_attention_reference(q, k, v, gamma)
-    return geo.dot_attention_reference(q, k, v)
-  raise ValueError(f"model.attention_impl={impl!r} is not available for attention={kind!r}")
 
 
 def topo_persistence(psi: jax.Array, *, k: int, eps: float, impl: str = "reference",

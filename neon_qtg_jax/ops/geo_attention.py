@@ -36,10 +36,14 @@ def causal_mask(len_q: int, len_k: int, q_offset: int | jax.Array = 0) -> jax.Ar
   return jnp.arange(len_k)[None, :] <= q_pos
 
 
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """softmax over keys of scores (B, H, Lq, Lk) under mask (broadcastable): the attention probabilities."""
+  return jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1)
+
+
 def masked_softmax_values(scores: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """softmax over keys of scores (B, H, Lq, Lk) under mask (broadcastable), applied to v (B, Lk, H, hd)."""
-  scores = jnp.where(mask, scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1)
+  probs = masked_softmax(scores, mask)
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
                     preferred_element_type=jnp.float32).astype(v.dtype)
 

@@ -30,7 +30,7 @@ from neon_qtg_jax.ops.blockwise_geo import (causal_block_mask, first_query_block
                                             unmasked_key_blocks)
 from neon_qtg_jax.ops.geo_attention import MASK_VALUE, sqrt_probs
 
-TRANSFORM = "geo"
+TRANSFORM = "arccos_sq"
 
 
 def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
