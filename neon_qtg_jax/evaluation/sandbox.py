@@ -121,9 +121,11 @@ def _kill_group(process: subprocess.Popen) -> None:
   process.wait()
 
 
-def _classify(passed: bool, returncode: int | None, timed_out: bool, output: str) -> str:
+def _classify(passed: bool, returncode: int | None, timed_out: bool, output: str, flooded: bool = False) -> str:
   if passed:
     return "passed"
+  if flooded or returncode == -signal.SIGXFSZ:
+    return "output"
   if timed_out:
     return "timeout"
   if returncode == -signal.SIGXCPU:
@@ -158,7 +160,8 @@ def _bwrap_command(work_dir: str, read_only_dirs: list[str], disk_bytes: int) ->
                     "--chdir", "/sandbox", "--remount-ro", "/"]
 
 
-def _launch(isolation: str, program: str, limits: Limits, log, fds: tuple[int, int, int]) -> subprocess.Popen:
+def _launch(isolation: str, program: str, limits: Limits, log, fds: tuple[int, int, int],
+            channel: tuple[int, int] | None = None) -> subprocess.Popen:
   work_dir = os.path.dirname(program)
   read_only_dirs = _read_only_dirs()
   home = "/sandbox" if isolation != "none" else work_dir
@@ -169,11 +172,11 @@ def _launch(isolation: str, program: str, limits: Limits, log, fds: tuple[int, i
   argv = [sys.executable, "-I", "-S", in_view(child), isolation, work_dir, in_view(program),
           str(limits.memory_bytes), str(limits.cpu_limit()), str(limits.file_bytes), str(limits.disk_bytes),
           *map(str, fds),
-          ",".join(limits.layers), *read_only_dirs]
+          ",".join(limits.layers), ",".join(map(str, channel)) if channel else "-", *read_only_dirs]
   if isolation == "bwrap":
     argv = _bwrap_command(work_dir, read_only_dirs, limits.disk_bytes) + [arg for kv in env.items() for arg in ("--setenv", *kv)] + argv
   return subprocess.Popen(argv, cwd=work_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                          stderr=subprocess.STDOUT, start_new_session=True, pass_fds=fds)
+                          stderr=subprocess.STDOUT, start_new_session=True, pass_fds=fds + tuple(channel or ()))
 
 
 @functools.cache
@@ -229,38 +232,129 @@ def _parse_status(text: str) -> tuple[str, int | None]:
   return network, returncode
 
 
-def _run(isolation: str, source: str, limits: Limits) -> Outcome:
+@dataclasses.dataclass
+class _Started:
+  """One sandboxed program under way: its process, its output file, the pipes the verdict comes back on."""
+  process: subprocess.Popen
+  token: bytes
+  verdict_r: int
+  status_r: int
+  log_path: str
+
+  def output_full(self, limit: int) -> bool:
+    try:
+      return os.path.getsize(self.log_path) >= limit
+    except OSError:
+      return False
+
+  def finish(self) -> tuple[bool, int | None, str, str]:
+    """After the process group was killed: (token written, returncode or None, network, output tail)."""
+    verdict = _read_available(self.verdict_r)
+    network, returncode = _parse_status(_read_available(self.status_r).decode("ascii", errors="replace"))
+    return secrets.compare_digest(verdict, self.token), returncode, network, _read_tail(self.log_path)
+
+
+def _start(isolation: str, source: str, limits: Limits, private: str, name: str,
+           channel: tuple[int, int] | None = None) -> _Started:
+  """Writes `source` into private/name/program.py and starts it sandboxed; its output goes to private/name.txt."""
   token = secrets.token_hex(32).encode()
-  with tempfile.TemporaryDirectory(prefix="sandbox-") as private:
-    work_dir = os.path.join(private, "work")
-    os.mkdir(work_dir)
-    program = os.path.join(work_dir, "program.py")
-    with open(program, "w", encoding="utf-8") as f:
-      f.write(source)
-    log_path = os.path.join(private, "output.txt")  # outside the program's view: it cannot rewrite its verdict
-    token_r, token_w = os.pipe()
-    verdict_r, verdict_w = os.pipe()
-    status_r, status_w = os.pipe()
-    os.write(token_w, token)  # 64 bytes: fits the pipe's buffer; the child reads it before the program starts
-    os.close(token_w)
-    began = time.perf_counter()
+  work_dir = os.path.join(private, name)
+  os.mkdir(work_dir)
+  program = os.path.join(work_dir, "program.py")
+  with open(program, "w", encoding="utf-8") as f:
+    f.write(source)
+  log_path = os.path.join(private, f"{name}.txt")  # outside the program's view: it cannot rewrite its verdict
+  token_r, token_w = os.pipe()
+  verdict_r, verdict_w = os.pipe()
+  status_r, status_w = os.pipe()
+  os.write(token_w, token)  # 64 bytes: fits the pipe's buffer; the child reads it before the program starts
+  os.close(token_w)
+  try:
+    with open(log_path, "wb") as log:
+      process = _launch(isolation, program, limits, log, (token_r, verdict_w, status_w), channel)
+  except BaseException:
+    for fd in (verdict_r, status_r):
+      os.close(fd)
+    raise
+  finally:
+    for fd in (token_r, verdict_w, status_w):
+      os.close(fd)
+  return _Started(process, token, verdict_r, status_r, log_path)
+
+
+def _wait(until_done: _Started, watched: list[_Started], limits: Limits) -> tuple[bool, bool]:
+  """Waits for `until_done` to end, at most limits.timeout_s; (timed out, an output reached limits.file_bytes).
+
+  The output limit is RLIMIT_FSIZE on each output file; a program that ignores SIGXFSZ and goes on
+  writing is stopped here as soon as its file is full, not at the wall clock.
+  """
+  deadline = time.monotonic() + limits.timeout_s
+  while True:
     try:
-      with open(log_path, "wb") as log:
-        process = _launch(isolation, program, limits, log, (token_r, verdict_w, status_w))
-    finally:
-      for fd in (token_r, verdict_w, status_w):
-        os.close(fd)
-    timed_out = False
-    try:
-      process.wait(timeout=limits.timeout_s)
+      until_done.process.wait(timeout=min(0.02, max(0.0, deadline - time.monotonic())))
+      return False, any(s.output_full(limits.file_bytes) for s in watched)
     except subprocess.TimeoutExpired:
-      timed_out = True
+      pass
+    if any(s.output_full(limits.file_bytes) for s in watched):
+      return False, True
+    if time.monotonic() >= deadline:
+      return True, False
+
+
+def _run(isolation: str, source: str, limits: Limits) -> Outcome:
+  with tempfile.TemporaryDirectory(prefix="sandbox-") as private:
+    began = time.perf_counter()
+    started = _start(isolation, source, limits, private, "work")
+    try:
+      timed_out, flooded = _wait(started, [started], limits)
     finally:
-      _kill_group(process)  # also ends anything the program left behind in its session
+      _kill_group(started.process)  # also ends anything the program left behind in its session
     seconds = time.perf_counter() - began
-    verdict = _read_available(verdict_r)
-    network, returncode = _parse_status(_read_available(status_r).decode("ascii", errors="replace"))
-    output = _read_tail(log_path)
-  passed = not timed_out and returncode == 0 and secrets.compare_digest(verdict, token)
-  return Outcome(_classify(passed, returncode, timed_out, output), None if timed_out else returncode, seconds,
-                 network, output, isolation)
+    token_written, returncode, network, output = started.finish()
+  passed = not timed_out and not flooded and returncode == 0 and token_written
+  return Outcome(_classify(passed, returncode, timed_out, output, flooded), None if timed_out else returncode,
+                 seconds, network, output, isolation)
+
+
+def run_pair(candidate: str, checker: str, limits: Limits = Limits()) -> Outcome:
+  """Runs the untrusted `candidate` and the trusted `checker` in two separate sandboxes joined by two pipes.
+
+  The checker decides: the outcome is "passed" only when the checker's module ran to its end (its
+  token, exit 0). The candidate's process shares nothing with the checker's (its own namespaces,
+  /sandbox and descriptors) except the pipes: it reads the checker's requests on one and writes its
+  replies on the other, both as the global `__channel__` = (read_fd, write_fd) of each program. So
+  nothing the candidate does to its own interpreter (crafted bytecode included) can write the
+  checker's verdict; it can only send bytes, which the checker decodes as plain values.
+  `limits` apply to each program; the wall clock to the pair. Status "cpu", "memory" or "output"
+  name the candidate's (or checker's) limit that ended it; the output tail holds both outputs.
+  """
+  isolation = choose_isolation(limits)
+  with tempfile.TemporaryDirectory(prefix="sandbox-") as private:
+    began = time.perf_counter()
+    to_candidate_r, to_candidate_w = os.pipe()
+    to_checker_r, to_checker_w = os.pipe()
+    started: list[_Started] = []
+    try:
+      started.append(_start(isolation, candidate, limits, private, "candidate", (to_candidate_r, to_checker_w)))
+      started.append(_start(isolation, checker, limits, private, "checker", (to_checker_r, to_candidate_w)))
+    finally:
+      for fd in (to_candidate_r, to_candidate_w, to_checker_r, to_checker_w):
+        os.close(fd)
+      if len(started) < 2:
+        for s in started:
+          _kill_group(s.process)
+    candidate_run, checker_run = started
+    try:
+      timed_out, flooded = _wait(checker_run, started, limits)
+    finally:
+      for s in started:
+        _kill_group(s.process)
+    seconds = time.perf_counter() - began
+    _, candidate_code, _, candidate_output = candidate_run.finish()
+    token_written, returncode, network, checker_output = checker_run.finish()
+  passed = not timed_out and not flooded and returncode == 0 and token_written
+  output = f"{checker_output}\n--- candidate ---\n{candidate_output}"[-OUTPUT_TAIL:]
+  status = _classify(passed, returncode, timed_out, checker_output, flooded)
+  if status == "failed":  # the candidate's own limits, when one ended it
+    status = _classify(False, candidate_code, False, candidate_output)
+  return Outcome(status, None if timed_out else returncode, seconds, network, output, isolation)

@@ -4,8 +4,10 @@ Standard library only, and it must stay importable without the package: it runs 
 interpreter, either inside bubblewrap or on the host (then it builds the same view itself).
 
   argv: isolation work_dir program_path memory_bytes cpu_seconds file_bytes disk_bytes token_fd verdict_fd
-        status_fd layers [read_only_dir ...]
-        (the program's own interpreter: "program" program_path token_fd verdict_fd layers)
+        status_fd layers channel [read_only_dir ...]
+        (the program's own interpreter: "program" program_path token_fd verdict_fd layers channel)
+  channel: "read_fd,write_fd" of a pipe pair to another sandboxed program (sandbox.run_pair), given to
+        the program as the global `__channel__`, or "-".
 
 Processes, each started before any of the program's code is read:
 
@@ -86,7 +88,11 @@ BLOCKED_EVENTS = frozenset({
     "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function",
     "webbrowser.open", "urllib.Request", "ftplib.connect", "smtplib.connect", "http.client.connect",
     "sys._current_frames", "sys._current_exceptions", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    "sys.addaudithook", "sys.settrace", "sys.setprofile", "code.__new__",
+    "sys.addaudithook", "sys.settrace", "sys.setprofile",
+    # Bytecode: a hand-made code object (a LOAD_FAST past its frame reads the interpreter's memory) comes from
+    # the code constructor or code.replace (code.__new__) or from marshal data: marshal.loads, a sourceless
+    # .pyc import, _imp.get_frozen_object(name, data). Imports compile from source instead (source_only_imports).
+    "code.__new__", "marshal.loads", "marshal.load",
 })
 # Module name prefixes the program may not import: fork/exec, native calls, subinterpreters, and
 # CPython's test modules (_testcapi and the like reach raw memory).
@@ -247,16 +253,55 @@ def load_seccomp(exec_fd: int) -> None:
     lib.seccomp_release(ctx)
 
 
-def audit_hook(blocked_events: frozenset, blocked_imports: tuple, error=PermissionError):
-  """The hook refusing blocked_events and imports of blocked_imports prefixes; its policy lives in this closure
-  only, which nothing stores."""
+def audit_hook(blocked_events: frozenset, blocked_imports: tuple, native_roots: tuple = (), error=PermissionError):
+  """The hook refusing blocked_events, imports of blocked_imports prefixes and native modules (an import event
+  naming a file) from outside native_roots (the interpreter's read-only directories: a module the program wrote
+  into /sandbox would be native code of its choosing); its policy lives in this closure only, which nothing
+  stores."""
+
+  def outside(path) -> bool:
+    path = str(path)
+    return not native_roots or ".." in path.split("/") or not path.startswith(native_roots)
 
   def refuse(event: str, args: tuple) -> None:
-    if event in blocked_events or (event == "import" and str(args[0]).startswith(blocked_imports)):
+    if event in blocked_events or (event == "import" and (str(args[0]).startswith(blocked_imports) or (
+        len(args) > 1 and args[1] is not None and outside(args[1])))):
       raise error(f"sandbox: {event} {args[0]} is not allowed" if event == "import" else
                   f"sandbox: {event} is not allowed")
 
   return refuse
+
+
+def read_only_roots() -> tuple[str, ...]:
+  """The interpreter's own directories ("/usr/", the prefixes), each ending in "/": inside the sandbox, read-only."""
+  roots = {"/usr", sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+  return tuple(sorted(os.path.normpath(r).rstrip("/") + "/" for r in roots if r))
+
+
+# What HumanEval's prompts, solutions and tests import: loaded from the interpreter's cached bytecode before
+# the audit hook, since afterwards an import compiles its source (marshal is closed).
+PRELOADED = ("typing", "math", "random", "copy", "string", "collections", "re", "hashlib", "itertools", "functools")
+
+
+def source_only_imports() -> None:
+  """Preloads PRELOADED, then makes every later import compile the module's source: no .pyc is read (reading one
+  is marshal.loads, which the audit hook refuses), and a directory holding only a .pyc has no module."""
+  import importlib
+  import importlib.machinery as machinery
+  for name in PRELOADED:
+    importlib.import_module(name)
+
+  class SourceOnlyLoader(machinery.SourceFileLoader):
+    def get_code(self, fullname):
+      path = self.get_filename(fullname)
+      return self.source_to_code(self.get_data(path), path)
+
+  details = [(machinery.ExtensionFileLoader, machinery.EXTENSION_SUFFIXES),
+             (SourceOnlyLoader, machinery.SOURCE_SUFFIXES)]
+  sys.path_hooks[:] = [h for h in sys.path_hooks if "FileFinder" not in getattr(h, "__qualname__", "")]
+  sys.path_hooks.append(machinery.FileFinder.path_hook(*details))
+  sys.path_importer_cache.clear()
+  sys.dont_write_bytecode = True
 
 
 def limit_threads(start_new_thread, max_threads: int, error=PermissionError) -> None:
@@ -303,7 +348,7 @@ def run_in_thread(box: list) -> None:
 
 
 def exec_program(script: str, program_path: str, fds: tuple[int, int], limits: tuple[int, int, int],
-                 layers: set[str]) -> None:
+                 layers: set[str], channel: tuple[int, ...] = ()) -> None:
   """The program's process, before its interpreter: rlimits, parent-death signal, seccomp, then exec (never returns).
 
   The exec goes through a descriptor at or above every other and the descriptor limit then
@@ -312,26 +357,32 @@ def exec_program(script: str, program_path: str, fds: tuple[int, int], limits: t
   """
   die_with_parent()
   set_limits(*limits)
-  exec_fd = max([MIN_EXEC_FD, *(fd + 1 for fd in fds)])
+  exec_fd = max([MIN_EXEC_FD, *(fd + 1 for fd in (*fds, *channel))])
   interpreter = os.open(sys.executable, os.O_RDONLY | os.O_CLOEXEC)
   os.dup2(interpreter, exec_fd, inheritable=False)
   os.close(interpreter)
   resource.setrlimit(resource.RLIMIT_NOFILE, (exec_fd, exec_fd))
   if "seccomp" in layers:
     load_seccomp(exec_fd)
-  os.execve(exec_fd, [sys.executable, "-I", "-S", script, "program", program_path, *map(str, fds), ",".join(layers)],
-            dict(os.environ))
+  os.execve(exec_fd, [sys.executable, "-I", "-S", script, "program", program_path, *map(str, fds), ",".join(layers),
+                      ",".join(map(str, channel)) or "-"], dict(os.environ))
 
 
-def program_main(program_path: str, token_fd: int, verdict_fd: int, layers: set[str]) -> None:
+def program_main(program_path: str, token_fd: int, verdict_fd: int, layers: set[str],
+                 channel: tuple[int, ...] = ()) -> None:
   """The program's own interpreter (ctypes never imported): the audit hook, then the program in a second thread."""
   import _thread
   with open(program_path, encoding="utf-8") as f:
     code = compile(f.read(), "program.py", "exec")
+  # Python ignores SIGXFSZ: a program printing past the output limit would only get failing writes until
+  # the wall clock. With the default action the kernel ends it at the limit.
+  signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
   start_new_thread, exit_now, write = _thread.start_new_thread, os._exit, os.write
   call = operator.methodcaller("__call__")
   module = types.ModuleType("__main__")
   module.__builtins__ = __builtins__
+  if channel:
+    module.__dict__["__channel__"] = channel
   wrapper = sys.modules["__main__"]  # noqa: F841  (keeps this module's globals alive while the program runs)
   sys.modules["__main__"] = module
   done = _thread.allocate_lock()
@@ -341,7 +392,8 @@ def program_main(program_path: str, token_fd: int, verdict_fd: int, layers: set[
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # _thread.interrupt_main() from the program does nothing
   if "python" in layers:
     limit_threads(start_new_thread, MAX_THREADS)
-    sys.addaudithook(audit_hook(BLOCKED_EVENTS, BLOCKED_IMPORTS))  # cannot be removed once added
+    source_only_imports()
+    sys.addaudithook(audit_hook(BLOCKED_EVENTS, BLOCKED_IMPORTS, read_only_roots()))  # cannot be removed once added
   # The token is read (and its descriptor closed) while the list is built, before the program's thread
   # starts; it is then held only by the partial, which only this thread's C stack refers to.
   try:  # from here on this thread runs no Python code the program could reach or replace
@@ -353,7 +405,7 @@ def program_main(program_path: str, token_fd: int, verdict_fd: int, layers: set[
 
 
 def supervise(script: str, program_path: str, network: str, fds: tuple[int, int, int],
-              limits: tuple[int, int, int], layers: set[str]) -> None:
+              limits: tuple[int, int, int], layers: set[str], channel: tuple[int, ...] = ()) -> None:
   """Forks the program's process, waits for it, writes its end to the status descriptor; exits."""
   token_fd, verdict_fd, status_fd = fds
   os.write(status_fd, f"network {network}\n".encode())
@@ -361,13 +413,13 @@ def supervise(script: str, program_path: str, network: str, fds: tuple[int, int,
   if pid == 0:
     try:
       os.close(status_fd)
-      exec_program(script, program_path, (token_fd, verdict_fd), limits, layers)
+      exec_program(script, program_path, (token_fd, verdict_fd), limits, layers, channel)
     except BaseException:  # a layer that could not be set up
       traceback.print_exc()
       sys.stderr.flush()
     os._exit(1)
-  os.close(token_fd)
-  os.close(verdict_fd)
+  for fd in (token_fd, verdict_fd, *channel):  # the program alone holds the channel: its end is the other's EOF
+    os.close(fd)
   _, status = os.waitpid(pid, 0)
   end = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
   os.write(status_fd, f"{end}\n".encode())
@@ -377,28 +429,33 @@ def supervise(script: str, program_path: str, network: str, fds: tuple[int, int,
 def main() -> None:
   if sys.argv[1] == "program":
     program_path, token_fd, verdict_fd, layers = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    program_main(program_path, token_fd, verdict_fd, set(filter(None, layers.split(","))))
+    program_main(program_path, token_fd, verdict_fd, set(filter(None, layers.split(","))), parse_channel(sys.argv[6]))
   isolation, work_dir, program_path = sys.argv[1:4]
   memory_bytes, cpu_seconds, file_bytes, disk_bytes, token_fd, verdict_fd, status_fd = map(int, sys.argv[4:11])
   layers = set(filter(None, sys.argv[11].split(",")))
-  read_only_dirs = sys.argv[12:]
+  channel = parse_channel(sys.argv[12])
+  read_only_dirs = sys.argv[13:]
   fds, limits = (token_fd, verdict_fd, status_fd), (memory_bytes, cpu_seconds, file_bytes)
   script = os.path.abspath(__file__)
   die_with_parent()
   if isolation == "bwrap":  # bubblewrap made the namespaces; this process is PID 2 under its init
-    supervise(script, program_path, "bwrap", fds, limits, layers)
+    supervise(script, program_path, "bwrap", fds, limits, layers, channel)
   if isolation == "namespaces":
     network = enter_namespaces(program_path, disk_bytes, read_only_dirs)
     pid = os.fork()  # PID 1 of the new pid namespace
     if pid == 0:
       die_with_parent()
       in_view = lambda path: os.path.join(SANDBOX_DIR, os.path.basename(path))
-      supervise(in_view(script), in_view(program_path), network, fds, limits, layers)
-    for fd in fds:
+      supervise(in_view(script), in_view(program_path), network, fds, limits, layers, channel)
+    for fd in (*fds, *channel):
       os.close(fd)
     _, status = os.waitpid(pid, 0)
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-  supervise(script, program_path, leave_network(), fds, limits, layers)
+  supervise(script, program_path, leave_network(), fds, limits, layers, channel)
+
+
+def parse_channel(text: str) -> tuple[int, ...]:
+  return () if text == "-" else tuple(int(fd) for fd in text.split(","))
 
 
 if __name__ == "__main__":
