@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import lm_eval.models  # noqa: F401 - lm_eval's own models first: it fills its registry only while that is empty
 import ml_collections
 import numpy as np
 from flax import nnx

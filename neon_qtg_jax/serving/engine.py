@@ -16,6 +16,12 @@ pads invalid) and generated tokens follow, so each row needs only its own write 
 Sampling per row (serving/batch_sampling.py): temperature, top_p and a key from the request's
 seed; token i of choice c draws with fold_in(fold_in(key(seed), c), i), so a seeded request gives
 the same text whatever else is being decoded beside it.
+
+Log-probabilities (the API's `logprobs`, `echo`): every step also returns, per row, the log-probability
+of the sampled token and the MAX_LOGPROBS most likely tokens under the model's own distribution
+(log_softmax of the logits, before temperature and top-p, as evaluation scores them), computed here
+from the logits beside the sampler. A prefill asked for the prompt's log-probabilities (a second
+compilation per bucket) returns those of every prompt token after the first.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import functools
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +46,7 @@ from neon_qtg_jax.serving.batch_sampling import sample_rows
 log = logging.getLogger(__name__)
 
 MIN_PREFILL_BUCKET = 16
+MAX_LOGPROBS = 20  # top alternatives computed per token (OpenAI's chat top_logprobs allows up to 20)
 
 
 class QueueFull(Exception):
@@ -48,6 +55,17 @@ class QueueFull(Exception):
 
 class Draining(Exception):
   """The server is shutting down: it finishes what it has and takes nothing new."""
+
+
+class NeverFits(Exception):
+  """A request with more sequences than serve.max_queue: no wait would let it in."""
+
+
+class TokenLogprob(NamedTuple):
+  """One token with its log-probability and the most likely alternatives ((id, log-probability), best first)."""
+  token: int
+  logprob: float | None  # None: the first token of a prompt, which nothing precedes
+  top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +78,8 @@ class Event:
   text: str
   completion_tokens: int
   finish_reason: str | None = None
+  logprobs: tuple[TokenLogprob, ...] = ()          # the tokens sampled since the last event (request.logprobs)
+  prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # the first event only (request.prompt_logprobs)
 
 
 @dataclasses.dataclass
@@ -72,6 +92,8 @@ class SequenceRequest:
   seed: int = 0
   choice: int = 0            # fold-in for the n choices of one request
   ignore_eos: bool = False   # generate max_tokens whatever is sampled (benchmarks)
+  logprobs: int | None = None  # None: none; k: each sampled token's log-probability and its k best alternatives
+  prompt_logprobs: bool = False  # the prompt's tokens too (echo); max_tokens 0 then scores the prompt only
   emit: Callable[[Event], None] = lambda event: None
 
 
@@ -132,6 +154,10 @@ class Sequence:
     self.slot: int | None = None
     self.cancelled = False
     self.finished = False
+    self.submitted = time.monotonic()
+    self.last_token_time: float | None = None
+    self.unsent_logprobs: list[TokenLogprob] = []
+    self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     key = jax.random.fold_in(jax.random.PRNGKey(request.seed), request.choice)
     self.key = np.asarray(jax.device_get(key), np.uint32)
 
@@ -155,30 +181,50 @@ def _insert_row(cache: decoding.DecodeCache, row: decoding.DecodeCache, slot: ja
                               put(cache.phi, row.phi, 1), put(cache.valid, row.valid, 0))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "valid_vocab"), donate_argnames=("cache",))
+def token_logprobs(logits: jax.Array, tokens: jax.Array, valid_vocab: int | None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """logits (R, V), tokens (R,) -> log p(token) (R,), top ids (R, K), top log p (R, K): the model's own
+  distribution (no temperature, no top-p), normalized over all of its V outputs as evaluation scores it
+  (evaluation/loglik.py, perplexity.py); the K = MAX_LOGPROBS alternatives are among the tokenizer's ids."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  decodable = logp
+  if valid_vocab is not None and valid_vocab < logits.shape[-1]:
+    decodable = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logp, -jnp.inf)
+  top_logp, top_ids = jax.lax.top_k(decodable, min(MAX_LOGPROBS, valid_vocab or logits.shape[-1]))
+  return chosen, top_ids.astype(jnp.int32), top_logp
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "valid_vocab", "prompt_logprobs"), donate_argnames=("cache",))
 def prefill_into_slot(graphdef: nnx.GraphDef, state: nnx.State, cache: decoding.DecodeCache, slot: jax.Array,
                       tokens: jax.Array, length: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                      key: jax.Array, *, valid_vocab: int | None) -> tuple[jax.Array, decoding.DecodeCache]:
-  """Prefills one prompt (tokens (1, P), `length` of them real) into cache row `slot`; returns its first token."""
+                      key: jax.Array, *, valid_vocab: int | None, prompt_logprobs: bool = False):
+  """Prefills one prompt (tokens (1, P), `length` of them real) into cache row `slot`.
+
+  Returns (first token, its token_logprobs, the prompt's token_logprobs for tokens 1..P-1 or None, cache).
+  """
   model = nnx.merge(graphdef, state)
   row = decoding.init_cache(model, 1, cache.valid.shape[1])
   positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
   logits, row = decoding.forward_cached(model, row, tokens, positions, 0, positions < length)
   last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0, keepdims=True)
-  token = sample_rows(last, temperature[None], top_p[None], jax.random.fold_in(key, 0)[None], valid_vocab)[0]
-  return token, _insert_row(cache, row, slot)
+  token = sample_rows(last, temperature[None], top_p[None], jax.random.fold_in(key, 0)[None], valid_vocab)
+  prompt = token_logprobs(logits[0, :-1], tokens[0, 1:], valid_vocab) if prompt_logprobs else None
+  return token[0], token_logprobs(last, token, valid_vocab), prompt, _insert_row(cache, row, slot)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "valid_vocab"), donate_argnames=("cache",))
 def decode_slots(graphdef: nnx.GraphDef, state: nnx.State, cache: decoding.DecodeCache, tokens: jax.Array,
                  positions: jax.Array, active: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: jax.Array,
-                 steps: jax.Array, *, valid_vocab: int | None) -> tuple[jax.Array, decoding.DecodeCache]:
-  """One token for every slot: tokens, positions, active, temperature, top_p, steps (S,), keys (S, 2) -> (S,) next."""
+                 steps: jax.Array, *, valid_vocab: int | None):
+  """One token for every slot: tokens, positions, active, temperature, top_p, steps (S,), keys (S, 2) ->
+  (next tokens (S,), their token_logprobs, cache)."""
   model = nnx.merge(graphdef, state)
   logits, cache = decoding.forward_cached(model, cache, tokens[:, None], positions[:, None], positions,
                                           active[:, None])
   step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
-  return sample_rows(logits[:, 0], temperature, top_p, step_keys, valid_vocab), cache
+  next_tokens = sample_rows(logits[:, 0], temperature, top_p, step_keys, valid_vocab)
+  return next_tokens, token_logprobs(logits[:, 0], next_tokens, valid_vocab), cache
 
 
 @dataclasses.dataclass
@@ -187,6 +233,7 @@ class EngineStats:
   prefills: int = 0
   max_prefills_between_decode_steps: int = 0
   generated_tokens: int = 0
+  prompt_tokens: int = 0
   cancelled: int = 0
 
 
@@ -194,9 +241,13 @@ class Engine:
   """Runs sequences on `slots` cache rows in a background thread (start(), submit(), drain(), stop())."""
 
   def __init__(self, model: nnx.Module, decode: Callable[[list[int]], str], *, eos_id: int | None, slots: int,
-               max_queue: int, valid_vocab: int | None = None, sharding: ShardingConfig | None = None):
+               max_queue: int, valid_vocab: int | None = None, sharding: ShardingConfig | None = None,
+               metrics=None):
     """sharding: the mesh and rules the model's parameters live on; the cache is placed by the same
-    rules (decoding.shard_cache). None: the cache stays where JAX puts it (one device)."""
+    rules (decoding.shard_cache). None: the cache stays where JAX puts it (one device).
+    metrics: a serving.metrics.Metrics that records token counts and latencies (None: none)."""
+    self.metrics = metrics
+    self.cancel_reason: str | None = None  # set by cancel_all: what the clients of cancelled sequences are told
     self.graphdef, self.state = nnx.split(model)
     self.context = model.cfg.max_seq_len
     self.decode, self.eos_id, self.valid_vocab = decode, eos_id, valid_vocab
@@ -228,10 +279,13 @@ class Engine:
     return self
 
   def submit(self, requests: list[SequenceRequest]) -> list[Sequence]:
-    """Queues the sequences (all or none); raises Draining or QueueFull."""
+    """Queues the sequences (all or none); raises Draining, NeverFits or QueueFull."""
     with self._lock:
       if self._draining or self._stopping or self.error is not None:
         raise Draining("the server is shutting down" if self.error is None else f"the engine failed: {self.error}")
+      if len(requests) > self.max_queue:
+        raise NeverFits(f"the request has {len(requests)} sequences (prompts x n); at most serve.max_queue="
+                        f"{self.max_queue} can wait for a slot")
       if len(self.pending) + len(requests) > self.max_queue:
         raise QueueFull(f"{len(self.pending)} requests are waiting for a slot (serve.max_queue={self.max_queue})")
       sequences = [Sequence(r, self.decode) for r in requests]
@@ -249,6 +303,16 @@ class Engine:
     with self._lock:
       self._draining = True
       self._lock.notify_all()
+
+  def cancel_all(self, reason: str) -> int:
+    """Cancels every queued and running sequence (their clients get `reason`); returns how many."""
+    with self._lock:
+      self.cancel_reason = reason
+      sequences = [s for s in self.slots if s is not None] + list(self.pending)
+      for seq in sequences:
+        seq.cancel()
+      self._lock.notify_all()
+    return len(sequences)
 
   def stop(self, timeout: float | None = None) -> None:
     """Cancels everything left and ends the thread."""
@@ -309,40 +373,62 @@ class Engine:
     bucket = prefill_bucket(len(r.prompt_ids), self.context)
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, :len(r.prompt_ids)] = r.prompt_ids
-    token, self.cache = prefill_into_slot(
+    token, first, prompt, self.cache = prefill_into_slot(
         self.graphdef, self.state, self.cache, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(len(r.prompt_ids)),
-        jnp.float32(r.temperature), jnp.float32(r.top_p), jnp.asarray(seq.key), valid_vocab=self.valid_vocab)
+        jnp.float32(r.temperature), jnp.float32(r.top_p), jnp.asarray(seq.key), valid_vocab=self.valid_vocab,
+        prompt_logprobs=r.prompt_logprobs)
+    self.stats.prompt_tokens += len(r.prompt_ids)
+    if self.metrics is not None:
+      self.metrics.prompt_tokens(len(r.prompt_ids))
+    if prompt is not None:
+      chosen, top_ids, top_logp = jax.device_get(prompt)
+      n = len(r.prompt_ids) - 1
+      seq.prompt_logprobs = (TokenLogprob(r.prompt_ids[0], None),) + tuple(
+          _logprob_row(r.prompt_ids[i + 1], chosen[i], top_ids[i], top_logp[i], r.logprobs) for i in range(n))
     self.stats.prefills += 1
     self._prefills_since_decode += 1
     self.stats.max_prefills_between_decode_steps = max(self.stats.max_prefills_between_decode_steps,
                                                        self._prefills_since_decode)
+    if r.max_tokens == 0:  # echo with max_tokens 0: the prompt's log-probabilities, nothing generated
+      self._finish(seq, "length")  # the row written stays free
+      return
     seq.slot = slot
     self.slots[slot] = seq
     self.positions[slot] = len(r.prompt_ids)
     self.temperature[slot], self.top_p[slot] = r.temperature, r.top_p
     self.keys[slot] = seq.key
-    self._accept(seq, int(token))
+    self._accept(seq, int(token), jax.device_get(first) if r.logprobs is not None else None, 0)
 
   def _decode_step(self) -> None:
     active = np.asarray([s is not None for s in self.slots])
     positions = np.where(active, self.positions, 0).astype(np.int32)
     steps = np.asarray([s.generated if s is not None else 0 for s in self.slots], np.int32)
-    next_tokens, self.cache = decode_slots(
+    next_tokens, logprobs, self.cache = decode_slots(
         self.graphdef, self.state, self.cache, jnp.asarray(self.tokens), jnp.asarray(positions), jnp.asarray(active),
         jnp.asarray(self.temperature), jnp.asarray(self.top_p), jnp.asarray(self.keys), jnp.asarray(steps),
         valid_vocab=self.valid_vocab)
-    next_tokens = np.asarray(jax.device_get(next_tokens))
+    wanted = any(s is not None and s.request.logprobs is not None for s in self.slots)
+    next_tokens, logprobs = jax.device_get((next_tokens, logprobs if wanted else None))
     self.stats.decode_steps += 1
     self._prefills_since_decode = 0
     for slot, seq in enumerate(self.slots):
       if seq is not None:
         self.positions[slot] += 1
-        self._accept(seq, int(next_tokens[slot]))
+        self._accept(seq, int(next_tokens[slot]), logprobs, slot)
 
-  def _accept(self, seq: Sequence, token: int) -> None:
-    """Records a sampled token: the next decode input of the slot, text for the client, or the end."""
+  def _accept(self, seq: Sequence, token: int, logprobs=None, row: int = 0) -> None:
+    """Records a sampled token: the next decode input of the slot, text for the client, or the end.
+
+    logprobs: token_logprobs of the step (host arrays), read at `row` when the request asks for them."""
     seq.generated += 1
     self.stats.generated_tokens += 1
+    now = time.monotonic()
+    if self.metrics is not None:
+      self.metrics.token(now - (seq.last_token_time or seq.submitted), first=seq.last_token_time is None)
+    seq.last_token_time = now
+    if seq.request.logprobs is not None and logprobs is not None:
+      chosen, top_ids, top_logp = logprobs
+      seq.unsent_logprobs.append(_logprob_row(token, chosen[row], top_ids[row], top_logp[row], seq.request.logprobs))
     if self.eos_id is not None and token == self.eos_id and not seq.request.ignore_eos:
       self._finish(seq, "stop", seq.text.flush())
       return
@@ -370,11 +456,20 @@ class Engine:
 
   def _emit(self, seq: Sequence, event: Event) -> None:
     """Hands an event to the client; a client that cannot take it (its event loop is gone) is cancelled."""
+    if seq.unsent_logprobs or seq.prompt_logprobs is not None:
+      event = dataclasses.replace(event, logprobs=tuple(seq.unsent_logprobs), prompt_logprobs=seq.prompt_logprobs)
+      seq.unsent_logprobs, seq.prompt_logprobs = [], None
     try:
       seq.request.emit(event)
     except Exception:  # noqa: BLE001 - one client's failure must not stop the others
       log.warning("could not deliver to a client; cancelling its sequence", exc_info=True)
       seq.cancel()
+
+
+def _logprob_row(token: int, chosen, top_ids, top_logp, k: int | None) -> TokenLogprob:
+  """A TokenLogprob from one row of token_logprobs, keeping the k best alternatives."""
+  k = k or 0
+  return TokenLogprob(int(token), float(chosen), tuple((int(i), float(v)) for i, v in zip(top_ids[:k], top_logp[:k])))
 
 
 def wait_until_idle(engine: Engine, timeout: float) -> bool:
