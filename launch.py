@@ -42,7 +42,8 @@ def reject_unknown_overrides(argv: list[str]) -> None:
     node = schema
     for part in flag[len("--config."):].split("."):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        sys.exit(f"error: {flag}: unknown config field (not in the schema of neon_qtg_jax.config)")
+        print(f"error: {flag}: unknown config field (not in the schema of neon_qtg_jax.config)", file=sys.stderr)
+        sys.exit(2)
       node = node[part]
 
 
@@ -130,5 +131,15 @@ def main(argv: list[str]) -> int:
     return 2
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a value that does not parse (--config.training.lr=abc) or an unknown flag is one
+  line and exit 2, like every config error (absl exits 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -102,10 +102,15 @@ def test_launch_rejects_bad_values_before_any_work():
   assert not Path("/nonexistent/should/not/be/created").exists()
 
 
-def test_launch_names_unknown_override():
-  result = _launch("--config=configs/neon_qtg_tiny.py", "--config.model.embed_size=64", "--mode=info")
-  assert result.returncode != 0
-  assert "--config.model.embed_size: unknown config field" in result.stderr
+@pytest.mark.parametrize("flag, expected", [
+    ("--config.model.embed_size=64", "--config.model.embed_size: unknown config field"),
+    ("--config.training.lr=abc", "--config.training.lr=abc: could not convert string to float: 'abc'"),
+    ("--no_such_flag=1", "Unknown command line flag 'no_such_flag'"),
+])
+def test_launch_names_an_unknown_override_or_a_value_that_does_not_parse_in_one_line(flag, expected):
+  result = _launch("--config=configs/neon_qtg_tiny.py", flag, "--mode=info")
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().count("\n") == 0 and expected in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("content, expected", [
