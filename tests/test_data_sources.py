@@ -157,6 +157,16 @@ def test_text_non_utf8_reported_with_line(tmp_path):
   assert issues.examples[sources.NON_UTF8][0].startswith(f"{path}:2")
 
 
+def test_nul_bytes_in_a_text_are_counted_as_bad_input_and_removed(tmp_path):
+  path = tmp_path / "binary.txt"
+  path.write_bytes(b"line one\nline\x00 two\x00\n")
+  issues = Issues()
+  docs = list(iter_documents("text", str(path), issues=issues))
+  assert docs[0].text == "line one\nline two\n"
+  assert issues.counts == {sources.NUL_BYTES: 1}
+  assert issues.examples[sources.NUL_BYTES][0].startswith(f"{path}:2: 2 NUL byte(s)")
+
+
 def test_empty_text_file_is_counted(tmp_path):
   (tmp_path / "empty.txt").write_text("\n\n")
   (tmp_path / "full.txt").write_text("content")

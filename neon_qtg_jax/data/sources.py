@@ -32,6 +32,7 @@ MAX_EXAMPLES_PER_KIND = 20
 MALFORMED_JSON = "malformed_json"
 MISSING_FIELD = "missing_field"
 NON_UTF8 = "non_utf8"                # bytes replaced by U+FFFD; the document is kept
+NUL_BYTES = "nul_bytes"              # NUL bytes (binary data in a text) removed; the document is kept
 EMPTY_DOCUMENT = "empty_document"    # nothing but whitespace; skipped
 TRUNCATED_ARCHIVE = "truncated_archive"
 UNEXPECTED_MEMBER = "unexpected_member"  # an archive member that is not an .xz document tar; skipped
@@ -95,13 +96,18 @@ class Issues:
 
 
 def _decode(raw: bytes, where: str, issues: Issues, *, first_line: int = 1) -> str:
-  """UTF-8 text; undecodable bytes become U+FFFD and are reported with their line."""
+  """UTF-8 text; undecodable bytes become U+FFFD and NUL bytes are removed, each reported with its line."""
+  if b"\0" in raw:
+    nul = raw.index(b"\0")
+    line = first_line + raw.count(b"\n", 0, nul)
+    issues.add(NUL_BYTES, f"{where}:{line}", f"{raw.count(0)} NUL byte(s), the first at offset {nul}")
   try:
-    return raw.decode("utf-8")
+    text = raw.decode("utf-8")
   except UnicodeDecodeError as err:
     line = first_line + raw.count(b"\n", 0, err.start)
     issues.add(NON_UTF8, f"{where}:{line}", f"byte 0x{raw[err.start]:02x} at offset {err.start}")
-    return raw.decode("utf-8", errors="replace")
+    text = raw.decode("utf-8", errors="replace")
+  return text.replace("\0", "")
 
 
 def _keep(text: str, where: str, issues: Issues) -> bool:
