@@ -58,13 +58,22 @@ case "$mode" in
       pids+=("$!")
     done
     trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
+    # The first process to fail (a watchdog's exit 3, a crash) stops the others: SIGTERM makes each save the
+    # same step, or, blocked in a collective with the failed one, exit after training.stop_grace_seconds.
     status=0
-    for pid in "${pids[@]}"; do
-      while true; do
-        wait "$pid" && rc=0 || rc=$?
-        kill -0 "$pid" 2>/dev/null || break  # still running: the wait was cut short by a trapped signal
-      done
-      ((rc == 0)) || status=$rc
+    left=("${pids[@]}")
+    while ((${#left[@]})); do
+      finished=""
+      wait -n -p finished "${left[@]}" && rc=0 || rc=$?
+      [[ -n "$finished" ]] || continue  # the wait was cut short by a trapped signal
+      still=()
+      for pid in "${left[@]}"; do [[ "$pid" == "$finished" ]] || still+=("$pid"); done
+      left=("${still[@]}")
+      if ((rc != 0 && status == 0)); then
+        status=$rc
+        echo "launch_multiprocess: pid $finished exited with status $rc; stopping the other processes" >&2
+        ((${#left[@]} == 0)) || kill -TERM "${left[@]}" 2>/dev/null || true
+      fi
     done
     exit "$status"
     ;;

@@ -17,7 +17,7 @@ import ml_collections
 from neon_qtg_jax import info, parallel
 from neon_qtg_jax.checkpoint.checkpointer import Checkpointer, checkpoint_dir
 from neon_qtg_jax.parallel import ShardingConfig, inputs
-from neon_qtg_jax.training import hooks, observe, resume, spike
+from neon_qtg_jax.training import hooks, observe, resume, spike, watchdog
 from neon_qtg_jax.training import train_step as ts
 from neon_qtg_jax.training import workdir_lock
 from neon_qtg_jax.training.loop import Hook, Loop
@@ -74,9 +74,12 @@ def scaled_learning_rate(config: ml_collections.ConfigDict, lr_scale: float) -> 
 
 
 def make_hooks(config: ml_collections.ConfigDict, sharding: ShardingConfig, data: RunData, graphdef: Any,
-               checkpointer: Checkpointer, progress: resume.Progress, outputs: RunOutputs, start_step: int
-               ) -> list[Hook]:
-  """The run's hooks in the order they act at a step (hooks.py explains why the order matters)."""
+               checkpointer: Checkpointer, progress: resume.Progress, outputs: RunOutputs, start_step: int,
+               dog: watchdog.Watchdog) -> list[Hook]:
+  """The run's hooks in the order they act at a step (hooks.py explains why the order matters).
+
+  A stop signal waits for the evaluation, sample and save phases; the watchdog's beat comes last.
+  """
   t = config.training
   evaluate = hooks.Evaluate(t.eval_steps, ts.make_eval_step(config, graphdef, sharding), data.eval_batches,
                             data.unigram_perplexity, progress, outputs)
@@ -102,12 +105,14 @@ def make_hooks(config: ml_collections.ConfigDict, sharding: ShardingConfig, data
       observe.DeviceStats(t.log_steps),
       hooks.Backup(t.log_steps, outputs.start_uploader(config, start_step), t.backup_wait_minutes),
       hooks.LogLine(t.log_steps, t.total_steps),
-      spike.SpikeGuard(config, checkpointer, progress, restore=restore, make_step=make_step,
-                       also_due=lambda ctx: evaluate.due(ctx) or checkpoints.will_save(ctx)),
-      evaluate,
-      hooks.Samples(config, graphdef, data.tokenizer, sharding, outputs),
-      checkpoints,
+      watchdog.awaited_by_stop(
+          spike.SpikeGuard(config, checkpointer, progress, restore=restore, make_step=make_step,
+                           also_due=lambda ctx: evaluate.due(ctx) or checkpoints.will_save(ctx)), dog, "the spike guard"),
+      watchdog.awaited_by_stop(evaluate, dog, "evaluating"),
+      watchdog.awaited_by_stop(hooks.Samples(config, graphdef, data.tokenizer, sharding, outputs), dog, "sampling"),
+      watchdog.awaited_by_stop(checkpoints, dog, "saving"),
       hooks.StopSignals(t.max_train_minutes),
+      watchdog.Beat(dog),
   ]
 
 
@@ -126,10 +131,29 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
            len(data.eval_batches), data.unigram_perplexity)
 
   graphdef = ts.model_graphdef(config)
-  state, progress = resume.restore_or_init(
-      config, args, checkpointer, ts.sharded_abstract_state(config, sharding), data.train_iter, sharding,
-      lambda: ts.create_train_state(config, jax.random.PRNGKey(config.seed), sharding)[1], plan)
-  start_step = int(jax.device_get(state.step))
+  with watchdog.Watchdog(t.collective_timeout_minutes, t.stop_grace_seconds,
+                         f"process {jax.process_index()} of {jax.process_count()}") as dog:
+    state, progress = resume.restore_or_init(
+        config, args, checkpointer, ts.sharded_abstract_state(config, sharding), data.train_iter, sharding,
+        lambda: ts.create_train_state(config, jax.random.PRNGKey(config.seed), sharding)[1], plan)
+    start_step = int(jax.device_get(state.step))  # waits for the initial state: the watchdog times this too
+    dog.started(start_step)
+    if dog.stop_requested:
+      outputs.close()
+      lock.release()
+      log.info("stopped before the first step (%s): the state at step %d is the one the run started from",
+               dog.stop_requested, start_step)
+      return 0
+    exit_code = _train(config, sharding, checkpointer, data, graphdef, state, progress, outputs, start_step, dog)
+  lock.release()
+  return exit_code
+
+
+def _train(config: ml_collections.ConfigDict, sharding: ShardingConfig, checkpointer: Checkpointer, data: RunData,
+           graphdef: Any, state: ts.TrainState, progress: resume.Progress, outputs: RunOutputs, start_step: int,
+           dog: watchdog.Watchdog) -> int:
+  """The loop from start_step with its hooks, then the run's last log line."""
+  t = config.training
   if start_step == 0:
     outputs.writer.write_hparams(flat_config(config))
   log.info("training steps %d..%d of %d; %d tokens per step; %s parameters", start_step, t.total_steps,
@@ -138,11 +162,10 @@ def run(config: ml_collections.ConfigDict, args: Any) -> int:
 
   loop = Loop(train_step=ts.make_train_step(scaled_learning_rate(config, progress.lr_scale), graphdef, sharding),
               next_batch=lambda: inputs.global_batch(next(data.train_iter), sharding, global_rows),
-              hooks=make_hooks(config, sharding, data, graphdef, checkpointer, progress, outputs, start_step),
+              hooks=make_hooks(config, sharding, data, graphdef, checkpointer, progress, outputs, start_step, dog),
               total_steps=t.total_steps, write_scalars=outputs.write_scalars)
   stop = loop.run(state, start_step)
   outputs.close()
-  lock.release()
   log.info("stopped at step %d (%s); checkpoints %s in %s; loss curves %s", loop.step, stop.reason,
            checkpointer.steps(), checkpointer.directory, outputs.plot_path)
   if stop.error is not None:
