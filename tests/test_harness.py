@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[harness]')")
+lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness (extra `harness`) is not installed")
 
 from neon_qtg_jax.cli import RunArgs  # noqa: E402
 from neon_qtg_jax.evaluation import perplexity  # noqa: E402
@@ -111,12 +112,25 @@ def test_simple_evaluate_runs_the_local_yaml_tasks_offline(run):
 
 
 def test_lm_eval_command_line_with_the_model_registered(run, tmp_path):
+  """From another directory, on a copy of the workdir, with the training data directory gone: the checkpoint
+  carries the tokenizer."""
   root, _, _ = run
+  copied = tmp_path / "copied_run"
+  shutil.copytree(root / "work", copied)
+  tasks = tmp_path / "tasks"  # the task file with its data named by an absolute path
+  tasks.mkdir()
+  text = open(os.path.join(TASKS, "neon_local_mc.yaml")).read()
+  (tasks / "neon_local_mc.yaml").write_text(text.replace("tests/harness_tasks/", TASKS + "/"))
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "neon_qtg_jax.evaluation.lm_eval_cli", "--model", "neon_qtg",
-                         "--model_args", f"checkpoint={root / 'work'},batch_size=4,weight_dtype=int8",
-                         "--tasks", "neon_local_mc", "--include_path", TASKS, "--output_path", str(tmp_path / "out")],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  os.rename(root / "data", root / "data_away")
+  try:
+    proc = subprocess.run([sys.executable, "-m", "neon_qtg_jax.evaluation.lm_eval_cli", "--model", "neon_qtg",
+                           "--model_args", f"checkpoint={copied},batch_size=4,weight_dtype=int8",
+                           "--tasks", "neon_local_mc", "--include_path", str(tasks),
+                           "--output_path", str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  finally:
+    os.rename(root / "data_away", root / "data")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   (path,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
   result = json.loads(open(path).read())
