@@ -180,6 +180,11 @@ def run(config, args) -> int:
     tokens, text_bytes, issues = file_stream(args.eval_data, tokenizer, config.data)
     source = os.path.abspath(args.eval_data)
   else:
+    if not os.path.isdir(data_dir):  # a workdir evaluated away from where it trained
+      print(f"error: the {args.eval_split} split is read from data.data_dir {data_dir!r}, which is not here "
+            f"({os.path.abspath(data_dir)}); pass --config.data.data_dir=/abs/path/of/the/prepared/data or "
+            "score a file with --eval_data", file=sys.stderr)
+      return 2
     tokens, text_bytes, issues = validation_stream(data_dir, tokenizer.eos_id, args.eval_split)
     source = f"{os.path.abspath(data_dir)} ({args.eval_split} split)"
   max_length = min(config.eval.max_length, restored.model.cfg.max_seq_len)
