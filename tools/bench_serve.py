@@ -1,6 +1,6 @@
-"""Serving throughput and latency at 1, 4 and 8 concurrent clients against one --mode=serve engine.
+"""Serving throughput and latency at 1, 4, 8 and 16 concurrent clients against one --mode=serve engine.
 
-  python tools/bench_serve.py --workdir=runs/tiny [--clients=1,4,8] [--requests=4] [--max_tokens=100]
+  python tools/bench_serve.py --workdir=runs/tiny [--clients=1,4,8,16] [--requests=4] [--max_tokens=100]
 
 Starts the server in this process (the same build as launch.py --mode=serve, on a free local
 port), then for each concurrency level runs that many clients at once, each sending `--requests`
@@ -8,7 +8,7 @@ streaming completions one after another through the official openai client, with
 lengths (ignore_eos). Reports total completion tokens/s (all clients together, over the level's
 wall time), time to first token and time per output token after the first (means and p90 over
 requests), and the ratio of each level's tokens/s to the single client's. Prints a Markdown table
-and writes JSON.
+and writes JSON, with the machine's load average (other jobs on a shared machine slow every level).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True)
   p.add_argument("--checkpoint", default="best")
-  p.add_argument("--clients", default="1,4,8")
+  p.add_argument("--clients", default="1,4,8,16")
   p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
   p.add_argument("--max_tokens", type=int, default=100)
   p.add_argument("--set", action="append", default=[], help="SECTION.FIELD=VALUE config change (repeatable)")
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
   levels = [int(c) for c in args.clients.split(",")]
   level(base, server.model_name, 1, 1, 8, engine)  # compiles the prefill buckets of the prompts
   rows = []
+  load_before = os.getloadavg()[0]
   for clients in levels:
     row = level(base, server.model_name, clients, args.requests, args.max_tokens, engine)
     rows.append(row)
@@ -109,8 +110,10 @@ def main(argv=None) -> int:
   engine.stop()
 
   single = rows[0]["tokens_per_second"]
-  print(f"\n{server.model_name}, {config.serve.slots} slots, weights {server.info['weight_dtype']}, "
-        f"{args.requests} streaming requests of {args.max_tokens} tokens per client, CPU")
+  load = (load_before, os.getloadavg()[0])
+  print(f"\n{server.model_name} (checkpoint step {server.info['checkpoint_step']}), {config.serve.slots} slots, "
+        f"weights {server.info['weight_dtype']}, {args.requests} streaming requests of {args.max_tokens} tokens per "
+        f"client, {os.cpu_count()} CPUs, load average {load[0]:.1f} before and {load[1]:.1f} after")
   print("| clients | tokens/s (all clients) | vs 1 client | time to first token mean / p90 (ms) | "
         "time per output token mean / p90 (ms) |")
   print("| ---: | ---: | ---: | ---: | ---: |")
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
   output = args.output or os.path.join(args.workdir, "eval", "bench_serve.json")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   Path(output).write_text(json.dumps({"slots": config.serve.slots, "weight_dtype": server.info["weight_dtype"],
-                                      "max_tokens": args.max_tokens, "levels": rows}, indent=1))
+                                      "checkpoint_step": server.info["checkpoint_step"], "max_tokens": args.max_tokens,
+                                      "load_average": load, "cpus": os.cpu_count(), "levels": rows}, indent=1))
   print(f"wrote {output}")
   return 0
 
