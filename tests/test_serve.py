@@ -22,6 +22,7 @@ httpx = pytest.importorskip("httpx", reason="httpx (the openai client's, extra `
 
 from neon_qtg_jax.data.tokenizer import Tokenizer  # noqa: E402
 from neon_qtg_jax.inference.sampling import SamplingParams, filter_logits, generate  # noqa: E402
+from neon_qtg_jax.parallel import ShardingConfig  # noqa: E402
 from neon_qtg_jax.serving import engine as engine_lib  # noqa: E402
 from neon_qtg_jax.serving.api import ChatMessage, Server, create_app, render_chat  # noqa: E402
 from neon_qtg_jax.serving.batch_sampling import filter_rows  # noqa: E402
@@ -102,7 +103,8 @@ def test_continuous_batching_gives_each_prompt_its_own_greedy_continuation(run):
                            for p, n in zip(PROMPTS, budgets)])
     # one batched call (a prompt's greedy continuation is the same alone or in a batch: test_infer_decoding)
     reference = generate(model, [encode(tokenizer, p) for p in PROMPTS], sampling_cfg=GREEDY,
-                         max_new_tokens=max(budgets), eos_id=None, seed=0, valid_vocab=tokenizer.vocab_size)
+                         max_new_tokens=max(budgets), eos_id=None, seed=0, valid_vocab=tokenizer.vocab_size,
+                         sharding=ShardingConfig.all_fsdp())
     for prompt, n, (text, reason, tokens), want in zip(PROMPTS, budgets, got, reference):
       want = want[:n]
       assert (reason, tokens) == ("length", n)
@@ -501,6 +503,29 @@ def portable_workdir(run, tmp_path):
   os.rename(root / "data", root / "data_away")
   try:
     yield copied
+  finally:
+    os.rename(root / "data_away", root / "data")
+
+
+def test_the_checkpoint_carries_the_tokenizer_checked_by_its_sha256(run, tmp_path):
+  from neon_qtg_jax.data.sources import DataError
+  from neon_qtg_jax.inference.restore import load_tokenizer
+  root, _, _, tokenizer = run
+  copied = tmp_path / "work"
+  shutil.copytree(root / "work", copied)
+  assert load_tokenizer(str(copied)).encode("def f1(x):") == tokenizer.encode("def f1(x):")
+  (step,) = [p for p in copied.iterdir() if p.name.isdigit()]
+  item = step / "tokenizer" / "metadata"  # Orbax's JSON item file
+  data = json.loads(item.read_text())
+  item.write_text(json.dumps(data | {"info": data["info"] | {"sha256": "0" * 64}}))
+  with pytest.raises(Exception, match="sha256|checksum"):  # the checkpoint's file checksums may see it first
+    load_tokenizer(str(copied))
+  shutil.rmtree(step / "tokenizer")  # a checkpoint saved before the item existed: the run's data directory
+  assert load_tokenizer(str(copied)).sha256 == tokenizer.sha256
+  os.rename(root / "data", root / "data_away")
+  try:
+    with pytest.raises(DataError, match="--config.data.data_dir"):
+      load_tokenizer(str(copied))
   finally:
     os.rename(root / "data_away", root / "data")
 
