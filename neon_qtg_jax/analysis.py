@@ -64,7 +64,8 @@ def sphere_statistics(model: QTGModel, tokens: jax.Array) -> list[dict[str, Any]
   extra = sorted(set(recorded) - {"attention", "s", "w"})
   out = []
   for i in range(model.cfg.num_layers):
-    stats: dict[str, Any] = {"layer": i, "attention_entropy": float(normalized_entropy(recorded["attention"][i][None]).mean())}
+    entropy = float(normalized_entropy(recorded["attention"][i][None]).mean())
+    stats: dict[str, Any] = {"layer": i, "attention_entropy": entropy}
     for name in extra:
       value = recorded[name][i]
       stats[name] = value.tolist() if value.ndim else float(value)

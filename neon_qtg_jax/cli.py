@@ -16,7 +16,7 @@ MODES: dict[str, str] = {
     "memory_report": "neon_qtg_jax.training.memory_report:run",
     "memory_test": "neon_qtg_jax.training.memory_report:run",  # the former name of memory_report, still accepted
     "eval": "neon_qtg_jax.evaluation.perplexity:run",
-    "generate": "neon_qtg_jax.inference.generate:run",
+    "generate": "neon_qtg_jax.inference.generate_mode:run",
     "serve": "neon_qtg_jax.serving.server:run",
 }
 

@@ -7,6 +7,7 @@ on a laptop. Memory and time are estimates (stated as such); the parameter count
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -98,13 +99,15 @@ def flops_per_token(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 
 def _activation_bytes_per_token_layer(m: ml_collections.ConfigDict, length: int,
-                                      tensor: int = 1) -> dict[str, float]:
+                                      heads_split: int = 1, mlp_split: int = 1) -> dict[str, float]:
   """Bytes saved for the backward pass per token and layer, for each remat policy (estimate).
 
-  Heads and the FFN hidden axis are split over `tensor` devices; the 2d-wide states are not.
+  Heads are split over `heads_split` devices and the FFN hidden axis over `mlp_split` (the mesh axes
+  the "act_heads" and "mlp" rules name); the 2d-wide states are not split.
   """
   d, a, c = m.embed_dim, attention_dim(m), (2 if m.dtype == "bfloat16" else 4)
-  hidden, qkv, heads_out, heads = m.mlp_ratio * d / tensor, 3 * a / tensor, a / tensor, m.num_heads / tensor
+  hidden = m.mlp_ratio * d / mlp_split
+  qkv, heads_out, heads = 3 * a / heads_split, a / heads_split, m.num_heads / heads_split
   # No remat: norms, psi, f, qkv, sphere points, attention out, MLP in/out, residuals, and the
   # per-head softmax row (H x L floats per query, fp32) of the reference attention.
   everything = (c * (2 * d * 4 + qkv + heads_out + 2 * hidden) + 4 * (2 * d * 3 + 2 * d)
@@ -120,20 +123,29 @@ def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
   return {axis: ici[axis] * dcn[axis] for axis in ici}
 
 
+def axis_splits(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """{logical axis name: how many ways the config's rules (parallel.rules) split it} on the config's
+  mesh over num_devices: the product of the sizes of the mesh axes the name's rule lists."""
+  sizes = mesh_sizes(config, num_devices)
+  return {name: math.prod(sizes[axis] for axis in axes) for name, axes in config.parallel.rules}
+
+
 def training_memory(config: ml_collections.ConfigDict, num_params: int, num_devices: int = 1) -> dict[str, float]:
-  """Estimated bytes per device on the config's mesh: fp32 params, grads (twice with accumulation)
-  and AdamW moments sharded over fsdp x tensor (replicated over data); activations of one
-  microbatch under the configured remat policy, its rows split over data x fsdp."""
+  """Estimated bytes per device on the config's mesh, the roles of its axes read from parallel.rules:
+  fp32 params, grads (twice with accumulation) and AdamW moments split as a matrix's two axes are
+  ("embed" times "heads": fsdp x tensor by default, replicated over data); activations of one
+  microbatch under the configured remat policy, its rows split as "batch" (data x fsdp by default),
+  heads, FFN hidden and vocabulary as "act_heads", "mlp" and "vocab"."""
   m, t = config.model, config.training
   length = config.data.max_length
-  sizes = mesh_sizes(config, num_devices)
-  tokens_per_device = t.batch_size * length / min(sizes["data"] * sizes["fsdp"], t.batch_size)
-  per_layer = _activation_bytes_per_token_layer(m, length, sizes["tensor"])
+  split = axis_splits(config, num_devices)
+  tokens_per_device = t.batch_size * length / min(split.get("batch", 1), t.batch_size)
+  per_layer = _activation_bytes_per_token_layer(m, length, split.get("act_heads", 1), split.get("mlp", 1))
   saved = per_layer[m.remat] * m.num_layers
   one_layer_live = per_layer["none"]  # the layer being recomputed / differentiated
-  logits = 2 * 4 * m.vocab_size / sizes["tensor"]  # float32 logits and their gradient, vocab split
+  logits = 2 * 4 * m.vocab_size / split.get("vocab", 1)  # float32 logits and their gradient, vocab split
   activations = tokens_per_device * (saved + one_layer_live + logits)
-  shard = 1.0 / (sizes["fsdp"] * sizes["tensor"])
+  shard = 1.0 / (split.get("embed", 1) * split.get("heads", 1))
   # With accumulation the step holds the float32 gradient sum beside one microbatch's gradients.
   grad_buffers = 2 if t.grad_accum_steps > 1 else 1
   mu_bytes = 2.0 if t.mu_dtype == "bfloat16" else 4.0

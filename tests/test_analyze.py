@@ -53,8 +53,9 @@ def test_traced_attention_is_causal_and_is_what_the_layer_computed(overrides):
   np.testing.assert_allclose(normalized_entropy(uniform), 1.0)
 
 
-def test_recording_leaves_the_logits_unchanged_and_nothing_is_sown_without_it():
-  model = small_model()
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_recording_leaves_the_logits_unchanged_and_nothing_is_sown_without_it(scan):
+  model = small_model(scan_layers=scan)
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 61, dtype=jnp.int32)
   plain = model(tokens)
   assert not nnx.state(model, nnx.Intermediate)
@@ -62,6 +63,7 @@ def test_recording_leaves_the_logits_unchanged_and_nothing_is_sown_without_it():
   np.testing.assert_allclose(recorded, plain, atol=1e-6)
   sown = nnx.pop(model, nnx.Intermediate)
   assert {"attention", "s", "w", "bc_quantiles"} <= {path[-1] for path, _ in nnx.to_flat_state(sown)}
+  assert model.recorded(tokens)["attention"].shape == (2, 2, 2, 12, 12)  # (layers, B, H, L, L)
 
 
 def test_analyze_writes_the_pictures_and_tensorboard_images(tmp_path):

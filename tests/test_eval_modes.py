@@ -25,7 +25,7 @@ from neon_qtg_jax.data.prepare import prepare_dataset
 from neon_qtg_jax.data.tokenizer import Tokenizer
 from neon_qtg_jax.evaluation import perplexity
 from neon_qtg_jax.evaluation.result_files import ResultExistsError, claim
-from neon_qtg_jax.inference import generate as generate_mode
+from neon_qtg_jax.inference import generate_mode
 from neon_qtg_jax.inference.restore import load_model
 from neon_qtg_jax.inference.sampling import SamplingParams, generate
 from neon_qtg_jax.model import QTGModel
@@ -274,7 +274,8 @@ def test_a_checkpoint_restores_sharded_on_another_device_count(run_dir):
   assert other["devices"] == 4 and any("fsdp" in spec for spec in other["specs"])
   here = load_model(str(root / "work"), "best", sharding=ShardingConfig.all_fsdp()).model
   greedy = SamplingParams(temperature=0.0)
-  assert other["tokens"] == generate(here, [[5, 6, 7], [8]], sampling_cfg=greedy, max_new_tokens=4, eos_id=None, seed=0)
+  assert other["tokens"] == generate(here, [[5, 6, 7], [8]], sampling_cfg=greedy, max_new_tokens=4, eos_id=None, seed=0,
+                                     sharding=ShardingConfig.all_fsdp())
 
 
 def test_bf16_eval_scores_the_model_that_training_evaluated(run_dir, tmp_path, monkeypatch):

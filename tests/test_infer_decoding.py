@@ -10,6 +10,9 @@ from neon_qtg_jax.inference import decoding
 from neon_qtg_jax.inference.recompute import generate_recompute
 from neon_qtg_jax.inference.sampling import SamplingParams, generate
 from neon_qtg_jax.model import QTGModel
+from neon_qtg_jax.parallel import ShardingConfig
+
+SHARDING = ShardingConfig.from_config(default_config().parallel)  # the default mesh: every device on fsdp
 
 VOCAB = 61
 
@@ -102,7 +105,7 @@ def test_greedy_generation_matches_full_recomputation():
   model = tiny_model()
   prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]
   greedy = SamplingParams(temperature=0.0)
-  cached = generate(model, prompts, sampling_cfg=greedy, max_new_tokens=12, eos_id=None, seed=0)
+  cached = generate(model, prompts, sampling_cfg=greedy, max_new_tokens=12, eos_id=None, seed=0, sharding=SHARDING)
   recomputed = generate_recompute(model, prompts, params=greedy, max_new_tokens=12, seed=0)
   assert cached == recomputed
 
@@ -110,18 +113,19 @@ def test_greedy_generation_matches_full_recomputation():
 def test_padding_does_not_change_a_prompts_continuation():
   model = tiny_model()
   greedy = SamplingParams(temperature=0.0)
-  alone = generate(model, [[7, 8, 9]], sampling_cfg=greedy, max_new_tokens=10, eos_id=None, seed=0)
+  alone = generate(model, [[7, 8, 9]], sampling_cfg=greedy, max_new_tokens=10, eos_id=None, seed=0, sharding=SHARDING)
   batched = generate(model, [[7, 8, 9], list(range(20, 40))], sampling_cfg=greedy, max_new_tokens=10,
-                     eos_id=None, seed=0)
+                     eos_id=None, seed=0, sharding=SHARDING)
   assert batched[0] == alone[0]
 
 
 def test_stops_at_eos_and_cuts_it():
   model = tiny_model()
   greedy = SamplingParams(temperature=0.0)
-  free = generate(model, [[5, 6, 7]], sampling_cfg=greedy, max_new_tokens=12, eos_id=None, seed=0)[0]
+  free = generate(model, [[5, 6, 7]], sampling_cfg=greedy, max_new_tokens=12, eos_id=None, seed=0, sharding=SHARDING)[0]
   eos = free[4]
-  stopped = generate(model, [[5, 6, 7]], sampling_cfg=greedy, max_new_tokens=12, eos_id=eos, seed=0)[0]
+  stopped = generate(model, [[5, 6, 7]], sampling_cfg=greedy, max_new_tokens=12, eos_id=eos, seed=0,
+      sharding=SHARDING)[0]
   assert stopped == free[:free.index(eos)]
 
 
@@ -132,4 +136,5 @@ def test_stops_at_eos_and_cuts_it():
 ])
 def test_bad_prompts_are_named(prompts, max_new, message):
   with pytest.raises(ValueError, match=message):
-    generate(tiny_model(), prompts, sampling_cfg=SamplingParams(), max_new_tokens=max_new, eos_id=None, seed=0)
+    generate(tiny_model(), prompts, sampling_cfg=SamplingParams(), max_new_tokens=max_new, eos_id=None, seed=0,
+        sharding=SHARDING)

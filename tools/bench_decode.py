@@ -32,6 +32,7 @@ from neon_qtg_jax.config import default_config
 from neon_qtg_jax.inference.recompute import generate_recompute
 from neon_qtg_jax.inference.sampling import SamplingParams, generate_with_stats
 from neon_qtg_jax.model import QTGModel
+from neon_qtg_jax.parallel import ShardingConfig
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -55,10 +56,13 @@ def load_config(path: str):
   return module.get_config()
 
 
-def time_cached(model: QTGModel, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
-  generate_with_stats(model, prompts, sampling_cfg=GREEDY, max_new_tokens=new, eos_id=None, seed=0)  # compile
+def time_cached(model: QTGModel, prompts: list[list[int]], new: int,
+                sharding: ShardingConfig) -> tuple[float, list[list[int]]]:
+  generate_with_stats(model, prompts, sampling_cfg=GREEDY, max_new_tokens=new, eos_id=None, seed=0,
+                      sharding=sharding)  # compile
   began = time.perf_counter()
-  out, _ = generate_with_stats(model, prompts, sampling_cfg=GREEDY, max_new_tokens=new, eos_id=None, seed=0)
+  out, _ = generate_with_stats(model, prompts, sampling_cfg=GREEDY, max_new_tokens=new, eos_id=None, seed=0,
+                               sharding=sharding)
   return time.perf_counter() - began, out
 
 
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
   results = []
   for prompt_len, new in pairs:
     prompts = rng.integers(0, m.vocab_size, (args.batch_size, prompt_len)).tolist()
-    cached_s, cached = time_cached(model, prompts, new)
+    cached_s, cached = time_cached(model, prompts, new, ShardingConfig.from_config(config.parallel))
     full_s, full = time_recompute(model, prompts, new)
     tokens = args.batch_size * new
     agree = float(np.mean(np.asarray(cached) == np.asarray(full)))

@@ -271,6 +271,7 @@ def section_decode(smoke: bool) -> list[dict]:
   """Batch-1 cached decoding of the 7b shape up to its 2048-token context: tokens/s and peak memory."""
   import jax
   import jax.numpy as jnp
+  from neon_qtg_jax import parallel
   from neon_qtg_jax.config import default_config
   from neon_qtg_jax.inference.sampling import SamplingParams, generate_with_stats
 
@@ -281,9 +282,11 @@ def section_decode(smoke: bool) -> list[dict]:
   model = _synthetic_params(m, jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)
   prompt = jax.random.randint(jax.random.PRNGKey(0), (prompt_len,), 0, m.vocab_size).tolist()
   greedy = SamplingParams(temperature=0.0)
-  generate_with_stats(model, [prompt], sampling_cfg=greedy, max_new_tokens=new_tokens, eos_id=None, seed=0)
+  sharding = parallel.ShardingConfig.from_config(config.parallel)
+  generate_with_stats(model, [prompt], sampling_cfg=greedy, max_new_tokens=new_tokens, eos_id=None, seed=0,
+                      sharding=sharding)
   _, stats = generate_with_stats(model, [prompt], sampling_cfg=greedy, max_new_tokens=new_tokens, eos_id=None,
-                                 seed=0)
+                                 seed=0, sharding=sharding)
   note = (f"{config.name}, params stored in {m.dtype}, prompt {prompt_len} + {new_tokens} new tokens, "
           f"prefill {stats.prefill_seconds:.2f} s")
   peak_gb, source = _peak_gb()

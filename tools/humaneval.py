@@ -25,8 +25,9 @@ import ml_collections
 from neon_qtg_jax.evaluation import humaneval
 from neon_qtg_jax.evaluation.sandbox import Limits, choose_isolation
 from neon_qtg_jax.evaluation.result_files import claimed, result_path
-from neon_qtg_jax.inference.generate import text_completer
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
+from neon_qtg_jax.inference.sampling import text_completer
+from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool, write_json
 
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
   problems = humaneval.load_problems()
   if args.limit:
     problems = dict(list(problems.items())[:args.limit])
-  restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint)
+  restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint, sharding=ShardingConfig.all_fsdp())
   settings = {"n": args.num_samples, "t": args.temperature, "topk": args.top_k, "topp": args.top_p,
               "tok": args.max_new_tokens, "seed": args.seed}
   if args.limit:
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
   samples_path = os.path.splitext(output)[0] + "_samples.jsonl"
   with claimed([output, samples_path], args.overwrite):
     sampling = ml_collections.ConfigDict({"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p})
-    complete = text_completer(restored.model, tokenizer, sampling, args.max_new_tokens, seed=args.seed)
+    complete = text_completer(restored.model, tokenizer, sampling, args.max_new_tokens, seed=args.seed,
+                              sharding=restored.sharding)
     samples = humaneval.generate_samples(complete, problems, args.num_samples, args.batch_size)
     outcomes = humaneval.execute(problems, samples, allow_execution=True, limits=limits, workers=args.workers)
     scores = humaneval.pass_at_k(samples, outcomes, ks)

@@ -19,6 +19,7 @@ from neon_qtg_jax.evaluation.perplexity import model_log_prob_fn
 from neon_qtg_jax.evaluation.plots import plot_subject_accuracy
 from neon_qtg_jax.evaluation.result_files import claimed, data_tag, result_path
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
+from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool, write_json
 
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
       print(f"error: unknown subjects {sorted(unknown)}", file=sys.stderr)
       return 2
     questions = [q for q in questions if q.subject in wanted]
-  restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint)
+  restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint, sharding=ShardingConfig.all_fsdp())
   settings = {"k": args.k, "scoring": args.scoring}
   if args.limit:
     settings["limit"] = args.limit

@@ -20,8 +20,9 @@ import ml_collections
 
 from neon_qtg_jax.evaluation import mtbench
 from neon_qtg_jax.evaluation.result_files import claimed, data_tag, result_name
-from neon_qtg_jax.inference.generate import text_completer
 from neon_qtg_jax.inference.restore import load_model_and_tokenizer
+from neon_qtg_jax.inference.sampling import text_completer
+from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.evaluation.tool_cli import add_checkpoint_args, run_tool
 
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
   questions = mtbench.load_questions(args.questions or None)
   if args.limit:
     questions = questions[:args.limit]
-  restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint)
+  restored, tokenizer = load_model_and_tokenizer(args.workdir, args.checkpoint, sharding=ShardingConfig.all_fsdp())
   settings = {"topk": args.top_k, "topp": args.top_p, "tok": args.max_new_tokens, "seed": args.seed}
   if args.limit:
     settings["limit"] = args.limit

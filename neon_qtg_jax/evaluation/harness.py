@@ -71,6 +71,7 @@ class NeonQTGLM(LM):
     step = int(step) if str(step).isdigit() else step
     restored = load_for_inference(str(checkpoint), step, config, sharding=ShardingConfig.from_config(config.parallel))
     self.model, self.step, self.weight_dtype = restored.model, restored.step, restored.weight_dtype
+    self.sharding = restored.sharding
     self.tokenizer = load_tokenizer(str(checkpoint), step, restored.run_config)  # carried by the checkpoint
     self.context = int(self.model.cfg.max_seq_len)
     self.window = min(int(max_length or self.context), self.context)
@@ -133,8 +134,7 @@ class NeonQTGLM(LM):
 
   # ---- generation
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-    from neon_qtg_jax.inference.generate import encode_prompts
-    from neon_qtg_jax.inference.sampling import generate
+    from neon_qtg_jax.inference.sampling import encode_prompts, generate
 
     groups: dict[tuple, list[int]] = {}
     settings = []
@@ -157,7 +157,8 @@ class NeonQTGLM(LM):
         chosen = indices[start:start + self.batch_size]
         prompt_ids, _ = encode_prompts(self.tokenizer, [settings[i][0] for i in chosen], self.context - max_new)
         outputs = generate(self.model, prompt_ids, sampling_cfg=sampling, max_new_tokens=max_new,
-                           eos_id=self.tokenizer.eos_id, seed=self.seed + start, valid_vocab=self.tokenizer.vocab_size)
+                           eos_id=self.tokenizer.eos_id, seed=self.seed + start, valid_vocab=self.tokenizer.vocab_size,
+                           sharding=self.sharding)
         for i, ids in zip(chosen, outputs):
           results[i] = cut_at_stop(self.tokenizer.decode(ids), settings[i][1])
         bar.update(len(chosen))

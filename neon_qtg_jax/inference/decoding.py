@@ -34,7 +34,8 @@ class DecodeCache(NamedTuple):
   """Per-layer caches with a leading layer axis, and which slots hold real tokens.
 
   keys, values: (num_layers, B, T, H, hd) in the model's compute dtype; keys as the attention
-  kind stores them (AttentionKind.key, AttentionKind.key_width wide). phi: (num_layers, B, T, 2d) unit states in the compute dtype (float32 or
+  kind stores them (AttentionKind.key, AttentionKind.key_width wide). phi: (num_layers, B, T, 2d)
+  unit states in the compute dtype (float32 or
   bf16: docs/PERFORMANCE.md measures bf16 as harmless), or None without the TopoFilter.
   valid: (B, T) bool, True for slots written with a real (non-pad) token.
   """

@@ -162,13 +162,8 @@ def data_dir(run_config: ml_collections.ConfigDict, config: ml_collections.Confi
 
 def load_model_and_tokenizer(workdir_or_path: str, which: str | int = "best",
                              config: ml_collections.ConfigDict | None = None, *,
-                             sharding: ShardingConfig | None = None):
-  """load_model plus the run's tokenizer (load_tokenizer): (Restored, Tokenizer).
-
-  For the benchmark tools: sharding None means config.parallel's layout when a config is given,
-  else every device on fsdp (ShardingConfig.all_fsdp).
-  """
-  if sharding is None:
-    sharding = ShardingConfig.from_config(config.parallel) if config is not None else ShardingConfig.all_fsdp()
+                             sharding: ShardingConfig):
+  """load_model plus the run's tokenizer (load_tokenizer): (Restored, Tokenizer), the parameters placed by
+  `sharding` (the run's ShardingConfig; a tool without a run config passes ShardingConfig.all_fsdp())."""
   restored = load_model(workdir_or_path, which, config, sharding=sharding)
   return restored, load_tokenizer(workdir_or_path, which, restored.run_config, config)

@@ -1,5 +1,8 @@
 """Token sampling (greedy, temperature, top-k, top-p) and batched cached generation.
 
+One sampler: `filter_logits` takes one static setting for the whole batch (`sample_tokens`, what
+`generate` uses) or a temperature and top_p per row (`sample_rows`, the server's slots).
+
 `generate` is what the trainer and the tools call: one compiled prefill of the left-padded
 prompts, then one compiled `lax.while_loop` that samples a token, feeds it through the cache
 and stops when every row has produced EOS or `max_new_tokens` tokens.
@@ -25,14 +28,22 @@ NOT_GENERATED = -1  # output slot after a row stopped
 
 
 class SamplingParams(NamedTuple):
-  """Static sampling settings: temperature 0 is greedy; top_k 0 and top_p 1 keep every token."""
-  temperature: float = 0.8
+  """Sampling settings: temperature 0 is greedy; top_k 0 and top_p 1 keep every token.
+
+  Python numbers (static: one compilation per setting, as `generate` uses them), or temperature and
+  top_p as (B,) arrays, one per row (the server's slots, `sample_rows`).
+  """
+  temperature: float | jax.Array = 0.8
   top_k: int = 50
-  top_p: float = 0.9
+  top_p: float | jax.Array = 0.9
 
   @classmethod
   def from_config(cls, sampling_cfg: Any) -> "SamplingParams":
     return cls(float(sampling_cfg.temperature), int(sampling_cfg.top_k), float(sampling_cfg.top_p))
+
+
+def _per_row(x: float | jax.Array) -> bool:
+  return jnp.ndim(x) > 0
 
 
 def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
@@ -44,38 +55,70 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
   return jnp.any(jax.nn.one_hot(idx, vocab, dtype=bool), axis=-2)
 
 
-def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
-  """(..., V) bool: the smallest set of most likely tokens whose probability reaches p.
+def top_p_mask(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+  """(B, V) bool: the smallest set of most likely tokens whose probability reaches p (a number, or (B,)
+  one per row; rows with p >= 1 keep every finite token).
 
   A token is kept when the mass of the tokens ranked above it is below p, so the most
   likely token is always kept. Tokens with logit -inf are never kept.
   """
-  if p >= 1.0:
+  if not _per_row(p) and p >= 1.0:
     return jnp.isfinite(logits)
   order = jnp.argsort(-logits, axis=-1, stable=True)
   sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep_sorted = (mass_before < p) & jnp.isfinite(sorted_logits)
+  if _per_row(p):
+    p = jnp.asarray(p)[:, None]
+    keep_sorted = ((mass_before < p) | (p >= 1.0)) & jnp.isfinite(sorted_logits)
+  else:
+    keep_sorted = (mass_before < p) & jnp.isfinite(sorted_logits)
   inverse = jnp.argsort(order, axis=-1)
   return jnp.take_along_axis(keep_sorted, inverse, axis=-1)
 
 
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
-  """Temperature, then top-k, then top-p on the renormalised top-k distribution; removed tokens get -inf."""
-  logits = logits.astype(jnp.float32) / params.temperature
+  """Temperature, then top-k, then top-p on the renormalised top-k distribution; removed tokens get -inf.
+  Per-row temperatures of 0 scale by 1 (those rows are sampled greedily)."""
+  if _per_row(params.temperature):
+    temperature = jnp.asarray(params.temperature)
+    logits = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  else:
+    logits = logits.astype(jnp.float32) / params.temperature
   logits = jnp.where(top_k_mask(logits, params.top_k), logits, -jnp.inf)
   return jnp.where(top_p_mask(logits, params.top_p), logits, -jnp.inf)
 
 
+def _valid_only(logits: jax.Array, valid_vocab: int | None) -> jax.Array:
+  if valid_vocab is not None and valid_vocab < logits.shape[-1]:
+    return jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, -jnp.inf)
+  return logits
+
+
 def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, valid_vocab: int | None = None
                   ) -> jax.Array:
-  """logits (B, V) -> token ids (B,) int32, below valid_vocab when given."""
-  if valid_vocab is not None and valid_vocab < logits.shape[-1]:
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, -jnp.inf)
+  """logits (B, V) with one static setting and one key -> token ids (B,) int32, below valid_vocab when given."""
+  logits = _valid_only(logits, valid_vocab)
   if params.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, filter_logits(logits, params), axis=-1).astype(jnp.int32)
+
+
+def filter_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+  """filter_logits with a temperature and a top_p per row (S,) and no top-k (OpenAI's API has none)."""
+  return filter_logits(logits, SamplingParams(temperature, 0, top_p))
+
+
+def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: jax.Array,
+                valid_vocab: int | None = None) -> jax.Array:
+  """The same sampler with settings per row, so one compiled decode step serves every mix of requests
+  (the server's slots): logits (S, V), temperature and top_p (S,), keys (S, 2) uint32 raw PRNG keys
+  -> token ids (S,) int32; rows with temperature 0 are greedy."""
+  logits = _valid_only(logits, valid_vocab)
+  greedy = jnp.argmax(logits, axis=-1)
+  filtered = filter_rows(logits, temperature, top_p)
+  sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -148,7 +191,7 @@ def _check_prompts(model: QTGModel, prompt_ids: list[list[int]], max_new_tokens:
 
 def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any,
                         max_new_tokens: int, eos_id: int | None, seed: int, valid_vocab: int | None = None,
-                        sharding: ShardingConfig | None = None) -> tuple[list[list[int]], GenerationStats]:
+                        sharding: ShardingConfig) -> tuple[list[list[int]], GenerationStats]:
   """`generate` plus timings. Blocks on the results, so the times are real."""
   _check_prompts(model, prompt_ids, max_new_tokens)
   params = SamplingParams.from_config(sampling_cfg)
@@ -156,9 +199,7 @@ def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, samplin
   tokens, positions, valid = left_pad(prompt_ids, slots)
   lengths = jnp.asarray([len(p) for p in prompt_ids], jnp.int32)
   graphdef, state = nnx.split(model)
-  cache = init_cache(model, len(prompt_ids), slots + max_new_tokens)
-  if sharding is not None:
-    cache = shard_cache(cache, sharding)
+  cache = shard_cache(init_cache(model, len(prompt_ids), slots + max_new_tokens), sharding)
 
   began = time.perf_counter()
   logits, cache = _prefill(graphdef, state, cache, tokens, positions, valid)
@@ -182,18 +223,49 @@ def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, samplin
 
 def generate(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any, max_new_tokens: int,
              eos_id: int | None, seed: int, valid_vocab: int | None = None,
-             sharding: ShardingConfig | None = None) -> list[list[int]]:
+             sharding: ShardingConfig) -> list[list[int]]:
   """Continues each prompt; returns the new tokens only, cut before the first EOS.
 
   valid_vocab: pass the tokenizer's vocab_size when it is smaller than the model's, so no id
   the tokenizer cannot decode is ever sampled.
 
   sampling_cfg: config.sampling (temperature, top_k, top_p; temperature 0 is greedy).
-  sharding: the run's mesh and rules (the model's parameters live there); the decode cache is
-  placed by its logical axes (decoding.CACHE_AXES). None leaves the cache unplaced (one device).
+  sharding: the run's mesh and rules (ShardingConfig.from_config(config.parallel): the model's parameters
+  live there); the decode cache is placed by its logical axes (decoding.CACHE_AXES).
 
   The same seed, prompts and model give the same tokens. Raises ValueError for an empty
   prompt, an out-of-vocabulary id, or a prompt that with max_new_tokens exceeds max_seq_len.
   """
   return generate_with_stats(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens,
                              eos_id=eos_id, seed=seed, valid_vocab=valid_vocab, sharding=sharding)[0]
+
+
+def encode_prompts(tokenizer, texts: list[str], max_prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
+  """EOS + tokens of each text, keeping the last max_prompt_tokens; returns (ids, tokens cut per prompt)."""
+  ids, cut = [], []
+  for text in texts:
+    tokens = [tokenizer.eos_id] + tokenizer.encode(text)
+    cut.append(max(0, len(tokens) - max_prompt_tokens))
+    ids.append(tokens[-max_prompt_tokens:])
+  return ids, cut
+
+
+def text_completer(model: QTGModel, tokenizer: Any, sampling_cfg: Any, max_new_tokens: int, seed: int = 0, *,
+                   sharding: ShardingConfig) -> Any:
+  """complete(texts, call_index) -> continuations (text) of each prompt, for the benchmark tools.
+
+  sharding: where the model's parameters live (Restored.sharding); the decode cache goes there too.
+
+  Each call samples with seed + call_index, so repeated samples differ and reruns reproduce.
+  Prompts longer than the model allows keep their last tokens.
+  """
+  max_new = min(max_new_tokens, model.cfg.max_seq_len - 1)
+
+  def complete(texts: list[str], call_index: int = 0) -> list[str]:
+    prompt_ids, _ = encode_prompts(tokenizer, texts, model.cfg.max_seq_len - max_new)
+    outputs = generate(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new,
+                       eos_id=tokenizer.eos_id, seed=seed + call_index, valid_vocab=tokenizer.vocab_size,
+                       sharding=sharding)
+    return [tokenizer.decode(ids) for ids in outputs]
+
+  return complete

@@ -318,6 +318,11 @@ class Block(nnx.Module):
     return self.mlp_residual(h, mlp_key), s, None if cache is None else LayerCache(*kv, phi)
 
 
+def _by_name(sown: nnx.State) -> dict[str, jax.Array]:
+  """{name: value} of sown nnx.Intermediate variables (each holds a tuple of one value), by their last path element."""
+  return {path[-1]: variable.get_value()[0] for path, variable in nnx.to_flat_state(sown)}
+
+
 class QTGModel(nnx.Module):
   """NEON-QTG decoder. `QTGModel(config.model, rngs=nnx.Rngs(seed))`.
 
@@ -360,7 +365,7 @@ class QTGModel(nnx.Module):
       h, s, layer_cache = block(h, key, cache=layer_cache, slots=slots, record=record)
       records = {}
       if record:
-        records = {path[-1]: variable.get_value()[0] for path, variable in nnx.to_flat_state(nnx.pop(block, nnx.Intermediate))}
+        records = _by_name(nnx.pop(block, nnx.Intermediate))
       return constrain(h, RESIDUAL_AXES), s, layer_cache, records
 
     if self.cfg.remat == "none" or slots is not None or record:  # nothing to recompute without a backward pass
@@ -426,7 +431,7 @@ class QTGModel(nnx.Module):
   def recorded(self, tokens: jax.Array) -> dict[str, jax.Array]:
     """What one recording forward pass on int32 tokens (B, L) sows (see __call__'s record), by name."""
     self(tokens, record=True)
-    return {path[-1]: variable.get_value()[0] for path, variable in nnx.to_flat_state(nnx.pop(self, nnx.Intermediate))}
+    return _by_name(nnx.pop(self, nnx.Intermediate))
 
   def learned_scales(self) -> dict[str, jax.Array]:
     """The attention kind's learned per-head scales by name, each (num_layers, H) float32."""

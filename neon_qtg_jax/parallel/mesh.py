@@ -15,9 +15,9 @@ import ml_collections
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from neon_qtg_jax.config import ConfigError
+from neon_qtg_jax.config import MESH_AXIS_NAMES, ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = MESH_AXIS_NAMES  # the axis tuple is written once, in config.py (the rules table beside it)
 DCN_FIELDS = {"data": "dcn_data", "fsdp": "dcn_fsdp", "tensor": None}
 
 

@@ -1,5 +1,7 @@
 """--mode=generate: continue prompts with a checkpoint, print the text, tokens/s and peak memory.
 
+The mode only; the generation itself is inference/sampling.py's `generate`.
+
   launch.py --mode=generate --workdir=runs/x [--checkpoint=best] --prompt="def " [--output=samples.jsonl]
   launch.py --mode=generate --workdir=runs/x --prompts_file=prompts.txt   # one prompt per line
 
@@ -16,7 +18,7 @@ import sys
 
 import jax
 
-from neon_qtg_jax.inference.sampling import generate, generate_with_stats
+from neon_qtg_jax.inference.sampling import encode_prompts, generate_with_stats
 
 
 def read_prompts(args, sampling_cfg) -> list[str]:
@@ -32,16 +34,6 @@ def read_prompts(args, sampling_cfg) -> list[str]:
       raise ValueError(f"--prompts_file={args.prompts_file}: no non-empty lines")
     return prompts
   return list(sampling_cfg.prompts)
-
-
-def encode_prompts(tokenizer, texts: list[str], max_prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
-  """EOS + tokens of each text, keeping the last max_prompt_tokens; returns (ids, tokens cut per prompt)."""
-  ids, cut = [], []
-  for text in texts:
-    tokens = [tokenizer.eos_id] + tokenizer.encode(text)
-    cut.append(max(0, len(tokens) - max_prompt_tokens))
-    ids.append(tokens[-max_prompt_tokens:])
-  return ids, cut
 
 
 def peak_memory() -> dict[str, int | None]:
@@ -96,23 +88,3 @@ def run(config, args) -> int:
         f.write(json.dumps(record) + "\n")
     print(f"wrote {args.output}")
   return 0
-
-
-def text_completer(model, tokenizer, sampling_cfg, max_new_tokens: int, seed: int = 0, sharding=None):
-  """complete(texts, call_index) -> continuations (text) of each prompt, for the benchmark tools.
-
-  sharding: where the model's parameters live (Restored.sharding); the decode cache goes there too.
-
-  Each call samples with seed + call_index, so repeated samples differ and reruns reproduce.
-  Prompts longer than the model allows keep their last tokens.
-  """
-  max_new = min(max_new_tokens, model.cfg.max_seq_len - 1)
-
-  def complete(texts: list[str], call_index: int = 0) -> list[str]:
-    prompt_ids, _ = encode_prompts(tokenizer, texts, model.cfg.max_seq_len - max_new)
-    outputs = generate(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new,
-                       eos_id=tokenizer.eos_id, seed=seed + call_index, valid_vocab=tokenizer.vocab_size,
-                       sharding=sharding)
-    return [tokenizer.decode(ids) for ids in outputs]
-
-  return complete
