@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -539,6 +540,7 @@ def test_a_copied_workdir_generates_from_another_directory_without_the_data(port
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "prompt: 'def f1'" in proc.stdout
+  assert re.search(r"decode [0-9.]+ s \([0-9.]+ tokens/s\), compilation apart: [0-9.]+ s", proc.stdout), proc.stdout
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(portable_workdir, tmp_path):
