@@ -99,7 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.gamma = 8.0               # initial Fisher-Rao scale per head (the seed used 1.0)
   m.learn_gamma = True        # False freezes gamma at its initial value
   m.sphere_map = "normed"     # what sqrt(softmax(.)) receives: beta_h q / rms(q) ("normed"), beta_h q ("scaled"),
-                              # q and k as projected ("seed", the spec's); model/qtg.py GeoAttention, docs/MODEL.md
+                              # q and k as projected ("seed", the spec's); model/attention/geo.py, docs/MODEL.md
   m.beta = 1.0                # initial per-head beta_h of the scaled and normed sphere maps (learned)
   m.scale_param = "softplus"  # gamma and beta kept positive as softplus(mult * raw) or exp(mult * raw)
   m.scale_lr_mult = 1.0       # mult above: a learning-rate multiplier for gamma and beta

@@ -1,6 +1,6 @@
 """CPU (or any backend) benchmark: blockwise kernels against the references, in one process.
 
-For GeoAttention, dot-product attention and the TopoFilter persistence it times jitted
+For Fisher-Rao attention, dot-product attention and the TopoFilter persistence it times jitted
 forward+backward passes and reads XLA's temporary bytes from the compiled memory analysis,
 and checks values and gradients against the reference on the same random inputs.
 
