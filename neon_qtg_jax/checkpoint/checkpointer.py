@@ -346,7 +346,8 @@ class Checkpointer:
     if data_args is not None:
       items["data"] = data_args
     if self._tokenizer is None:  # read once: a run's tokenizer does not change
-      self._tokenizer = tokenizer_item(config.data.data_dir) or {}
+      data_dir = config.get("data", {}).get("data_dir")  # a config without data (tests, tools) saves none
+      self._tokenizer = (tokenizer_item(data_dir) if data_dir else None) or {}
     if self._tokenizer:
       items[TOKENIZER_ITEM] = ocp.args.JsonSave(self._tokenizer)
     metrics = {BEST_METRIC: float(val_loss)} if val_loss is not None else None
