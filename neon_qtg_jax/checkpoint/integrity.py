@@ -139,7 +139,8 @@ class ChecksummedTemporaryPath(atomicity.AtomicRenameTemporaryPath):
   """Orbax's atomic-rename commit with checksums.json written into the step just before the rename."""
 
   async def finalize(self, *args, **kwargs):
-    await asyncio.to_thread(write_checksums, os.fspath(self.get()))
+    if os.path.basename(os.fspath(self.get_final())).isdigit():  # a step; Orbax also commits items this way
+      await asyncio.to_thread(write_checksums, os.fspath(self.get()))
     await super().finalize(*args, **kwargs)
 
 
