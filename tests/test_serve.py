@@ -33,6 +33,7 @@ from neon_qtg_jax.serving.server import free_port, make_server, warm_up  # noqa:
 from tiny_checkpoint import make_run  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = ml_collections.ConfigDict(dict(temperature=0.0, top_k=0, top_p=1.0))
+SHARDING = ShardingConfig.all_fsdp()  # where load_model puts a tool's parameters without a run config
 PROMPTS = ["def f1", "The value", "def f12(x):\n\treturn", "The", "def f3(x):", "The value 7 is"]
 
 
@@ -95,7 +96,8 @@ def test_continuous_batching_gives_each_prompt_its_own_greedy_continuation(run):
   """6 prompts of different lengths through 3 slots: the same tokens as generate() on each prompt alone."""
   _, config, model, tokenizer = run
   decoded = {}
-  engine = Engine(model, lambda ids: decoded.setdefault(tuple(ids), tokenizer.decode(ids)), eos_id=None, slots=3,
+  engine = Engine(model, lambda ids: decoded.setdefault(tuple(ids), tokenizer.decode(ids)), sharding=SHARDING,
+                  eos_id=None, slots=3,
                   max_queue=16, valid_vocab=tokenizer.vocab_size).start()
   try:
     compiled_before = engine_lib.decode_slots._cache_size()
@@ -119,7 +121,7 @@ def test_continuous_batching_gives_each_prompt_its_own_greedy_continuation(run):
 
 def test_a_seeded_sample_does_not_depend_on_its_neighbours(run):
   _, config, model, tokenizer = run
-  engine = Engine(model, tokenizer.decode, eos_id=None, slots=4, max_queue=16,
+  engine = Engine(model, tokenizer.decode, sharding=SHARDING, eos_id=None, slots=4, max_queue=16,
                   valid_vocab=tokenizer.vocab_size).start()
   try:
     def request(prompt, seed):
@@ -133,12 +135,14 @@ def test_a_seeded_sample_does_not_depend_on_its_neighbours(run):
 
 def test_a_full_queue_refuses_new_sequences(run):
   _, _, model, tokenizer = run
-  engine = Engine(model, tokenizer.decode, eos_id=None, slots=1, max_queue=2)  # not started: nothing leaves the queue
+  # not started: nothing leaves the queue
+  engine = Engine(model, tokenizer.decode, sharding=SHARDING, eos_id=None, slots=1, max_queue=2)
   engine.submit([SequenceRequest([1, 2], 4), SequenceRequest([1, 2], 4)])
   with pytest.raises(QueueFull, match="serve.max_queue=2"):
     engine.submit([SequenceRequest([1, 2], 4)])
   with pytest.raises(NeverFits):  # more sequences than the queue holds: no wait would let them in
-    Engine(model, tokenizer.decode, eos_id=None, slots=1, max_queue=2).submit([SequenceRequest([1, 2], 4)] * 3)
+    Engine(model, tokenizer.decode, sharding=SHARDING, eos_id=None, slots=1, max_queue=2).submit(
+        [SequenceRequest([1, 2], 4)] * 3)
 
 
 def test_chat_template_is_the_documented_one():
@@ -151,7 +155,7 @@ def test_chat_template_is_the_documented_one():
 def http(run):
   """The app on uvicorn in a thread: (base URL, engine)."""
   _, config, model, tokenizer = run
-  engine = Engine(model, tokenizer.decode, eos_id=tokenizer.eos_id, slots=4, max_queue=8,
+  engine = Engine(model, tokenizer.decode, sharding=SHARDING, eos_id=tokenizer.eos_id, slots=4, max_queue=8,
                   valid_vocab=tokenizer.vocab_size).start()
   warm_up(engine)
   server = Server(engine, tokenizer, model_name="tiny", default_max_tokens=8)
@@ -444,7 +448,7 @@ def test_a_drain_that_runs_out_answers_503_and_ends_streams_with_an_error_event(
   """While draining the server still listens (503 to new requests); when drain_seconds run out, a waiting
   non-streaming client gets a 503 in OpenAI's shape and a stream a last error event."""
   _, _, model, tokenizer = run
-  engine = Engine(model, tokenizer.decode, eos_id=tokenizer.eos_id, slots=4, max_queue=8,
+  engine = Engine(model, tokenizer.decode, sharding=SHARDING, eos_id=tokenizer.eos_id, slots=4, max_queue=8,
                   valid_vocab=tokenizer.vocab_size).start()
   step = engine._decode_step
 

@@ -241,10 +241,9 @@ class Engine:
   """Runs sequences on `slots` cache rows in a background thread (start(), submit(), drain(), stop())."""
 
   def __init__(self, model: nnx.Module, decode: Callable[[list[int]], str], *, eos_id: int | None, slots: int,
-               max_queue: int, valid_vocab: int | None = None, sharding: ShardingConfig | None = None,
-               metrics=None):
-    """sharding: the mesh and rules the model's parameters live on; the cache is placed by the same
-    rules (decoding.shard_cache). None: the cache stays where JAX puts it (one device).
+               max_queue: int, sharding: ShardingConfig, valid_vocab: int | None = None, metrics=None):
+    """sharding: the run's mesh and rules, where the model's parameters live; the cache is placed by the
+    same rules (decoding.shard_cache).
     metrics: a serving.metrics.Metrics that records token counts and latencies (None: none)."""
     self.metrics = metrics
     self.cancel_reason: str | None = None  # set by cancel_all: what the clients of cancelled sequences are told
@@ -252,9 +251,7 @@ class Engine:
     self.context = model.cfg.max_seq_len
     self.decode, self.eos_id, self.valid_vocab = decode, eos_id, valid_vocab
     self.num_slots, self.max_queue = slots, max_queue
-    self.cache = decoding.init_cache(model, slots, self.context)
-    if sharding is not None:
-      self.cache = decoding.shard_cache(self.cache, sharding)
+    self.cache = decoding.shard_cache(decoding.init_cache(model, slots, self.context), sharding)
     self.slots: list[Sequence | None] = [None] * slots
     self.pending: collections.deque[Sequence] = collections.deque()
     self.tokens = np.zeros(slots, np.int32)
