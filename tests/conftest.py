@@ -40,14 +40,16 @@ def pytest_sessionfinish(session, exitstatus):
 def restored_package_logger():
   """outputs.setup_logging gives the package logger its own handlers and stops propagation to the root
   logger that caplog listens on; undo that on exit so later tests in the worker see their records."""
-  logger = logging.getLogger("neon_qtg_jax")
-  handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+  loggers = [logging.getLogger(name) for name in ("neon_qtg_jax", "absl", "py.warnings")]  # the last two: the
+  saved = [(list(x.handlers), x.propagate, x.level) for x in loggers]  # libraries' messages go to training.log
   yield
-  for handler in list(logger.handlers):
-    if handler not in handlers:
-      logger.removeHandler(handler)
-      handler.close()
-  logger.propagate, logger.level = propagate, level
+  for logger, (handlers, propagate, level) in zip(loggers, saved):
+    for handler in list(logger.handlers):
+      if handler not in handlers:
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate, logger.level = propagate, level
+  logging.captureWarnings(False)
 
 
 @pytest.fixture(autouse=True)

@@ -51,6 +51,18 @@ def setup_logging(workdir: str, writer: bool) -> str:
   log.setLevel(logging.INFO if writer else logging.WARNING)
   log.propagate = False
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every save at INFO through absl
+  if writer:  # the libraries' warnings and tracebacks (Orbax's, hundreds of lines for a full disk) go to the log
+    logging.captureWarnings(True)  # Python warnings too (JAX's), as logger "py.warnings"
+    for name in ("absl", "py.warnings"):
+      library_logger = logging.getLogger(name)
+      for handler in [h for h in library_logger.handlers if getattr(h, "neon_qtg_log", False)]:
+        library_logger.removeHandler(handler)
+        handler.close()
+      library = logging.FileHandler(path, encoding="utf-8")
+      library.setFormatter(formatter)
+      library.neon_qtg_log = True
+      library_logger.addHandler(library)
+      library_logger.propagate = False  # not to absl's stderr handler: a failure is one line there (launch.py)
   return path
 
 
