@@ -7,6 +7,9 @@
              2d residual; FFN hidden 4d = 2x the residual; untied embeddings)
   gpt        a standard-shape GPT (nanoGPT / GPT-2): attention as wide as the residual, FFN hidden 4x the
              residual, token embedding tied to the output head
+  qtg_cosine QTG with the `cosine` attention kind: the default score's second-order expansion, so against
+             qtg it isolates what the exact Fisher-Rao geometry adds
+  qtg_dot    QTG with plain scaled dot-product scores in the same block (embedding, filter, W_psi, losses)
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ GPT_SPEC = {"model.attention": "dot", "model.topofilter": False, "model.w_psi": 
 GPT = GPT_SPEC | {"model.attention_width": "residual", "model.mlp_ratio": 8, "model.tie_embeddings": True}
 QTG_SEED = {"model.sphere_map": "seed", "model.w_psi_init": "normal"}
 
-VARIANTS: dict[str, dict[str, Any]] = {"qtg": {}, "qtg_seed": QTG_SEED, "gpt_spec": GPT_SPEC, "gpt": GPT}
+VARIANTS: dict[str, dict[str, Any]] = {"qtg": {}, "qtg_seed": QTG_SEED, "gpt_spec": GPT_SPEC, "gpt": GPT,
+                                       "qtg_cosine": {"model.attention": "cosine"},
+                                       "qtg_dot": {"model.attention": "dot"}}
 
 
 def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
