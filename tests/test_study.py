@@ -657,24 +657,49 @@ def test_smoke_study_end_to_end_and_resumable(tmp_path, corpus, capsys):
   assert any("training.total_steps: 3 -> 5" in line for line in json.loads((out / "study.json").read_text())["stale"])
 
 
-def test_the_qtg_vs_gpt_study_is_the_one_issue_16_asks_for():
-  """studies/qtg_vs_gpt.py: four variants (the spec's QTG form by its name), 3 seeds, one lr grid for all,
-  at least 1,000 steps per tiny run, both corpora and a wall-time group; its recall results are committed."""
+def test_the_qtg_vs_gpt_study_is_the_one_issues_16_and_27_ask_for():
+  """studies/qtg_vs_gpt.py: the four variants of issue 16 and the geometry's controls of issue 27 (qtg_cosine,
+  qtg_dot), 3 seeds, one lr grid for all, at least 1,000 steps per tiny run, both corpora and a wall-time group
+  with gpt_spec; the decision rule is stated and the recall results are committed."""
   study = spec.load_study(str(ROOT / "studies" / "qtg_vs_gpt.py"))
   runs = spec.expand(study)
   finals = [r for r in runs if r.phase != "tune"]
-  assert {r.variant for r in finals} == {"gpt", "gpt_spec", "qtg", "qtg_seed"}
+  arms = {"gpt", "gpt_spec", "qtg", "qtg_seed", "qtg_cosine", "qtg_dot"}
+  assert {r.variant for r in finals} == arms
   assert {r.group for r in finals} == {"tiny_stdlib", "tiny_fortunes", "tiny_stdlib_wall"}
   for group in ("tiny_stdlib", "tiny_fortunes"):
-    for variant in ("gpt", "gpt_spec", "qtg", "qtg_seed"):
+    for variant in arms:
       mine = [r for r in finals if (r.group, r.variant) == (group, variant)]
       assert sorted(r.seed for r in mine) == [0, 1, 2]
       assert all(r.config.training.total_steps >= 1000 for r in mine)
+  assert {r.variant for r in finals if r.group == "tiny_stdlib_wall"} == {"gpt", "gpt_spec", "qtg", "qtg_seed"}
+  assert {r.config.model.attention for r in finals if r.variant == "qtg_cosine"} == {"cosine"}
   tuning = [r for r in runs if r.phase == "tune"]
   assert {r.config.training.lr for r in tuning} == set(study["lr_grid"]) and len(study["lr_grid"]) >= 3
   assert all(r.config.data.tune_fraction > 0 and r.group == "tiny_stdlib" for r in tuning)
   assert all(r.pending_lr and r.lr_group == "tiny_stdlib" for r in finals)  # each variant's rate, tuned once
   assert (ROOT / study["recall_dir"]).is_dir()
-  # The main result also sets QTG against dot-product attention at its own shape, the comparison that isolates
-  # the Fisher-Rao attention, and the spec's form against the defaults.
-  assert spec.comparisons(study) == [("qtg", "gpt"), ("qtg", "gpt_spec"), ("qtg_seed", "qtg")]
+  # First the contrast that isolates the geometry (the same block, the score to second order), then the others.
+  assert spec.comparisons(study) == [("qtg", "gpt"), ("qtg", "qtg_cosine"), ("qtg", "gpt_spec"), ("qtg", "qtg_dot"),
+                                     ("qtg_seed", "qtg")]
+  rule = study["decision_rule"]
+  assert rule["arms"] == ("qtg", "qtg_cosine") and set(rule["language_groups"]) <= {g["name"] for g in study["groups"]}
+
+
+def test_the_geometry_verdict_follows_the_rule():
+  from neon_qtg_jax.evaluation import recall_sweep
+  from neon_qtg_jax.study.report import geometry_verdict
+
+  def row(largest):
+    return {"largest_solved": largest}
+  summary = {(arm, w): row(level) for w in (64, 128)
+             for arm, level in (("qtg", 16), ("qtg_cosine", 8), ("gpt_spec", 32))}
+  assert recall_sweep.recall_reading(summary) == "better"
+  summary[("gpt_spec", 64)] = row(8)  # the gate caps width 64 at 8 pairs: no difference there
+  assert recall_sweep.recall_reading(summary) == "no difference"
+  summary[("qtg_cosine", 128)] = row(None)
+  assert recall_sweep.recall_reading(summary) is None
+  assert "adds value" in geometry_verdict("better", None, "qtg", "qtg_cosine")
+  assert "costs value" in geometry_verdict("no difference", "worse", "qtg", "qtg_cosine")
+  assert "not decided yet: the language runs" in geometry_verdict("no difference", None, "qtg", "qtg_cosine")
+  assert "adds nothing measurable" in geometry_verdict("no difference", "no difference", "qtg", "qtg_cosine")

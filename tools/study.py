@@ -94,6 +94,9 @@ def main(argv=None) -> int:
   p.add_argument("--recall_dir", default=None,
                  help="tools/recall.py JSON results for the report's first table (default: the study's recall_dir)")
   p.add_argument("--report_only", action="store_true", help="run nothing; report the finished runs")
+  p.add_argument("--republish_from", default="",
+                 help="a published study.json (docs/results/study.json): write --publish from it again with this "
+                      "study file's study-wide fields (decision rule, notes, sweep), without the run directories")
   p.add_argument("--list", action="store_true",
                  help="print the runs in order with steps, FLOPs and CPU time estimated from --out's finished runs")
   p.add_argument("--calibrate_from", default="",
@@ -123,6 +126,13 @@ def main(argv=None) -> int:
   except (ConfigError, ValueError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
+  if args.republish_from:
+    if not args.publish:
+      print("error: --republish_from needs --publish", file=sys.stderr)
+      return 2
+    report.republish(study, args.republish_from, args.publish)
+    print(f"study: {args.publish} written from {args.republish_from}")
+    return 0
   if args.groups:
     groups = args.groups.split(",")
     unknown = sorted(set(groups) - {g["name"] for g in study["groups"]})

@@ -486,6 +486,62 @@ def code_lines(code: dict[str, Any]) -> list[str]:
   return lines
 
 
+def geometry_section(study_json: dict[str, Any]) -> list[str]:
+  """The first section when the study states a decision rule: the rule (written before the runs), the MQAR
+  sweep's readout and figure, and the verdict, or what is missing for one."""
+  study = study_json["study"]
+  rule = study.get("decision_rule")
+  if not rule:
+    return []
+  lines = [f"## {rule['question']}", "", f"**The decision rule** (written on {rule['written']}, before the sweep "
+           f"and the language runs it reads): {rule['text']}", ""]
+  sweep_dir = study.get("recall_sweep_dir")
+  recall_word = None
+  if sweep_dir:
+    from neon_qtg_jax.evaluation import recall, recall_sweep  # pylint: disable=import-outside-toplevel
+    records = recall_sweep.read(sweep_dir) if os.path.isdir(sweep_dir) else []
+    seeds = len(rule.get("seeds", (0, 1, 2)))
+    summary = recall_sweep.readout(records, seeds)
+    recall_word = recall_sweep.recall_reading(summary)
+    planned = len(recall_sweep.cells(seeds=tuple(range(seeds))))
+    sweep = {"dir": sweep_dir, "runs": len(records), "planned": planned, "solved": recall.SOLVED, "seeds": seeds,
+             "figure": os.path.join(sweep_dir, "mqar_sweep.png")}
+    lines += [f"**MQAR sweep** (`tools/recall.py --sweep`, results in `{sweep['dir']}`: {sweep['runs']} of "
+              f"{sweep['planned']} runs): held-out accuracy, mean over seeds, per number of key-value pairs; the "
+              f"last column is the largest level solved (>= {sweep['solved']}) on every seed with every smaller "
+              "level solved too. The no-recall floor of every level is its chance level (values are distinct "
+              "within a row). Gate: a level is read only where `gpt_spec` solves it on every seed.", ""]
+    lines += (recall_sweep.markdown(summary, seeds) if summary else ["No sweep results yet."]) + [""]
+    if os.path.exists(sweep["figure"]):
+      lines += [f"![MQAR sweep]({os.path.relpath(sweep['figure'], 'docs')})", ""]
+  a, b = rule["arms"]
+  lines += [f"**Language**: `{a}` against `{b}` in every group that has both (final validation bits per byte, mean "
+            "± std over seeds; lower is better).", ""] + comparison_table(study_json, a, b) + [""]
+  language = [pair["verdict"] for group in study_json["groups"] if group["name"] in rule["language_groups"]
+              for pair in group.get("comparisons", []) if (pair["a"], pair["b"]) == (a, b)]
+  language_word = None
+  if len(language) == len(rule["language_groups"]) and "not run yet" not in language:
+    language_word = ("better" if all(v == "better" for v in language) else
+                     "worse" if all(v == "worse" for v in language) else "no difference")
+  lines += [f"**Verdict:** {geometry_verdict(recall_word, language_word, a, b)}", ""]
+  return lines
+
+
+def geometry_verdict(recall_word: str | None, language_word: str | None, a: str, b: str) -> str:
+  """The rule's reading in one sentence from its two halves (None: that half is not complete)."""
+  for word in ("better", "worse"):
+    if word in (recall_word, language_word):
+      where = " and ".join(half for half, w in (("recall", recall_word), ("language", language_word)) if w == word)
+      gain = "adds value" if word == "better" else "costs value"
+      return f"the exact geometry {gain}: `{a}` is {word} than `{b}` on {where} by the rule above."
+  if recall_word is None or language_word is None:
+    missing = " and ".join(h for h, w in (("the MQAR sweep", recall_word), ("the language runs", language_word))
+                           if w is None)
+    return f"not decided yet: {missing} that the rule reads are not complete."
+  return (f"the exact geometry adds nothing measurable: `{a}` is not different from its second-order twin `{b}` "
+          "on recall or on language at these shapes.")
+
+
 def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
   """The report: recall table, main result, one section per group, code versions, stale, failed and
   pending runs, notes, and how to reproduce."""
@@ -504,6 +560,7 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
             "validation split (bits per byte of the original text). Differences are against "
             f"`{baseline}` in the same group: Welch's 95% interval over seeds; an interval that includes 0 "
             "is reported as no measurable difference.", ""]
+  lines += geometry_section(study_json)
   recall = study_json.get("recall")
   if recall is not None:
     lines += ["## Associative recall (`tools/recall.py`)", "",
@@ -512,6 +569,7 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
               f"{recall_table.SOLVED}; chance level; "
               f"training steps and seconds (mean over seeds); attention entropy per layer relative to uniform "
               f"(mean over seeds). From the results in `{recall['dir']}`.", ""]
+    lines += [study["recall_note"], ""] if study.get("recall_note") else []
     lines += recall_table.markdown(recall["rows"], recall["dir"])
   pairs = spec.comparisons(study)
   if pairs:
@@ -602,3 +660,16 @@ def write_report(study: dict[str, Any], outcome: Outcome, runs_planned: int, stu
     with open(publish, "w", encoding="utf-8") as f:
       f.write(markdown(study_json, "results"))
   return study_json
+
+
+def republish(study: dict[str, Any], study_json_path: str, publish: str) -> None:
+  """`publish` written again from a published study.json (its runs and groups as they were), with the study
+  file's study-wide fields now (the decision rule, notes, the sweep directory): a report section added after the
+  runs needs no run directories."""
+  import json  # pylint: disable=import-outside-toplevel
+  with open(study_json_path, encoding="utf-8") as f:
+    study_json = json.load(f)
+  study_json["study"] |= {k: v for k, v in study.items() if k != "groups"}
+  study_json["runs_planned"] = len(spec.expand(study))
+  with open(publish, "w", encoding="utf-8") as f:
+    f.write(markdown(study_json, os.path.relpath(os.path.dirname(study_json_path), os.path.dirname(publish) or ".")))
