@@ -7,6 +7,7 @@ field. Field names follow the seed plan's YAML where it has one.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import re
@@ -25,8 +26,16 @@ def register_choices(field: str, names: Callable[[], tuple[str, ...]]) -> None:
   _CHOICES[field] = names
 
 
+# The modules that register a field's values, loaded by name the first time the field is validated: a plugin
+# registry, so that this module imports nothing above it and validate() never lets a value through unchecked.
+_REGISTRARS = {"model.attention": "neon_qtg_jax.model.attention", "data.languages": "neon_qtg_jax.data.languages"}
+
+
 def choices(field: str) -> tuple[str, ...] | None:
-  """The registered allowed values of a field, or None while no layer has registered them."""
+  """The registered allowed values of a field (its registrar module loaded on first use), or None for a field
+  that no layer registers."""
+  if field not in _CHOICES and field in _REGISTRARS:
+    importlib.import_module(_REGISTRARS[field])
   return _CHOICES[field]() if field in _CHOICES else None
 
 
@@ -278,9 +287,18 @@ def filter_spec_problem(spec: str) -> str | None:
   return None
 
 
+def parse_languages(spec: str) -> tuple[str, ...]:
+  """data.languages: "" -> (), "en" -> ("en",), "en, ru" -> ("en", "ru") (order kept, duplicates an error)."""
+  names = tuple(n.strip() for n in spec.split(",") if n.strip())
+  if len(set(names)) != len(names):
+    raise ValueError("a language is named more than once")
+  return names
+
+
 def languages_problem(spec: str, filters: str) -> str | None:
-  """Why a data.languages value is unusable with data.filters, or None."""
-  from neon_qtg_jax.data.languages import LANGUAGES, parse_languages  # no datatrove: a plain table
+  """Why a data.languages value is unusable with data.filters, or None. The languages that have quality rules
+  come from data/languages.py, which registers them (register_choices) when imported (choices() loads it)."""
+  languages = choices("data.languages")
   try:
     names = parse_languages(spec)
   except ValueError as err:
@@ -295,10 +313,10 @@ def languages_problem(spec: str, filters: str) -> str | None:
     return "keeps languages only with the 'language' step (data.filters='web', or a list with 'language')"
   if "language" in steps and set(steps) & {"gopher_repetition", "gopher_quality", "c4", "fineweb_quality"}:
     if not names:
-      return f"the per-language rules need the languages to keep, from {list(LANGUAGES)}"
-    unknown = [n for n in names if n not in LANGUAGES]
+      return f"the per-language rules need the languages to keep, from {list(languages or ())}"
+    unknown = [n for n in names if languages is not None and n not in languages]
     if unknown:
-      return f"no quality rules for {unknown}: rules exist for {list(LANGUAGES)} (data/languages.py)"
+      return f"no quality rules for {unknown}: rules exist for {list(languages)} (data/languages.py)"
   return None
 
 

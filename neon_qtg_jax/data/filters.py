@@ -32,9 +32,8 @@ import threading
 import time
 from typing import Any
 
-from neon_qtg_jax.config import FILTER_PRESETS, FILTER_STEPS, FILTER_TOKENIZERS, parse_filters
+from neon_qtg_jax.config import FILTER_PRESETS, FILTER_STEPS, FILTER_TOKENIZERS, parse_filters, parse_languages
 from neon_qtg_jax.data import plans
-from neon_qtg_jax.data.languages import parse_languages
 from neon_qtg_jax.data import sources as src
 from neon_qtg_jax.data.sources import DataError, Issues
 

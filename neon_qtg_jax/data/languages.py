@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from neon_qtg_jax import config
+
 ENGLISH = "en"
 
 
@@ -105,11 +107,6 @@ RULES: dict[str, LanguageRules] = {
 
 # Languages the `web` preset has rules for: English (FineWeb's) and FineWeb-2's above.
 LANGUAGES: tuple[str, ...] = (ENGLISH,) + tuple(sorted(RULES))
+config.register_choices("data.languages", lambda: LANGUAGES)  # validate() names them
 
 
-def parse_languages(spec: str) -> tuple[str, ...]:
-  """data.languages: "" -> (), "en" -> ("en",), "en, ru" -> ("en", "ru") (order kept, duplicates an error)."""
-  names = tuple(n.strip() for n in spec.split(",") if n.strip())
-  if len(set(names)) != len(names):
-    raise ValueError("a language is named more than once")
-  return names
