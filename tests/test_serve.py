@@ -158,9 +158,18 @@ def http(run):
   engine = Engine(model, tokenizer.decode, sharding=SHARDING, eos_id=tokenizer.eos_id, slots=4, max_queue=8,
                   valid_vocab=tokenizer.vocab_size).start()
   warm_up(engine)
+  base, uv, thread = serve(engine, tokenizer, drain_seconds=5)
+  yield base, engine
+  uv.should_exit = True
+  thread.join(10)
+  engine.stop()
+
+
+def serve(engine, tokenizer, drain_seconds: float):
+  """The app over `engine` on uvicorn in a thread, answering /health: (base URL, uvicorn server, thread)."""
   server = Server(engine, tokenizer, model_name="tiny", default_max_tokens=8)
   port = free_port()
-  uv = make_server(create_app(server), engine, "127.0.0.1", port, drain_seconds=5)
+  uv = make_server(create_app(server), engine, "127.0.0.1", port, drain_seconds=drain_seconds)
   thread = threading.Thread(target=uv.run, daemon=True)
   thread.start()
   base = f"http://127.0.0.1:{port}"
@@ -170,10 +179,7 @@ def http(run):
         break
     except httpx.HTTPError:
       time.sleep(0.05)
-  yield base, engine
-  uv.should_exit = True
-  thread.join(10)
-  engine.stop()
+  return base, uv, thread
 
 
 def client(base):
@@ -456,19 +462,8 @@ def test_a_drain_that_runs_out_answers_503_and_ends_streams_with_an_error_event(
     time.sleep(0.05)
     step()
   engine._decode_step = slow_step
-  server = Server(engine, tokenizer, model_name="tiny", default_max_tokens=8)
-  port = free_port()
-  uv = make_server(create_app(server), engine, "127.0.0.1", port, drain_seconds=0.5)
-  thread = threading.Thread(target=uv.run, daemon=True)
-  thread.start()
-  base = f"http://127.0.0.1:{port}"
+  base, uv, thread = serve(engine, tokenizer, drain_seconds=0.5)
   try:
-    for _ in range(200):
-      try:
-        if httpx.get(base + "/health").status_code == 200:
-          break
-      except httpx.HTTPError:
-        time.sleep(0.05)
     long = {"max_tokens": 50, "ignore_eos": True, "temperature": 1.0}
     plain = {}
     waiting = threading.Thread(target=lambda: plain.setdefault("r", httpx.post(
