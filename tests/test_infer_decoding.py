@@ -8,7 +8,7 @@ from flax import nnx
 from neon_qtg_jax.config import default_config
 from neon_qtg_jax.inference import decoding
 from neon_qtg_jax.inference.recompute import generate_recompute
-from neon_qtg_jax.inference.sampling import SamplingParams, generate
+from neon_qtg_jax.inference.sampling import SamplingParams, continue_prompts
 from neon_qtg_jax.model import QTGModel
 from neon_qtg_jax.parallel import ShardingConfig
 
@@ -38,8 +38,10 @@ forward_cached = nnx.jit(decoding.forward_cached, static_argnames=("last_only",)
       "attention_width": "residual", "mlp_ratio": 8, "tie_embeddings": True}, 2e-5),
     ({"attention": "cosine"}, 2e-5),
     ({"attention": "cosine", "sphere_map": "seed"}, 2e-5),
+    ({"topo_apply": "after_norm"}, 2e-5),
+    ({"attention": "cosine", "topo_apply": "after_norm"}, 2e-5),
 ], ids=["qtg", "qtg_topo_k2", "gpt_spec", "gpt_spec_no_psi", "qtg_seed_form", "gpt_standard_shape", "cosine",
-        "cosine_seed_form"])
+        "cosine_seed_form", "qtg_topo_after_norm", "cosine_topo_after_norm"])
 def test_cached_logits_match_full_forward_at_every_step(overrides, tol):
   model = tiny_model(**overrides)
   rng = np.random.default_rng(0)
@@ -105,7 +107,8 @@ def test_greedy_generation_matches_full_recomputation():
   model = tiny_model()
   prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]
   greedy = SamplingParams(temperature=0.0)
-  cached = generate(model, prompts, sampling_cfg=greedy, max_new_tokens=12, eos_id=None, seed=0, sharding=SHARDING)
+  cached = continue_prompts(model, prompts, sampling_cfg=greedy, max_new_tokens=12, eos_id=None, seed=0,
+                            sharding=SHARDING)
   recomputed = generate_recompute(model, prompts, params=greedy, max_new_tokens=12, seed=0)
   assert cached == recomputed
 
@@ -113,19 +116,21 @@ def test_greedy_generation_matches_full_recomputation():
 def test_padding_does_not_change_a_prompts_continuation():
   model = tiny_model()
   greedy = SamplingParams(temperature=0.0)
-  alone = generate(model, [[7, 8, 9]], sampling_cfg=greedy, max_new_tokens=10, eos_id=None, seed=0, sharding=SHARDING)
-  batched = generate(model, [[7, 8, 9], list(range(20, 40))], sampling_cfg=greedy, max_new_tokens=10,
-                     eos_id=None, seed=0, sharding=SHARDING)
+  alone = continue_prompts(model, [[7, 8, 9]], sampling_cfg=greedy, max_new_tokens=10, eos_id=None, seed=0,
+                           sharding=SHARDING)
+  batched = continue_prompts(model, [[7, 8, 9], list(range(20, 40))], sampling_cfg=greedy, max_new_tokens=10,
+                             eos_id=None, seed=0, sharding=SHARDING)
   assert batched[0] == alone[0]
 
 
 def test_stops_at_eos_and_cuts_it():
   model = tiny_model()
   greedy = SamplingParams(temperature=0.0)
-  free = generate(model, [[5, 6, 7]], sampling_cfg=greedy, max_new_tokens=12, eos_id=None, seed=0, sharding=SHARDING)[0]
+  free = continue_prompts(model, [[5, 6, 7]], sampling_cfg=greedy, max_new_tokens=12, eos_id=None, seed=0,
+                          sharding=SHARDING)[0]
   eos = free[4]
-  stopped = generate(model, [[5, 6, 7]], sampling_cfg=greedy, max_new_tokens=12, eos_id=eos, seed=0,
-      sharding=SHARDING)[0]
+  stopped = continue_prompts(model, [[5, 6, 7]], sampling_cfg=greedy, max_new_tokens=12, eos_id=eos, seed=0,
+                             sharding=SHARDING)[0]
   assert stopped == free[:free.index(eos)]
 
 
@@ -136,5 +141,5 @@ def test_stops_at_eos_and_cuts_it():
 ])
 def test_bad_prompts_are_named(prompts, max_new, message):
   with pytest.raises(ValueError, match=message):
-    generate(tiny_model(), prompts, sampling_cfg=SamplingParams(), max_new_tokens=max_new, eos_id=None, seed=0,
-        sharding=SHARDING)
+    continue_prompts(tiny_model(), prompts, sampling_cfg=SamplingParams(), max_new_tokens=max_new, eos_id=None, seed=0,
+                     sharding=SHARDING)

@@ -215,15 +215,23 @@ class Attention(nnx.Module):
     """The per-head scale beta (H,) of the scaled and normed sphere maps, else None."""
     return self.learned_scales().get("beta")
 
-  def project(self, f: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """f (B, L, 2d) -> q, k, v each (B, L, H, hd); q and k as the kind's score receives them (AttentionKind.inputs)."""
+  def project(self, f: jax.Array, w: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """f (B, L, 2d) -> q, k, v each (B, L, H, hd); q and k as the kind's score receives them
+    (AttentionKind.inputs, then AttentionKind.filter_weight with the TopoFilter's weights w (B, L) when
+    given: `model.topo_apply="after_norm"`)."""
     qkv = constrain(self.w_qkv(f), ("batch", "length", None, "act_heads", None))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    return (*self.kind.inputs(self, q, k), v)
+    q, k = self.kind.inputs(self, q, k)
+    if w is not None:
+      q, k = self.kind.filter_weight(self, q, k, w)
+    return q, k, v
 
   def __call__(self, f: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None, slots: Slots | None = None,
-               record: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+               record: bool = False, w: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """f (B, n, 2d) -> (out (B, n, attention_dim), cache).
+
+    w: the TopoFilter's weights (B, n) of these tokens, given under `model.topo_apply="after_norm"`:
+    the kind applies them again where its input map divides their scale away (AttentionKind.filter_weight).
 
     cache: this layer's (keys, values) buffers (B, T, H, .) of a decode cache, with the new tokens' slots:
     the new keys (as the kind stores them) and values are written there and every new token attends
@@ -231,7 +239,7 @@ class Attention(nnx.Module):
     attention probabilities (B, H, L, L) as "attention" and the kind's diagnostics (nnx.Intermediate),
     computing them explicitly (the reference path) so the output is made from the very probabilities sown.
     """
-    q, k, v = self.project(f)
+    q, k, v = self.project(f, w)
     kind = self.kind
     p = kind.score_params(self)
     if cache is not None:
@@ -259,6 +267,10 @@ GeoAttention = Attention  # the former name
 class Block(nnx.Module):
   """Pre-norm QTG block: TopoFilter -> attention -> W_O residual, then the MLP residual.
 
+  `model.topo_apply`: "inputs" (f = w psi feeds Q, K and V; the normed sphere map divides w's scale
+  out of q and k, so the filter then only scales the values) or "after_norm" (also w times the sphere
+  map's normalised input, so the filter changes what attention selects; docs/MODEL.md, "TopoFilter").
+
   With `w_psi=False`, `topofilter=False` and `attention="dot"` it is the standard pre-norm GPT block.
   """
 
@@ -267,6 +279,7 @@ class Block(nnx.Module):
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     self.dropout_rate = cfg.dropout
     self.use_topofilter = cfg.topofilter
+    self.topo_after_norm = cfg.topofilter and cfg.topo_apply == "after_norm"
     self.activation = jax.nn.gelu if cfg.activation == "gelu" else jax.nn.relu
     self.compute_dtype = cfg.dtype
     self.ln1 = _norm(cfg, 2 * d, rngs)
@@ -310,7 +323,8 @@ class Block(nnx.Module):
     """
     attn_key, mlp_key = jax.random.split(key) if key is not None else (None, None)
     f, s, phi = self.filter(self.psi(h), None if cache is None else cache.phi, slots)
-    out, kv = self.attn(f, None if cache is None else (cache.keys, cache.values), slots, record)
+    w = self.topo.weights(s) if self.topo_after_norm else None
+    out, kv = self.attn(f, None if cache is None else (cache.keys, cache.values), slots, record, w=w)
     if record:
       self.sow(nnx.Intermediate, "s", s)
       self.sow(nnx.Intermediate, "w", self.topo.weights(s) if self.use_topofilter else jnp.ones_like(s))

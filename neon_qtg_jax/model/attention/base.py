@@ -29,6 +29,7 @@ class AttentionKind:
 
   The forward pass (training, evaluation, cached decoding and attention maps alike) is:
     q, k = inputs(attn, q, k)                      # what the score receives (a learned map, or none)
+    q, k = filter_weight(attn, q, k, w)            # only under model.topo_apply="after_norm"
     a, b = query(q, dtype), key(k, dtype)          # mapped before scoring; b is what the cache stores
     out  = softmax_j(scores(a, b, p) | causal) v   # p = score_params(attn)
   `attend` runs the last two lines in one call and may dispatch to fast paths (blockwise, Pallas);
@@ -57,6 +58,13 @@ class AttentionKind:
   # --- the score --------------------------------------------------------------------------------
   def inputs(self, attn: nnx.Module, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Projected q, k (B, L, H, hd) -> what the score receives, in q's dtype (identity by default)."""
+    return q, k
+
+  def filter_weight(self, attn: nnx.Module, q: jax.Array, k: jax.Array, w: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """`model.topo_apply="after_norm"`: q, k as `inputs` returned and the TopoFilter's weights w (B, L)
+    -> q, k with w applied where `inputs` divided its scale away (q and k are projections of f = w psi).
+    Identity by default: without a normalisation in `inputs`, w already reaches the score through f."""
     return q, k
 
   def query(self, q: jax.Array, dtype: jnp.dtype) -> jax.Array:

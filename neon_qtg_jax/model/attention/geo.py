@@ -5,7 +5,8 @@
 where q~, k~ are what the sphere map receives, chosen by `model.sphere_map`:
   seed    q and k as projected (the spec's form)
   scaled  beta_h q and beta_h k, beta_h a learned positive per-head scale initialised at `model.beta`
-  normed  beta_h q / rms(q) and beta_h k / rms(k) (QK-norm before the sphere map; the default)
+  normed  beta_h q / rms(q) and beta_h k / rms(k) (QK-norm before the sphere map; the default);
+          with `model.topo_apply="after_norm"` times the TopoFilter's w_t (filter_weight)
 Fast paths: the blockwise JAX loop (ops/blockwise_geo.py) and, on GPU, the Pallas kernel (ops/pallas_geo.py).
 The decode cache stores b, the keys' sphere points.
 """
@@ -89,6 +90,15 @@ class Geo(AttentionKind):
 
   def inputs(self, attn: nnx.Module, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     return self._sphere_input(attn, q), self._sphere_input(attn, k)
+
+  def filter_weight(self, attn: nnx.Module, q: jax.Array, k: jax.Array, w: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """The normed map: w_t beta_h q / rms(q) (rms(q) divided w_t out of q = W_Q (w_t psi_t)); the seed
+    and scaled maps are linear in q, so w_t is already there and nothing changes."""
+    if attn.sphere_map != "normed":
+      return q, k
+    scale = w.astype(jnp.float32)[:, :, None, None]
+    return (scale * q.astype(jnp.float32)).astype(q.dtype), (scale * k.astype(jnp.float32)).astype(k.dtype)
 
   def query(self, q: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return ops.sqrt_probs(q).astype(dtype)
