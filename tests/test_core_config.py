@@ -50,7 +50,7 @@ def _set(config, path, value):
     ("model.attention", "flash", "must be one of"),
     ("model.dropout", 1.0, "[0, 1)"),
     ("training.beta2", 1.0, "must be < 1"),
-    ("training.warmup_steps", 10_000, "<= training.total_steps"),
+    ("training.warmup_steps", -1, "must be >= 0"),
     ("sampling.top_p", 0.0, "(0, 1]"),
     ("data.stride", 1000, "<= data.max_length"),
     ("training.mu_dtype", "float16", "must be one of"),

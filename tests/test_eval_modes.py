@@ -27,7 +27,7 @@ from neon_qtg_jax.evaluation import perplexity
 from neon_qtg_jax.evaluation.result_files import ResultExistsError, claim
 from neon_qtg_jax.inference import generate_mode
 from neon_qtg_jax.inference.restore import load_model
-from neon_qtg_jax.inference.sampling import SamplingParams, generate
+from neon_qtg_jax.inference.sampling import SamplingParams, continue_prompts
 from neon_qtg_jax.model import QTGModel
 from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.checkpoint.checkpointer import Checkpointer
@@ -258,12 +258,12 @@ def test_a_checkpoint_restores_sharded_on_another_device_count(run_dir):
       import json, jax
       from flax import nnx
       from neon_qtg_jax.inference.restore import load_model
-      from neon_qtg_jax.inference.sampling import SamplingParams, generate
+      from neon_qtg_jax.inference.sampling import SamplingParams, continue_prompts
       from neon_qtg_jax.parallel import ShardingConfig
       restored = load_model({str(root / "work")!r}, "best", sharding=ShardingConfig.all_fsdp())
       specs = sorted({{str(x.sharding.spec) for x in jax.tree.leaves(nnx.state(restored.model))}})
-      tokens = generate(restored.model, [[5, 6, 7], [8]], sampling_cfg=SamplingParams(temperature=0.0),
-                        max_new_tokens=4, eos_id=None, seed=0, sharding=restored.sharding)
+      tokens = continue_prompts(restored.model, [[5, 6, 7], [8]], sampling_cfg=SamplingParams(temperature=0.0),
+                                max_new_tokens=4, eos_id=None, seed=0, sharding=restored.sharding)
       print(json.dumps({{"devices": jax.device_count(), "specs": specs, "tokens": tokens}}))
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
@@ -274,8 +274,8 @@ def test_a_checkpoint_restores_sharded_on_another_device_count(run_dir):
   assert other["devices"] == 4 and any("fsdp" in spec for spec in other["specs"])
   here = load_model(str(root / "work"), "best", sharding=ShardingConfig.all_fsdp()).model
   greedy = SamplingParams(temperature=0.0)
-  assert other["tokens"] == generate(here, [[5, 6, 7], [8]], sampling_cfg=greedy, max_new_tokens=4, eos_id=None, seed=0,
-                                     sharding=ShardingConfig.all_fsdp())
+  assert other["tokens"] == continue_prompts(here, [[5, 6, 7], [8]], sampling_cfg=greedy, max_new_tokens=4, eos_id=None,
+                                             seed=0, sharding=ShardingConfig.all_fsdp())
 
 
 def test_bf16_eval_scores_the_model_that_training_evaluated(run_dir, tmp_path, monkeypatch):

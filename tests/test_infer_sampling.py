@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from neon_qtg_jax.config import default_config
-from neon_qtg_jax.inference.sampling import SamplingParams, filter_logits, generate, top_k_mask, top_p_mask
+from neon_qtg_jax.inference.sampling import SamplingParams, filter_logits, continue_prompts, top_k_mask, top_p_mask
 from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.model import QTGModel
 
@@ -78,9 +78,9 @@ def test_sampling_is_reproducible_under_a_seed():
   cfg = default_config().sampling
   cfg.update(dict(temperature=1.5, top_k=0, top_p=1.0))
   prompts = [[1, 2, 3], [4, 5]]
-  first = generate(model, prompts, sampling_cfg=cfg, max_new_tokens=16, eos_id=None, seed=7, sharding=SHARDING)
-  again = generate(model, prompts, sampling_cfg=cfg, max_new_tokens=16, eos_id=None, seed=7, sharding=SHARDING)
-  other = generate(model, prompts, sampling_cfg=cfg, max_new_tokens=16, eos_id=None, seed=8, sharding=SHARDING)
+  first = continue_prompts(model, prompts, sampling_cfg=cfg, max_new_tokens=16, eos_id=None, seed=7, sharding=SHARDING)
+  again = continue_prompts(model, prompts, sampling_cfg=cfg, max_new_tokens=16, eos_id=None, seed=7, sharding=SHARDING)
+  other = continue_prompts(model, prompts, sampling_cfg=cfg, max_new_tokens=16, eos_id=None, seed=8, sharding=SHARDING)
   assert first == again
   assert first != other
   assert all(len(row) == 16 for row in first)
@@ -92,13 +92,13 @@ def test_sampled_tokens_stay_inside_the_filtered_set():
   logits = np.asarray(model(jnp.asarray(prompt))[0, -1])
   cfg = SamplingParams(temperature=1.0, top_k=3, top_p=1.0)
   allowed = set(np.argsort(-logits)[:3].tolist())
-  firsts = {generate(model, prompt, sampling_cfg=cfg, max_new_tokens=1, eos_id=None, seed=s, sharding=SHARDING)[0][0]
-            for s in range(12)}
+  firsts = {continue_prompts(model, prompt, sampling_cfg=cfg, max_new_tokens=1, eos_id=None, seed=s,
+                             sharding=SHARDING)[0][0] for s in range(12)}
   assert firsts <= allowed and len(firsts) > 1
 
 
 def test_valid_vocab_keeps_ids_the_tokenizer_can_decode():
   cfg = SamplingParams(temperature=2.0, top_k=0, top_p=1.0)
-  out = generate(tiny_model(), [[1, 2], [3]], sampling_cfg=cfg, max_new_tokens=20, eos_id=None, seed=0, valid_vocab=5,
-                 sharding=SHARDING)
+  out = continue_prompts(tiny_model(), [[1, 2], [3]], sampling_cfg=cfg, max_new_tokens=20, eos_id=None, seed=0,
+                         valid_vocab=5, sharding=SHARDING)
   assert all(0 <= t < 5 for row in out for t in row)

@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai", reason="the openai client (extra `dev`) i
 httpx = pytest.importorskip("httpx", reason="httpx (the openai client's, extra `dev`) is not installed")
 
 from neon_qtg_jax.data.tokenizer import Tokenizer  # noqa: E402
-from neon_qtg_jax.inference.sampling import SamplingParams, filter_logits, generate  # noqa: E402
+from neon_qtg_jax.inference.sampling import SamplingParams, filter_logits, continue_prompts  # noqa: E402
 from neon_qtg_jax.parallel import ShardingConfig  # noqa: E402
 from neon_qtg_jax.serving import engine as engine_lib  # noqa: E402
 from neon_qtg_jax.serving.api import ChatMessage, Server, create_app, render_chat  # noqa: E402
@@ -93,7 +93,7 @@ def test_stop_strings_are_held_back_and_never_sent():
 
 
 def test_continuous_batching_gives_each_prompt_its_own_greedy_continuation(run):
-  """6 prompts of different lengths through 3 slots: the same tokens as generate() on each prompt alone."""
+  """6 prompts of different lengths through 3 slots: the same tokens as continue_prompts() on each prompt alone."""
   _, config, model, tokenizer = run
   decoded = {}
   engine = Engine(model, lambda ids: decoded.setdefault(tuple(ids), tokenizer.decode(ids)), sharding=SHARDING,
@@ -105,9 +105,9 @@ def test_continuous_batching_gives_each_prompt_its_own_greedy_continuation(run):
     got = collect(engine, [SequenceRequest(encode(tokenizer, p), n, temperature=0.0)
                            for p, n in zip(PROMPTS, budgets)])
     # one batched call (a prompt's greedy continuation is the same alone or in a batch: test_infer_decoding)
-    reference = generate(model, [encode(tokenizer, p) for p in PROMPTS], sampling_cfg=GREEDY,
-                         max_new_tokens=max(budgets), eos_id=None, seed=0, valid_vocab=tokenizer.vocab_size,
-                         sharding=ShardingConfig.all_fsdp())
+    reference = continue_prompts(model, [encode(tokenizer, p) for p in PROMPTS], sampling_cfg=GREEDY,
+                                 max_new_tokens=max(budgets), eos_id=None, seed=0, valid_vocab=tokenizer.vocab_size,
+                                 sharding=ShardingConfig.all_fsdp())
     for prompt, n, (text, reason, tokens), want in zip(PROMPTS, budgets, got, reference):
       want = want[:n]
       assert (reason, tokens) == ("length", n)

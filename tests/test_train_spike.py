@@ -41,8 +41,9 @@ class ScriptedRun:
     self.guard = spike.SpikeGuard(config, types.SimpleNamespace(steps=lambda: list(self.checkpoints), directory="ckpt"),
                                   self.progress, restore=self.restore, make_step=self.make_step,
                                   also_due=lambda ctx: False)
-    self.loop = Loop(train_step=self.step, next_batch=lambda: None, hooks=[self.guard],
-                     total_steps=config.training.total_steps, write_scalars=lambda step, scalars: None)
+    self.loop = Loop(train_step=self.step, next_batch=lambda: None, total_steps=config.training.total_steps,
+                     write_scalars=lambda step, scalars: None)
+    self.loop.add_hook(self.guard, every=config.training.log_steps, at_last=True)
     self.trained: list[int] = []
 
   def state(self, step):

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -55,6 +56,34 @@ def test_schedule_warmup_then_cosine():
   assert float(schedule(10)) == pytest.approx(1e-3, rel=1e-6)
   assert float(schedule(55)) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5, rel=1e-5)
   assert float(schedule(100)) == pytest.approx(1e-5, rel=1e-6)
+
+
+@pytest.mark.parametrize("warmup,total", [(0, 20), (10, 100), (50, 600), (19, 20)])
+def test_a_warmup_shorter_than_the_run_is_optaxs_schedule_unchanged(warmup, total):
+  """Runs whose warmup_steps < total_steps (all that validated before the clamp, bar warmup == total, which
+  failed in optax) get optax's schedule bit for bit, so their losses are those of before."""
+  c = tiny_config(lr=3e-3, end_lr=1e-5, warmup_steps=warmup, total_steps=total)
+  ours = optimizer.learning_rate_schedule(c.training)
+  optax_own = optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=3e-3, warmup_steps=warmup,
+                                                 decay_steps=total, end_value=1e-5)
+  steps = jnp.arange(total + 5)
+  assert np.array_equal(np.asarray(jax.vmap(ours)(steps)), np.asarray(jax.vmap(optax_own)(steps)))
+  assert optimizer.schedule_note(c.training) is None
+
+
+@pytest.mark.parametrize("warmup", [50, 20])
+def test_a_warmup_as_long_as_the_run_or_longer_is_clamped_to_it_with_a_note(warmup):
+  """--config.training.total_steps=20 with the default warmup_steps 50: valid, the warmup is the whole run."""
+  c = tiny_config(lr=3e-3, end_lr=1e-5, warmup_steps=warmup, total_steps=20)  # validates
+  assert optimizer.warmup_steps(c.training) == 20
+  schedule = optimizer.learning_rate_schedule(c.training)
+  assert [float(schedule(k)) for k in (0, 10, 20, 25)] == pytest.approx([0.0, 1.5e-3, 3e-3, 3e-3], rel=1e-6)
+  note = optimizer.schedule_note(c.training)
+  assert "warmup takes all 20 steps" in note and ("clamped" in note) == (warmup > 20)
+  params = {"w": jnp.ones((2, 2))}
+  opt = optimizer.make_optimizer(c.training)
+  updates, _ = opt.update({"w": jnp.ones((2, 2))}, opt.init(params), params)
+  assert np.all(np.isfinite(np.asarray(updates["w"])))
 
 
 def test_weight_decay_only_on_matrices():

@@ -22,10 +22,7 @@ LOG_STEPS = 50
 
 
 class Metrics(Hook):
-  """Syncs only at log steps, as TrainMetrics does."""
-
-  def __init__(self):
-    self.every, self.at_last = LOG_STEPS, True
+  """Syncs only at log steps, as TrainMetrics does (registered with every=LOG_STEPS)."""
 
   def run(self, ctx, loop):
     jax.device_get(ctx.metrics)
@@ -64,8 +61,9 @@ def run_with_sigterm(in_flight, seed: int) -> tuple[int, int, float]:
   state = jnp.eye(384, dtype=jnp.float32)
   batch = jnp.full((384, 384), 1e-3, jnp.float32)
   jax.block_until_ready(compute(state, batch))  # compiled before the timed run
-  loop = Loop(train_step=step, next_batch=lambda: batch, hooks=[Metrics(), hooks.StopSignals(0.0)],
-              total_steps=100_000, write_scalars=lambda step, scalars: None)
+  loop = Loop(train_step=step, next_batch=lambda: batch, total_steps=100_000, write_scalars=lambda step, scalars: None)
+  loop.add_hook(Metrics(), every=LOG_STEPS, at_last=True)
+  loop.add_hook(hooks.StopSignals(0.0))
   loop.in_flight = in_flight
   signalled: list[float] = []
   delay = random.Random(seed).uniform(1.0, 2.0)

@@ -1,6 +1,6 @@
 """Decode benchmark: tokens/s of cached decoding against full recomputation, in the same process.
 
-Cached: `inference.sampling.generate` (one compiled prefill, one compiled decode loop over the
+Cached: `inference.sampling.continue_prompts` (one compiled prefill, one compiled decode loop over the
 fixed-size cache). Recompute: `inference.recompute.generate_recompute`, a compiled loop that
 runs the full forward pass over the whole prompt + generation buffer at every step, as a jit
 loop without a cache must (fixed shapes). Both decode greedily from the same random prompts
@@ -30,7 +30,7 @@ from flax import nnx
 
 from neon_qtg_jax.config import default_config
 from neon_qtg_jax.inference.recompute import generate_recompute
-from neon_qtg_jax.inference.sampling import SamplingParams, generate_with_stats
+from neon_qtg_jax.inference.sampling import SamplingParams, continue_prompts_with_stats
 from neon_qtg_jax.model import QTGModel
 from neon_qtg_jax.parallel import ShardingConfig
 
@@ -58,11 +58,11 @@ def load_config(path: str):
 
 def time_cached(model: QTGModel, prompts: list[list[int]], new: int,
                 sharding: ShardingConfig) -> tuple[float, list[list[int]]]:
-  generate_with_stats(model, prompts, sampling_cfg=GREEDY, max_new_tokens=new, eos_id=None, seed=0,
-                      sharding=sharding)  # compile
+  continue_prompts_with_stats(model, prompts, sampling_cfg=GREEDY, max_new_tokens=new, eos_id=None, seed=0,
+                              sharding=sharding)  # compile
   began = time.perf_counter()
-  out, _ = generate_with_stats(model, prompts, sampling_cfg=GREEDY, max_new_tokens=new, eos_id=None, seed=0,
-                               sharding=sharding)
+  out, _ = continue_prompts_with_stats(model, prompts, sampling_cfg=GREEDY, max_new_tokens=new, eos_id=None, seed=0,
+                                       sharding=sharding)
   return time.perf_counter() - began, out
 
 

@@ -273,7 +273,7 @@ def section_decode(smoke: bool) -> list[dict]:
   import jax.numpy as jnp
   from neon_qtg_jax import parallel
   from neon_qtg_jax.config import default_config
-  from neon_qtg_jax.inference.sampling import SamplingParams, generate_with_stats
+  from neon_qtg_jax.inference.sampling import SamplingParams, continue_prompts_with_stats
 
   config = default_config() if smoke else _load_config("neon_qtg_7b")
   m = config.model
@@ -283,10 +283,10 @@ def section_decode(smoke: bool) -> list[dict]:
   prompt = jax.random.randint(jax.random.PRNGKey(0), (prompt_len,), 0, m.vocab_size).tolist()
   greedy = SamplingParams(temperature=0.0)
   sharding = parallel.ShardingConfig.from_config(config.parallel)
-  generate_with_stats(model, [prompt], sampling_cfg=greedy, max_new_tokens=new_tokens, eos_id=None, seed=0,
-                      sharding=sharding)
-  _, stats = generate_with_stats(model, [prompt], sampling_cfg=greedy, max_new_tokens=new_tokens, eos_id=None,
-                                 seed=0, sharding=sharding)
+  continue_prompts_with_stats(model, [prompt], sampling_cfg=greedy, max_new_tokens=new_tokens, eos_id=None, seed=0,
+                              sharding=sharding)
+  _, stats = continue_prompts_with_stats(model, [prompt], sampling_cfg=greedy, max_new_tokens=new_tokens, eos_id=None,
+                                         seed=0, sharding=sharding)
   note = (f"{config.name}, params stored in {m.dtype}, prompt {prompt_len} + {new_tokens} new tokens, "
           f"prefill {stats.prefill_seconds:.2f} s")
   peak_gb, source = _peak_gb()

@@ -134,7 +134,7 @@ class NeonQTGLM(LM):
 
   # ---- generation
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-    from neon_qtg_jax.inference.sampling import encode_prompts, generate
+    from neon_qtg_jax.inference.sampling import encode_prompts, continue_prompts
 
     groups: dict[tuple, list[int]] = {}
     settings = []
@@ -156,9 +156,9 @@ class NeonQTGLM(LM):
       for start in range(0, len(indices), self.batch_size):
         chosen = indices[start:start + self.batch_size]
         prompt_ids, _ = encode_prompts(self.tokenizer, [settings[i][0] for i in chosen], self.context - max_new)
-        outputs = generate(self.model, prompt_ids, sampling_cfg=sampling, max_new_tokens=max_new,
-                           eos_id=self.tokenizer.eos_id, seed=self.seed + start, valid_vocab=self.tokenizer.vocab_size,
-                           sharding=self.sharding)
+        outputs = continue_prompts(self.model, prompt_ids, sampling_cfg=sampling, max_new_tokens=max_new,
+                                   eos_id=self.tokenizer.eos_id, seed=self.seed + start,
+                                   valid_vocab=self.tokenizer.vocab_size, sharding=self.sharding)
         for i, ids in zip(chosen, outputs):
           results[i] = cut_at_stop(self.tokenizer.decode(ids), settings[i][1])
         bar.update(len(chosen))

@@ -1,6 +1,6 @@
 """--mode=generate: continue prompts with a checkpoint, print the text, tokens/s and peak memory.
 
-The mode only; the generation itself is inference/sampling.py's `generate`.
+The mode only; the generation itself is inference/sampling.py's `continue_prompts`.
 
   launch.py --mode=generate --workdir=runs/x [--checkpoint=best] --prompt="def " [--output=samples.jsonl]
   launch.py --mode=generate --workdir=runs/x --prompts_file=prompts.txt   # one prompt per line
@@ -21,7 +21,7 @@ from typing import Iterator
 
 import jax
 
-from neon_qtg_jax.inference.sampling import encode_prompts, generate_with_stats
+from neon_qtg_jax.inference.sampling import encode_prompts, continue_prompts_with_stats
 
 
 def read_prompts(args, sampling_cfg) -> list[str]:
@@ -100,9 +100,9 @@ def run(config, args) -> int:
 
   began = time.perf_counter()
   with compile_log() as compiles:
-    outputs, stats = generate_with_stats(restored.model, prompt_ids, sampling_cfg=sampling, max_new_tokens=max_new,
-                                         eos_id=tokenizer.eos_id, seed=sampling.seed,
-                                         valid_vocab=tokenizer.vocab_size, sharding=restored.sharding)
+    outputs, stats = continue_prompts_with_stats(restored.model, prompt_ids, sampling_cfg=sampling,
+                                                 max_new_tokens=max_new, eos_id=tokenizer.eos_id, seed=sampling.seed,
+                                                 valid_vocab=tokenizer.vocab_size, sharding=restored.sharding)
   prefilled = began + stats.prefill_seconds
   prefill_compile = wall_seconds(compiles, began, prefilled)
   decode_compile = wall_seconds(compiles, prefilled, prefilled + stats.decode_seconds)

@@ -35,7 +35,7 @@ def _recompute_loop(graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array
 
 def generate_recompute(model: QTGModel, prompt_ids: list[list[int]], *, params: SamplingParams,
                        max_new_tokens: int, seed: int, steps: int | None = None) -> list[list[int]]:
-  """max_new_tokens new tokens per prompt (no EOS stop), same sampling and keys as `generate`.
+  """max_new_tokens new tokens per prompt (no EOS stop), same sampling and keys as `continue_prompts`.
 
   steps < max_new_tokens runs only that many steps (the rest stay 0) with the same compiled
   program: every step costs the same, one forward pass over all prompt + max_new_tokens slots.

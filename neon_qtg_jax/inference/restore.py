@@ -42,7 +42,7 @@ class Restored:
   model: QTGModel
   step: int
   run_config: ml_collections.ConfigDict  # the config saved with the checkpoint
-  sharding: ShardingConfig               # where the parameters live (pass it on to sampling.generate)
+  sharding: ShardingConfig               # where the parameters live (pass it on to sampling.continue_prompts)
   param_dtype: str = "float32"           # the dtype the parameters were restored in
 
 

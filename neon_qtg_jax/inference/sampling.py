@@ -1,9 +1,10 @@
 """Token sampling (greedy, temperature, top-k, top-p) and batched cached generation.
 
 One sampler: `filter_logits` takes one static setting for the whole batch (`sample_tokens`, what
-`generate` uses) or a temperature and top_p per row (`sample_rows`, the server's slots).
+`continue_prompts` uses) or a temperature and top_p per row (`sample_rows`, the server's slots).
 
-`generate` is what the trainer and the tools call: one compiled prefill of the left-padded
+`continue_prompts` (the token ids that continue each prompt; `--mode=generate` is the mode around it,
+inference/generate_mode.py) is what the trainer and the tools call: one compiled prefill of the left-padded
 prompts, then one compiled `lax.while_loop` that samples a token, feeds it through the cache
 and stops when every row has produced EOS or `max_new_tokens` tokens.
 """
@@ -30,7 +31,7 @@ NOT_GENERATED = -1  # output slot after a row stopped
 class SamplingParams(NamedTuple):
   """Sampling settings: temperature 0 is greedy; top_k 0 and top_p 1 keep every token.
 
-  Python numbers (static: one compilation per setting, as `generate` uses them), or temperature and
+  Python numbers (static: one compilation per setting, as `continue_prompts` uses them), or temperature and
   top_p as (B,) arrays, one per row (the server's slots, `sample_rows`).
   """
   temperature: float | jax.Array = 0.8
@@ -160,7 +161,7 @@ def _decode_loop(graphdef: nnx.GraphDef, state: nnx.State, cache: DecodeCache, l
 
 @dataclasses.dataclass(frozen=True)
 class GenerationStats:
-  """Wall-clock split of one generate call in seconds (compilation included on a shape's first call)."""
+  """Wall-clock split of one continue_prompts call in seconds (compilation included on a shape's first call)."""
   prefill_seconds: float
   decode_seconds: float
   prompt_tokens: int
@@ -173,26 +174,26 @@ class GenerationStats:
 
 def _check_prompts(model: QTGModel, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
   if not prompt_ids:
-    raise ValueError("generate: no prompts given")
+    raise ValueError("continue_prompts: no prompts given")
   if max_new_tokens <= 0:
-    raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be > 0")
+    raise ValueError(f"continue_prompts: max_new_tokens={max_new_tokens} must be > 0")
   limit = model.cfg.max_seq_len
   vocab = model.cfg.vocab_size
   for i, prompt in enumerate(prompt_ids):
     if not prompt:
-      raise ValueError(f"generate: prompt {i} is empty; start it with the tokenizer's BOS id")
+      raise ValueError(f"continue_prompts: prompt {i} is empty; start it with the tokenizer's BOS id")
     if len(prompt) + max_new_tokens > limit:
-      raise ValueError(f"generate: prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} "
+      raise ValueError(f"continue_prompts: prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} "
                        f"it exceeds model.max_seq_len={limit} (shorten it or lower max_new_tokens)")
     bad = [t for t in prompt if not 0 <= int(t) < vocab]
     if bad:
-      raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
+      raise ValueError(f"continue_prompts: prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
 
 
-def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any,
-                        max_new_tokens: int, eos_id: int | None, seed: int, valid_vocab: int | None = None,
-                        sharding: ShardingConfig) -> tuple[list[list[int]], GenerationStats]:
-  """`generate` plus timings. Blocks on the results, so the times are real."""
+def continue_prompts_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any,
+                                max_new_tokens: int, eos_id: int | None, seed: int, valid_vocab: int | None = None,
+                                sharding: ShardingConfig) -> tuple[list[list[int]], GenerationStats]:
+  """`continue_prompts` plus timings. Blocks on the results, so the times are real."""
   _check_prompts(model, prompt_ids, max_new_tokens)
   params = SamplingParams.from_config(sampling_cfg)
   slots = -(-max(len(p) for p in prompt_ids) // PROMPT_BUCKET) * PROMPT_BUCKET
@@ -221,9 +222,9 @@ def generate_with_stats(model: QTGModel, prompt_ids: list[list[int]], *, samplin
   return results, stats
 
 
-def generate(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any, max_new_tokens: int,
-             eos_id: int | None, seed: int, valid_vocab: int | None = None,
-             sharding: ShardingConfig) -> list[list[int]]:
+def continue_prompts(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any, max_new_tokens: int,
+                     eos_id: int | None, seed: int, valid_vocab: int | None = None,
+                     sharding: ShardingConfig) -> list[list[int]]:
   """Continues each prompt; returns the new tokens only, cut before the first EOS.
 
   valid_vocab: pass the tokenizer's vocab_size when it is smaller than the model's, so no id
@@ -236,8 +237,8 @@ def generate(model: QTGModel, prompt_ids: list[list[int]], *, sampling_cfg: Any,
   The same seed, prompts and model give the same tokens. Raises ValueError for an empty
   prompt, an out-of-vocabulary id, or a prompt that with max_new_tokens exceeds max_seq_len.
   """
-  return generate_with_stats(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens,
-                             eos_id=eos_id, seed=seed, valid_vocab=valid_vocab, sharding=sharding)[0]
+  return continue_prompts_with_stats(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new_tokens,
+                                     eos_id=eos_id, seed=seed, valid_vocab=valid_vocab, sharding=sharding)[0]
 
 
 def encode_prompts(tokenizer, texts: list[str], max_prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
@@ -263,9 +264,9 @@ def text_completer(model: QTGModel, tokenizer: Any, sampling_cfg: Any, max_new_t
 
   def complete(texts: list[str], call_index: int = 0) -> list[str]:
     prompt_ids, _ = encode_prompts(tokenizer, texts, model.cfg.max_seq_len - max_new)
-    outputs = generate(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new,
-                       eos_id=tokenizer.eos_id, seed=seed + call_index, valid_vocab=tokenizer.vocab_size,
-                       sharding=sharding)
+    outputs = continue_prompts(model, prompt_ids, sampling_cfg=sampling_cfg, max_new_tokens=max_new,
+                               eos_id=tokenizer.eos_id, seed=seed + call_index, valid_vocab=tokenizer.vocab_size,
+                               sharding=sharding)
     return [tokenizer.decode(ids) for ids in outputs]
 
   return complete

@@ -36,8 +36,7 @@ WINDOW_MEANS = ("loss", "ce", "topo", "geo", "quantum", "grad_norm")
 class TrainMetrics(Hook):
   """The train/* scalars of each log step: means over the steps since the previous one (one device sync)."""
 
-  def __init__(self, log_steps: int):
-    self.every, self.at_last = log_steps, True
+  def __init__(self):
     self.window: list[Mapping[str, jax.Array]] = []
 
   def observe(self, ctx: StepContext) -> None:
@@ -67,10 +66,10 @@ class Throughput(Hook):
 
   def __init__(self, config: ml_collections.ConfigDict, progress: Progress, peak_flops: float | None,
                flops_per_token: float):
-    self.every, self.at_last = config.training.log_steps, True
     self.tokens_per_step = ts.tokens_per_step(config)
     self.progress, self.peak_flops, self.flops_per_token = progress, peak_flops, flops_per_token
     self.first_step: int | None = None
+    self.log_step = False  # the schedule falls on the step being run (not only the first, compiling step)
 
   def start(self, loop: Loop) -> None:
     self.first_step = loop.step + 1
@@ -83,8 +82,9 @@ class Throughput(Hook):
     self.steps += 1
     self.data_wait += ctx.data_wait
 
-  def due(self, ctx: StepContext) -> bool:
-    return ctx.step == self.first_step or super().due(ctx)
+  def due(self, ctx: StepContext, scheduled: bool) -> bool:
+    self.log_step = scheduled
+    return ctx.step == self.first_step or scheduled
 
   def run(self, ctx: StepContext, loop: Loop) -> None:
     if ctx.step == self.first_step:
@@ -92,7 +92,7 @@ class Throughput(Hook):
       log.info("first step (compilation included) took %.1f s", time.perf_counter() - self.started)
       self._reset(time.perf_counter(), untimed=1)
       self.steps = 1
-      if not super().due(ctx):
+      if not self.log_step:
         return
     now = time.perf_counter()
     elapsed, timed = now - self.started, self.steps - self.untimed
@@ -128,8 +128,8 @@ def rate_text(scalars: Mapping[str, float], steps_left: int) -> str:
 class LogLine(Hook):
   """The console line of each log step from the step's scalars, and the count of skipped non-finite steps."""
 
-  def __init__(self, log_steps: int, total_steps: int):
-    self.every, self.at_last, self.total_steps = log_steps, True, total_steps
+  def __init__(self, total_steps: int):
+    self.total_steps = total_steps
 
   def run(self, ctx: StepContext, loop: Loop) -> None:
     s = ctx.scalars
@@ -151,11 +151,11 @@ def evaluate(eval_step: Callable[[nnx.State, ts.Batch], ts.Metrics], params: nnx
 
 
 class Evaluate(Hook):
-  """val/* on the fixed validation batches every eval_steps and at the last step; the loss-curve PNG."""
+  """val/* on the fixed validation batches at the steps of its schedule (eval_steps and the last); the
+  loss-curve PNG."""
 
-  def __init__(self, eval_steps: int, eval_step: Callable, batches: list, unigram_perplexity: float,
-               progress: Progress, outputs: RunOutputs):
-    self.every, self.at_last = eval_steps, True
+  def __init__(self, eval_step: Callable, batches: list, unigram_perplexity: float, progress: Progress,
+               outputs: RunOutputs):
     self.eval_step, self.batches, self.unigram = eval_step, batches, unigram_perplexity
     self.progress, self.outputs = progress, outputs
     self.last_eval: tuple[int, float] | None = None
@@ -181,28 +181,29 @@ class Evaluate(Hook):
 
 
 class Samples(Hook):
-  """Continuations of sampling.prompts every sample_steps, and when the time limit stops the run."""
+  """Continuations of sampling.prompts at the steps of its schedule (sample_steps), and when the time limit
+  stops the run."""
 
   def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tokenizer: Any,
                sharding: ShardingConfig, outputs: RunOutputs):
-    self.every = config.training.sample_steps
     self.config, self.graphdef, self.tokenizer, self.sharding, self.outputs = (config, graphdef, tokenizer,
                                                                                sharding, outputs)
 
-  def due(self, ctx: StepContext) -> bool:
-    return super().due(ctx) or ctx.agreed["out_of_time"]
+  def due(self, ctx: StepContext, scheduled: bool) -> bool:
+    return scheduled or ctx.agreed["out_of_time"]
 
   def run(self, ctx: StepContext, loop: Loop) -> None:
     if jax.process_count() > 1:
       log.info("step %d: no samples during multi-process training; run --mode=generate on the checkpoint", ctx.step)
       return
-    from neon_qtg_jax.inference.sampling import generate  # pylint: disable=import-outside-toplevel
+    from neon_qtg_jax.inference.sampling import continue_prompts  # pylint: disable=import-outside-toplevel
     s, tokenizer = self.config.sampling, self.tokenizer
     prompts = list(s.prompts)
     prompt_ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
     max_new = min(s.max_new_tokens, self.config.model.max_seq_len - max(len(p) for p in prompt_ids))
-    outputs = generate(nnx.merge(self.graphdef, ctx.state.params), prompt_ids, sampling_cfg=s, max_new_tokens=max_new,
-                       eos_id=tokenizer.eos_id, seed=s.seed, valid_vocab=tokenizer.vocab_size, sharding=self.sharding)
+    outputs = continue_prompts(nnx.merge(self.graphdef, ctx.state.params), prompt_ids, sampling_cfg=s,
+                               max_new_tokens=max_new, eos_id=tokenizer.eos_id, seed=s.seed,
+                               valid_vocab=tokenizer.vocab_size, sharding=self.sharding)
     text = "\n\n".join(f"=== prompt {i}: {p!r}\n{p}{tokenizer.decode(o)}"
                        for i, (p, o) in enumerate(zip(prompts, outputs)))
     self.outputs.write_samples(ctx.step, f"step {ctx.step}, temperature {s.temperature}, top_k {s.top_k}, "
@@ -250,7 +251,7 @@ class Checkpoints(Hook):
            or (ctx.improved and ctx.step % self.t.save_steps != 0))
     return due and ctx.step != self.last_saved
 
-  def due(self, ctx: StepContext) -> bool:
+  def due(self, ctx: StepContext, scheduled: bool) -> bool:
     return ctx.agreed["save_failed"] or self.will_save(ctx)
 
   def save(self, state: ts.TrainState, step: int, val_loss: float | None) -> None:
@@ -293,8 +294,8 @@ class Checkpoints(Hook):
 class Backup(Hook):
   """backup/* at each log step; at the end, waits up to training.backup_wait_minutes for pending uploads."""
 
-  def __init__(self, log_steps: int, uploader: Any, wait_minutes: float):
-    self.every, self.at_last, self.uploader, self.wait_minutes = log_steps, True, uploader, wait_minutes
+  def __init__(self, uploader: Any, wait_minutes: float):
+    self.uploader, self.wait_minutes = uploader, wait_minutes
 
   def run(self, ctx: StepContext, loop: Loop) -> None:
     ctx.scalars.update(self.uploader.scalars())
@@ -320,7 +321,7 @@ class StopSignals(Hook):
     return {"preempted": self.flag.requested,
             "out_of_time": self.max_train_minutes > 0 and time.perf_counter() - self.started >= 60 * self.max_train_minutes}
 
-  def due(self, ctx: StepContext) -> bool:
+  def due(self, ctx: StepContext, scheduled: bool) -> bool:
     return ctx.agreed["preempted"] or ctx.agreed["out_of_time"]
 
   def run(self, ctx: StepContext, loop: Loop) -> None:

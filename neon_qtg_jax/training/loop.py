@@ -10,6 +10,10 @@ spike guard, stopping) is a Hook. Each step:
 3. the hooks `due` at this step `run` in their order; a hook may stop the loop, or drop the rest of
    the step (a rollback); the step's scalars are then written as one record.
 
+A hook gets its schedule when it is registered, `loop.add_hook(hook, every=N, at_last=True)` (as
+Levanter's `add_hook(fn, every=N)`), not in its constructor: the loop keeps the hook and its
+`Schedule` together, and asks `hook.due(ctx, scheduled)` with whether the schedule falls on the step.
+
 The host keeps at most one step in flight: once step k is dispatched it waits for step k - 1's
 results before it reads the step's flags. Otherwise it runs ahead of the device until the next
 sync point (a log step), and a stop signal seen at host step k would be acted on while the device
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 
@@ -51,13 +55,26 @@ class StepContext:
   dropped: bool = False           # a hook ended this step early (rollback, stop): later hooks skip it
 
 
-class Hook:
-  """Something the loop does at some steps; subclasses override what they need.
-
-  every: run at multiples of it (0: never by count); at_last: also at the final step.
-  """
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """When a hook runs by count: at multiples of `every` (0: never by count) and, with at_last, at the final step."""
   every: int = 0
   at_last: bool = False
+
+  def __call__(self, ctx: StepContext) -> bool:
+    return bool(self.every and ctx.step % self.every == 0) or (self.at_last and ctx.last)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduled:
+  """A registered hook and the schedule it was registered with."""
+  hook: "Hook"
+  schedule: Schedule
+
+
+class Hook:
+  """Something the loop does at some steps; subclasses override what they need. The schedule is the
+  registration's (Loop.add_hook), not the hook's."""
   proposals: tuple[str, ...] = ()   # the flags `propose` may raise
 
   def start(self, loop: "Loop") -> None:
@@ -70,8 +87,9 @@ class Hook:
     """Every step: this process's flags for the agreement."""
     return {}
 
-  def due(self, ctx: StepContext) -> bool:
-    return bool(self.every and ctx.step % self.every == 0) or (self.at_last and ctx.last)
+  def due(self, ctx: StepContext, scheduled: bool) -> bool:
+    """Whether to run at this step; `scheduled`: the registration's schedule falls on it."""
+    return scheduled
 
   def run(self, ctx: StepContext, loop: "Loop") -> None:
     """At the steps `due` says."""
@@ -92,12 +110,30 @@ class Loop:
   in_flight: int | None = 1  # steps dispatched ahead of the last finished one; None: unbounded (benchmarks)
 
   def __init__(self, *, train_step: Callable[[Any, Any], tuple[Any, Any]], next_batch: Callable[[], Any],
-               hooks: Sequence[Hook], total_steps: int, write_scalars: Callable[[int, Mapping[str, float]], None]):
-    self.train_step, self.next_batch, self.hooks = train_step, next_batch, list(hooks)
+               total_steps: int, write_scalars: Callable[[int, Mapping[str, float]], None]):
+    self.train_step, self.next_batch = train_step, next_batch
     self.total_steps, self.write_scalars = total_steps, write_scalars
+    self.scheduled: list[Scheduled] = []  # in the order the hooks act at a step
     self.state: Any = None
     self.step = 0
     self.stopped: Stop | None = None
+
+  def add_hook(self, hook: Hook, *, every: int = 0, at_last: bool = False) -> Hook:
+    """Registers `hook` after the others, due at multiples of `every` (0: never by count) and, with
+    at_last, at the final step, besides the steps its own `due` adds; returns it."""
+    if any(entry.hook is hook for entry in self.scheduled):
+      raise ValueError(f"{type(hook).__name__} is registered already")
+    self.scheduled.append(Scheduled(hook, Schedule(every, at_last)))
+    return hook
+
+  @property
+  def hooks(self) -> list[Hook]:
+    return [entry.hook for entry in self.scheduled]
+
+  def is_due(self, hook: Hook, ctx: StepContext) -> bool:
+    """Whether the registered `hook` runs at this step (its schedule and its own `due`)."""
+    entry = next(entry for entry in self.scheduled if entry.hook is hook)
+    return entry.hook.due(ctx, entry.schedule(ctx))
 
   def rewind(self, state: Any, step: int, train_step: Callable | None = None) -> None:
     """Continues from an earlier state (the spike guard's rollback); the data iterator is not rewound."""
@@ -146,6 +182,6 @@ class Loop:
       ctx.agreed = agreement.step(self.step, proposals)
       ctx.last = ctx.last or ctx.agreed["out_of_time"]
       for hook in self.hooks:
-        if not ctx.dropped and hook.due(ctx):
+        if not ctx.dropped and self.is_due(hook, ctx):
           hook.run(ctx, self)
       self.write_scalars(ctx.step, ctx.scalars)

@@ -61,7 +61,7 @@ class Profile(Hook):
     if self.enabled and loop.step == self.start_step - 1:
       self._begin()
 
-  def due(self, ctx: StepContext) -> bool:
+  def due(self, ctx: StepContext, scheduled: bool) -> bool:
     return self.enabled and ctx.step in (self.start_step - 1, self.start_step + self.num_steps - 1)
 
   def run(self, ctx: StepContext, loop: Loop) -> None:
@@ -83,8 +83,8 @@ class Profile(Hook):
 class LayerStats(Hook):
   """grad_norm/* and update_ratio/* of the log step's last step (train_step.layer_stats names the groups)."""
 
-  def __init__(self, log_steps: int, groups: tuple[str, ...]):
-    self.every, self.at_last, self.groups = log_steps, True, groups
+  def __init__(self, groups: tuple[str, ...]):
+    self.groups = groups
     self.latest: Any = None
 
   def observe(self, ctx: StepContext) -> None:
@@ -142,8 +142,7 @@ def memory_scalars() -> dict[str, float]:
 class DeviceStats(Hook):
   """memory/* and, on NVIDIA GPUs, gpu/* at each log step."""
 
-  def __init__(self, log_steps: int):
-    self.every, self.at_last = log_steps, True
+  def __init__(self):
     self.pynvml, self.handles = None, []
 
   def start(self, loop: Loop) -> None:

@@ -74,7 +74,6 @@ class SpikeGuard(Hook):
     make_step(lr_scale): the train step with the learning rate scaled; also_due(ctx): whether other
     hooks read the state or save at this step (the guard checks first)."""
     t = config.training
-    self.every, self.at_last = t.log_steps, True
     self.sigmas, self.max_nonfinite = t.spike_sigmas, t.max_consecutive_nonfinite
     self.max_rollbacks, self.rollback_window, self.lr_factor = (t.spike_max_rollbacks, t.spike_rollback_window,
                                                                 t.spike_lr_scale)
@@ -90,8 +89,8 @@ class SpikeGuard(Hook):
   def observe(self, ctx: StepContext) -> None:
     self.pending.append((ctx.step, ctx.metrics["loss"], ctx.metrics["finite"]))
 
-  def due(self, ctx: StepContext) -> bool:
-    return super().due(ctx) or self.also_due(ctx)
+  def due(self, ctx: StepContext, scheduled: bool) -> bool:
+    return scheduled or self.also_due(ctx)
 
   def _scan(self) -> Event | None:
     """Runs the fetched losses through the statistics in step order; the first event, if any."""

@@ -17,10 +17,10 @@ import ml_collections
 from neon_qtg_jax import info, parallel
 from neon_qtg_jax.checkpoint.checkpointer import Checkpointer, checkpoint_dir
 from neon_qtg_jax.parallel import ShardingConfig, inputs
-from neon_qtg_jax.training import hooks, observe, resume, spike, watchdog
+from neon_qtg_jax.training import hooks, observe, optimizer, resume, spike, watchdog
 from neon_qtg_jax.training import train_step as ts
 from neon_qtg_jax.training import workdir_lock
-from neon_qtg_jax.training.loop import Hook, Loop
+from neon_qtg_jax.training.loop import Loop
 from neon_qtg_jax.training.outputs import RunOutputs, describe_devices, flat_config, open_outputs
 
 log = logging.getLogger("neon_qtg_jax")
@@ -73,16 +73,17 @@ def scaled_learning_rate(config: ml_collections.ConfigDict, lr_scale: float) -> 
   return out
 
 
-def make_hooks(config: ml_collections.ConfigDict, sharding: ShardingConfig, data: RunData, graphdef: Any,
-               checkpointer: Checkpointer, progress: resume.Progress, outputs: RunOutputs, start_step: int,
-               dog: watchdog.Watchdog) -> list[Hook]:
-  """The run's hooks in the order they act at a step (hooks.py explains why the order matters).
+def add_hooks(loop: Loop, config: ml_collections.ConfigDict, sharding: ShardingConfig, data: RunData, graphdef: Any,
+              checkpointer: Checkpointer, progress: resume.Progress, outputs: RunOutputs, start_step: int,
+              dog: watchdog.Watchdog) -> None:
+  """Registers the run's hooks with their schedules, in the order they act at a step (hooks.py explains why the
+  order matters).
 
   A stop signal waits for the evaluation, sample and save phases; the watchdog's beat comes last.
   """
   t = config.training
-  evaluate = hooks.Evaluate(t.eval_steps, ts.make_eval_step(config, graphdef, sharding), data.eval_batches,
-                            data.unigram_perplexity, progress, outputs)
+  evaluate = hooks.Evaluate(ts.make_eval_step(config, graphdef, sharding), data.eval_batches, data.unigram_perplexity,
+                            progress, outputs)
   checkpoints = hooks.Checkpoints(config, checkpointer, progress, data.train_iter)
   target = ts.sharded_abstract_state(config, sharding)
 
@@ -97,23 +98,26 @@ def make_hooks(config: ml_collections.ConfigDict, sharding: ShardingConfig, data
   def make_step(lr_scale: float) -> Any:
     return ts.make_train_step(scaled_learning_rate(config, lr_scale), graphdef, sharding)
 
-  return [
-      observe.Profile(t.profile_start_step, t.profile_num_steps, outputs),
-      hooks.TrainMetrics(t.log_steps),
-      observe.LayerStats(t.log_steps, ts.layer_groups(ts.abstract_train_state(config).params, config.model.num_layers)),
-      hooks.Throughput(config, progress, peak_flops(config), info.flops_per_token(config)["train"]),
-      observe.DeviceStats(t.log_steps),
-      hooks.Backup(t.log_steps, outputs.start_uploader(config, start_step), t.backup_wait_minutes),
-      hooks.LogLine(t.log_steps, t.total_steps),
-      watchdog.awaited_by_stop(
-          spike.SpikeGuard(config, checkpointer, progress, restore=restore, make_step=make_step,
-                           also_due=lambda ctx: evaluate.due(ctx) or checkpoints.will_save(ctx)), dog, "the spike guard"),
-      watchdog.awaited_by_stop(evaluate, dog, "evaluating"),
-      watchdog.awaited_by_stop(hooks.Samples(config, graphdef, data.tokenizer, sharding, outputs), dog, "sampling"),
-      watchdog.awaited_by_stop(checkpoints, dog, "saving"),
-      hooks.StopSignals(t.max_train_minutes),
-      watchdog.Beat(dog),
-  ]
+  log_step = dict(every=t.log_steps, at_last=True)
+  loop.add_hook(observe.Profile(t.profile_start_step, t.profile_num_steps, outputs))
+  loop.add_hook(hooks.TrainMetrics(), **log_step)
+  loop.add_hook(observe.LayerStats(ts.layer_groups(ts.abstract_train_state(config).params, config.model.num_layers)),
+                **log_step)
+  loop.add_hook(hooks.Throughput(config, progress, peak_flops(config), info.flops_per_token(config)["train"]),
+                **log_step)
+  loop.add_hook(observe.DeviceStats(), **log_step)
+  loop.add_hook(hooks.Backup(outputs.start_uploader(config, start_step), t.backup_wait_minutes), **log_step)
+  loop.add_hook(hooks.LogLine(t.total_steps), **log_step)
+  loop.add_hook(watchdog.awaited_by_stop(
+      spike.SpikeGuard(config, checkpointer, progress, restore=restore, make_step=make_step,
+                       also_due=lambda ctx: loop.is_due(evaluate, ctx) or checkpoints.will_save(ctx)),
+      dog, "the spike guard"), **log_step)
+  loop.add_hook(watchdog.awaited_by_stop(evaluate, dog, "evaluating"), every=t.eval_steps, at_last=True)
+  loop.add_hook(watchdog.awaited_by_stop(hooks.Samples(config, graphdef, data.tokenizer, sharding, outputs), dog,
+                                         "sampling"), every=t.sample_steps)
+  loop.add_hook(watchdog.awaited_by_stop(checkpoints, dog, "saving"))  # its own policy (save_steps, interval, ...)
+  loop.add_hook(hooks.StopSignals(t.max_train_minutes))
+  loop.add_hook(watchdog.Beat(dog))
 
 
 def run(config: ml_collections.ConfigDict, args: Any) -> int:
@@ -158,12 +162,15 @@ def _train(config: ml_collections.ConfigDict, sharding: ShardingConfig, checkpoi
     outputs.writer.write_hparams(flat_config(config))
   log.info("training steps %d..%d of %d; %d tokens per step; %s parameters", start_step, t.total_steps,
            t.total_steps, ts.tokens_per_step(config), f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
+  note = optimizer.schedule_note(t)
+  if note:
+    log.info("%s", note)
   global_rows = t.batch_size * t.grad_accum_steps
 
   loop = Loop(train_step=ts.make_train_step(scaled_learning_rate(config, progress.lr_scale), graphdef, sharding),
               next_batch=lambda: inputs.global_batch(next(data.train_iter), sharding, global_rows),
-              hooks=make_hooks(config, sharding, data, graphdef, checkpointer, progress, outputs, start_step, dog),
               total_steps=t.total_steps, write_scalars=outputs.write_scalars)
+  add_hooks(loop, config, sharding, data, graphdef, checkpointer, progress, outputs, start_step, dog)
   stop = loop.run(state, start_step)
   outputs.close()
   log.info("stopped at step %d (%s); checkpoints %s in %s; loss curves %s", loop.step, stop.reason,
