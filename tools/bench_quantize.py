@@ -91,7 +91,7 @@ def main(argv=None) -> int:
   for name, model in weight_study.weight_variants(restore).items():
     result = weight_study.score(model_log_prob_fn(model), tokens, text_bytes, **window)
     result["decode_tokens_per_second"] = weight_study.decode_tokens_per_second(
-        model, sampling, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+        model, sampling, prompt_len=args.prompt_len, new_tokens=args.new_tokens, sharding=sharding)
     result["parameter_bytes"] = weight_study.quantize.parameter_bytes(model)
     rows.append({"variant": f"weights {name}"} | result)
     print(f"weights {name:16s} bits/byte {result['bits_per_byte']:.5f}  perplexity {result['perplexity']:.4f}  "

@@ -20,6 +20,7 @@ from flax import nnx
 from neon_qtg_jax.evaluation.perplexity import LogProbFn, score_stream, summary
 from neon_qtg_jax.inference import decoding, quantize
 from neon_qtg_jax.inference.sampling import continue_prompts_with_stats
+from neon_qtg_jax.parallel import ShardingConfig
 from neon_qtg_jax.loss import target_log_probs
 
 
@@ -42,12 +43,12 @@ def cached_log_prob_fn(model: nnx.Module, phi_dtype: Any) -> LogProbFn:
 
 
 def decode_tokens_per_second(model: nnx.Module, sampling_cfg: Any, *, prompt_len: int, new_tokens: int,
-                             batch: int = 1, repeats: int = 3) -> float:
+                             sharding: ShardingConfig, batch: int = 1, repeats: int = 3) -> float:
   """Greedy cached decoding of random prompts, best of `repeats` after a compiling warm-up (tokens/s)."""
   rng = np.random.default_rng(0)
   prompts = rng.integers(1, model.cfg.vocab_size, (batch, prompt_len)).tolist()
   run = functools.partial(continue_prompts_with_stats, model, prompts, sampling_cfg=sampling_cfg,
-                          max_new_tokens=new_tokens, eos_id=None, seed=0)
+                          max_new_tokens=new_tokens, eos_id=None, seed=0, sharding=sharding)
   run()
   return max(run()[1].decode_tokens_per_second for _ in range(repeats))
 
