@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 from typing import Any, Mapping
 
 import jax
@@ -63,7 +64,29 @@ def setup_logging(workdir: str, writer: bool) -> str:
       library.neon_qtg_log = True
       library_logger.addHandler(library)
       library_logger.propagate = False  # not to absl's stderr handler: a failure is one line there (launch.py)
+    # Tracebacks that Python itself prints to stderr: exceptions in callbacks from C++ threads (after a full disk,
+    # tensorstore's callbacks into Orbax's closed asyncio loop: "Event loop is closed", a few dozen of them) and
+    # uncaught exceptions in other threads. The main thread's own errors still reach stderr as before.
+    sys.unraisablehook = _log_unraisable
+    sys.excepthook = _log_if_not_main_thread
+    threading.excepthook = lambda args: _log_if_not_main_thread(args.exc_type, args.exc_value, args.exc_traceback)
   return path
+
+
+def _log_unraisable(unraisable: Any) -> None:
+  """sys.unraisablehook on the writer process: into training.log (logger "absl")."""
+  logging.getLogger("absl").error("exception in a callback Python could not raise (%s)",
+                                  unraisable.err_msg or "no message",
+                                  exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+
+def _log_if_not_main_thread(exc_type: Any, exc_value: Any, exc_traceback: Any) -> None:
+  """sys.excepthook / threading.excepthook: another thread's uncaught exception into training.log."""
+  if threading.current_thread() is threading.main_thread():
+    sys.__excepthook__(exc_type, exc_value, exc_traceback)
+  else:
+    logging.getLogger("absl").error("uncaught exception in thread %s", threading.current_thread().name,
+                                    exc_info=(exc_type, exc_value, exc_traceback))
 
 
 @dataclasses.dataclass
