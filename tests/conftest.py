@@ -1,6 +1,8 @@
 import contextlib
 import logging
 import os
+import sys
+import threading
 
 import pytest
 
@@ -42,7 +44,9 @@ def restored_package_logger():
   logger that caplog listens on; undo that on exit so later tests in the worker see their records."""
   loggers = [logging.getLogger(name) for name in ("neon_qtg_jax", "absl", "py.warnings")]  # the last two: the
   saved = [(list(x.handlers), x.propagate, x.level) for x in loggers]  # libraries' messages go to training.log
+  hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)  # outputs.setup_logging routes them too
   yield
+  sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
   for logger, (handlers, propagate, level) in zip(loggers, saved):
     for handler in list(logger.handlers):
       if handler not in handlers:
