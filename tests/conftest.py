@@ -42,7 +42,7 @@ def pytest_sessionfinish(session, exitstatus):
 def restored_package_logger():
   """outputs.setup_logging gives the package logger its own handlers and stops propagation to the root
   logger that caplog listens on; undo that on exit so later tests in the worker see their records."""
-  loggers = [logging.getLogger(name) for name in ("neon_qtg_jax", "absl", "py.warnings")]  # the last two: the
+  loggers = [logging.getLogger(name) for name in ("neon_qtg_jax", "absl", "py.warnings", "asyncio")]  # the last two: the
   saved = [(list(x.handlers), x.propagate, x.level) for x in loggers]  # libraries' messages go to training.log
   hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)  # outputs.setup_logging routes them too
   yield

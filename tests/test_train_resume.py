@@ -7,6 +7,7 @@ on training.total_steps: a long run can be killed mid-way and compared with a sh
 import email
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -221,12 +222,15 @@ def test_a_full_disk_stops_or_continues_training_as_configured(data_dir, tmp_pat
                           capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV,
                           preexec_fn=_file_size_limit(100_000))
   output = result.stdout + result.stderr
-  assert "checkpoint 4 could not be written" in output and "File too large" in output
+  # Which save crosses the limit first depends on how tensorstore batches its writes: usually step 4's, at
+  # times step 8's (step 4's files then stayed under 100 kB and the step is intact).
+  failed = re.search(r"checkpoint (\d+) could not be written", output)
+  assert failed and int(failed.group(1)) in (4, 8) and "File too large" in output, output
   if on_error == "stop":
     assert result.returncode == 2
     # One error line on stderr; Orbax's logged tracebacks (about 340 lines) are in training.log.
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: checkpoint 4 could not be written"), result.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"error: {failed.group(0)}"), result.stderr
     assert "stopping (training.on_save_error='stop')" in errors[0]
     assert "[process=0]" not in result.stderr and "OCDBT" not in result.stderr.replace(errors[0], ""), result.stderr
     assert "Traceback" not in result.stderr, result.stderr  # nor a library thread's (sys.unraisablehook)

@@ -54,7 +54,7 @@ def setup_logging(workdir: str, writer: bool) -> str:
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every save at INFO through absl
   if writer:  # the libraries' warnings and tracebacks (Orbax's, hundreds of lines for a full disk) go to the log
     logging.captureWarnings(True)  # Python warnings too (JAX's), as logger "py.warnings"
-    for name in ("absl", "py.warnings"):
+    for name in ("absl", "py.warnings", "asyncio"):  # asyncio: "Task exception was never retrieved" after a full disk
       library_logger = logging.getLogger(name)
       for handler in [h for h in library_logger.handlers if getattr(h, "neon_qtg_log", False)]:
         library_logger.removeHandler(handler)
