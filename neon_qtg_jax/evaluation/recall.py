@@ -298,13 +298,18 @@ def make_rows(spec: TaskSpec, seed: int, rows: int) -> dict[str, np.ndarray]:
   return ROW_MAKERS[spec.task](spec, np.random.default_rng(seed), rows)
 
 
+@jax.jit
+def _predict(model: Any, tokens: jax.Array) -> jax.Array:
+  """argmax tokens (B, L); one jit for every call (a lambda jitted per call compiled again at each evaluation)."""
+  return jnp.argmax(model(tokens), axis=-1)
+
+
 def accuracy(model: Any, batch: dict[str, np.ndarray], batch_size: int = 256) -> float:
   """Share of scored targets whose argmax prediction is right."""
   hits = total = 0
-  forward = jax.jit(lambda m, x: jnp.argmax(m(x), axis=-1))
   for start in range(0, len(batch["inputs"]), batch_size):
     chunk = {k: v[start:start + batch_size] for k, v in batch.items()}
-    predicted = np.asarray(forward(model, jnp.asarray(chunk["inputs"])))
+    predicted = np.asarray(_predict(model, jnp.asarray(chunk["inputs"])))
     hits += int(np.sum((predicted == chunk["targets"]) & chunk["mask"]))
     total += int(np.sum(chunk["mask"]))
   return hits / max(total, 1)
