@@ -141,7 +141,7 @@ def test_rows_are_a_function_of_the_seed_and_tuning_and_held_out_rows_differ():
   assert not (held_out["inputs"] == tuning["inputs"]).all(axis=1).any()
 
 
-@pytest.mark.parametrize("variant", ["qtg", "qtg_cosine", "gpt_spec"])
+@pytest.mark.parametrize("variant", ["qtg", pytest.param("qtg_cosine", marks=pytest.mark.slow), "gpt_spec"])
 def test_tool_writes_the_record_with_floor_and_entropy_per_layer(tmp_path, variant, capsys):
   import recall as recall_tool  # tools/recall.py
   output = tmp_path / "r.json"

@@ -3,7 +3,8 @@
 One process decides every step. Several agree without a host sync per step: what any process
 proposes at step k (a signal, time up, a save interval, a failed save) every process acts on at
 step k + 1. A save that fails on one process stops (or, with on_save_error=continue, does not stop)
-all of them together. Runs are launch.py subprocesses (tiny overrides of test_train_resume).
+all of them together. Runs are launch.py subprocesses (tiny overrides of test_train_resume), except the
+save-interval checks, which run the Loop in process with a clock that does not depend on the machine's speed.
 """
 
 import concurrent.futures
@@ -12,7 +13,9 @@ import re
 import shutil
 import signal
 import subprocess
+import types
 
+import ml_collections
 import pytest
 
 import test_train_resume as train_runs
@@ -35,12 +38,67 @@ def test_the_time_limit_is_checked_every_step_not_every_log_step(data_dir, tmp_p
   assert "eval step 1 |" in result.stdout and steps_in(workdir) == [1]
 
 
-def test_the_save_interval_is_checked_every_step(data_dir, tmp_path):  # noqa: F811
-  workdir = str(tmp_path)
-  result = train_runs.run(data_dir, workdir, 3, "--config.training.log_steps=5", "--config.training.save_steps=1000",
-                          "--config.training.save_interval_minutes=0.0001", "--config.training.keep_checkpoints=5")
-  assert result.returncode == 0, result.stdout + result.stderr
-  assert steps_in(workdir) == [1, 2, 3]
+class RecordingCheckpointer:
+  """Records the steps saved; every save succeeds at once."""
+
+  directory = "memory"
+
+  def __init__(self):
+    self.saved: list[int] = []
+
+  def save(self, step, **items):
+    self.saved.append(step)
+
+  def check(self):
+    pass
+
+  wait = close = check
+
+
+class Clock:
+  """time.perf_counter that advances one second per call, so the test does not depend on the machine's speed."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def perf_counter(self):
+    self.now += 1.0
+    return self.now
+
+
+@pytest.mark.parametrize("log_steps", [1, 5])
+def test_the_save_interval_is_checked_every_step(monkeypatch, log_steps):
+  # An interval of 0.6 s and a clock that moves 1 s per reading: each step is past the interval, so each step
+  # saves, whatever the log step (the interval was once read only at log steps).
+  from neon_qtg_jax.training import hooks, loop as loop_module  # pylint: disable=import-outside-toplevel
+  clock = Clock()
+  monkeypatch.setattr(hooks, "time", clock)
+  monkeypatch.setattr(hooks, "iterator_args", lambda train_iter, save: None)
+  config = ml_collections.ConfigDict({"training": {"save_interval_minutes": 0.01, "save_steps": 1000,
+                                                   "on_save_error": "stop"}})
+  checkpointer = RecordingCheckpointer()
+  progress = types.SimpleNamespace(meta=lambda state: {})
+  loop = loop_module.Loop(train_step=lambda state, batch: (state, {"loss": 0.0}), next_batch=lambda: None,
+                          total_steps=7, write_scalars=lambda step, scalars: None)
+  loop.add_hook(loop_module.Hook(), every=log_steps, at_last=True)
+  loop.add_hook(hooks.Checkpoints(config, checkpointer, progress, train_iter=None))
+  stop = loop.run(types.SimpleNamespace(params=None, opt_state=None), 0)
+  assert stop.reason == "finished" and checkpointer.saved == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_the_save_interval_saves_only_when_it_has_passed(monkeypatch):
+  from neon_qtg_jax.training import hooks, loop as loop_module  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(hooks, "time", Clock())
+  monkeypatch.setattr(hooks, "iterator_args", lambda train_iter, save: None)
+  # 2.5 s: the clock is read once at each step's proposal and once after each save.
+  config = ml_collections.ConfigDict({"training": {"save_interval_minutes": 2.5 / 60, "save_steps": 1000,
+                                                   "on_save_error": "stop"}})
+  checkpointer = RecordingCheckpointer()
+  loop = loop_module.Loop(train_step=lambda state, batch: (state, {"loss": 0.0}), next_batch=lambda: None,
+                          total_steps=9, write_scalars=lambda step, scalars: None)
+  loop.add_hook(hooks.Checkpoints(config, checkpointer, types.SimpleNamespace(meta=lambda state: {}), None))
+  loop.run(types.SimpleNamespace(params=None, opt_state=None), 0)
+  assert 1 < len(checkpointer.saved) < 9 and checkpointer.saved[-1] == 9, checkpointer.saved
 
 
 def test_sigterm_stops_at_the_next_step_not_the_next_log_step(data_dir, tmp_path):  # noqa: F811
@@ -113,6 +171,7 @@ def test_a_save_failing_on_one_process_stops_or_continues_both(data_dir, tmp_pat
     assert err1.count("File too large") >= 2 and "Barrier timed out" not in err0 + err1
 
 
+@pytest.mark.slow  # two processes for a minute; CI runs the single-process fallback (test_train_resume.py)
 def test_two_processes_fall_back_from_an_unreadable_step_together(data_dir, reference, tmp_path):  # noqa: F811
   # The single-process reference's checkpoints 4 and 8, step 8 unreadable: both processes agree, one of them
   # moves it aside behind a barrier, both resume from 4 (data position set from the step: another layout).

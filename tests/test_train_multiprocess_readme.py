@@ -82,6 +82,7 @@ def test_the_readme_script_trains_two_processes_to_the_last_step(data, tmp_path)
   assert_trained_to_the_end(workdir, result.stderr)
 
 
+@pytest.mark.slow  # CI runs the README's script (the same two processes); this checks the by-hand commands
 def test_the_readme_commands_by_hand_train_two_processes_to_the_last_step(data, tmp_path):
   _, _, train = readme_commands()
   assert not any(w.startswith("--config.parallel") for w in train)  # the default mesh: fsdp over all devices

@@ -30,6 +30,7 @@ def corrupt_params(step_dir: str) -> None:
           f.write(b"not a checkpoint")
 
 
+@pytest.mark.slow  # CI restores from the backup in test_train_backup.py; this adds the unreadable local step
 def test_an_unreadable_local_step_is_taken_from_the_backup_and_the_backup_keeps_it(data_dir, tmp_path):  # noqa: F811
   workdir, backup = str(tmp_path / "run"), str(tmp_path / "backup")
   first = train_runs.run(data_dir, workdir, 8, f"--config.training.backup_url={backup}")
