@@ -113,6 +113,8 @@ def get_study():
       "lr_grid": LR_GRID,
       "recall_dir": "docs/results/recall",
       "recall_sweep_dir": "docs/results/recall_sweep",
+      "recall_gate_dir": "docs/results/recall_gate",
+      "recall_tune_dir": "docs/results/recall_tune",
       "recall_note": (
           "**This table does not measure recall** (found 2026-12-06, issue 27); it is kept as it was made, with "
           "the task definitions of its time, and the MQAR sweep above replaces it. MQAR drew its values with "

@@ -189,3 +189,27 @@ def test_tool_rejects_an_unknown_preset_and_a_bad_override(tmp_path, capsys):
                            f"--output={tmp_path / 'x.json'}"]) == 2
   assert "model.no_such" in capsys.readouterr().err
   assert not (tmp_path / "x.json").exists()
+
+
+def test_the_sweep_skips_cells_above_a_level_the_arm_failed_and_runs_them_on_request(tmp_path, monkeypatch):
+  from neon_qtg_jax.evaluation import recall_sweep  # pylint: disable=import-outside-toplevel
+  ran = []
+
+  def fake_run(task, preset, arm, seed, **kwargs):
+    ran.append((arm, preset.spec.num_pairs, seed))
+    solved = preset.spec.num_pairs == 4 or arm == "gpt_spec" or seed == 1  # qtg fails 8 pairs on seeds 0 and 2
+    return {"variant": arm, "width": preset.width, "num_pairs": preset.spec.num_pairs, "seed": seed,
+            "solved": solved, "accuracy": 1.0 if solved else 0.2, "no_recall_floor": 1 / preset.spec.num_pairs}
+
+  monkeypatch.setattr(recall, "train_and_score", fake_run)
+  todo = recall_sweep.cells(("qtg", "gpt_spec"), (4, 8, 16), (64,), (0, 1, 2))
+  list(recall_sweep.run(str(tmp_path), todo, seeds=3, progress=lambda line: None))
+  assert sorted(r for r in ran if r[0] == "qtg") == [("qtg", p, s) for p in (4, 8) for s in (0, 1, 2)]
+  assert [r for r in ran if r[0] == "gpt_spec"] == [("gpt_spec", p, s) for p in (4, 8, 16) for s in (0, 1, 2)]
+  summary = recall_sweep.readout(recall_sweep.read(str(tmp_path)), seeds=3)
+  assert summary[("qtg", 64)]["largest_solved"] == 4  # final: the cells above 8 pairs cannot change it
+  assert summary[("gpt_spec", 64)]["largest_solved"] is None  # 32 and 64 pairs not run: not complete
+  ran.clear()
+  list(recall_sweep.run(str(tmp_path), todo, seeds=3, every_cell=True, progress=lambda line: None))
+  assert ran == [("qtg", 16, s) for s in (0, 1, 2)]  # only the skipped cells, and the readout is unchanged
+  assert recall_sweep.readout(recall_sweep.read(str(tmp_path)), seeds=3)[("qtg", 64)]["largest_solved"] == 4

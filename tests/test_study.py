@@ -703,3 +703,23 @@ def test_the_geometry_verdict_follows_the_rule():
   assert "costs value" in geometry_verdict("no difference", "worse", "qtg", "qtg_cosine")
   assert "not decided yet: the language runs" in geometry_verdict("no difference", None, "qtg", "qtg_cosine")
   assert "adds nothing measurable" in geometry_verdict("no difference", "no difference", "qtg", "qtg_cosine")
+
+
+def test_the_recall_settings_list_every_gate_seed_and_each_arms_chosen_rate(tmp_path):
+  from neon_qtg_jax.study.report import recall_settings
+  (tmp_path / "gate").mkdir()
+  (tmp_path / "tune").mkdir()
+  for seed, acc in ((0, 1.0), (1, 0.9876)):
+    (tmp_path / "gate" / f"s{seed}.json").write_text(json.dumps({
+        "seed": seed, "accuracy": acc, "no_recall_floor": 0.25, "steps": 2000, "seconds": 50.0, "num_pairs": 4,
+        "seq_len": 33, "task_spec": {"vocab_size": 256}, "width": 64, "model": {"num_heads": 1}, "lr": 0.001,
+        "batch_size": 64, "max_steps": 4000}))
+  (tmp_path / "tune" / "qtg.json").write_text(json.dumps({
+      "variant": "qtg", "preset": "small", "chosen_lr": 0.003,
+      "runs": [{"lr": 0.001, "tune_accuracy": 0.5, "steps_to_solved": None},
+               {"lr": 0.003, "tune_accuracy": 1.0, "steps_to_solved": 1500}]}))
+  text = "\n".join(recall_settings(str(tmp_path / "gate"), str(tmp_path / "tune")))
+  assert "4 pairs in rows of 32 tokens, vocabulary 256, width 64 with 1 head(s)" in text
+  assert "| 0 | 1.0000 | 0.250 | 2000 | 50 |" in text and "| 1 | 0.9876 |" in text  # a failing seed is shown too
+  assert "| `qtg` | small | 0.003 | 0.001: 0.500 (-), 0.003: 1.000 (1500) |" in text
+  assert recall_settings(None, None) == []

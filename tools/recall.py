@@ -90,6 +90,8 @@ def main(argv=None) -> int:
   p.add_argument("--pairs", type=ints, default=recall.MQAR_PAIRS)
   p.add_argument("--widths", type=ints, default=recall.SWEEP_WIDTHS)
   p.add_argument("--seeds", type=ints, default=(0, 1, 2))
+  p.add_argument("--every_cell", action="store_true",
+                 help="also run the cells above a level the arm already failed (the readout does not use them)")
   args = p.parse_args(argv)
   if args.sweep_report:
     return sweep_report(args.out, len(args.seeds))
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
       print(f"error: --arms: unknown variant(s) {unknown}; known: {sorted(VARIANTS)}", file=sys.stderr)
       return 2
     todo = recall_sweep.cells(arms, args.pairs, args.widths, args.seeds)
-    for record in recall_sweep.run(args.out, todo, steps=args.steps, progress=lambda line: print(line, flush=True)):
+    for record in recall_sweep.run(args.out, todo, steps=args.steps, seeds=len(args.seeds),
+                                    every_cell=args.every_cell, progress=lambda line: print(line, flush=True)):
       print(f"{record['variant']} pairs {record['num_pairs']} width {record['width']} seed {record['seed']}: "
             f"accuracy {record['accuracy']:.3f} (floor {record['no_recall_floor']:.3f}) in {record['seconds']:.0f} s",
             flush=True)

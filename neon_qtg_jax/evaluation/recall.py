@@ -243,11 +243,18 @@ class Preset:
 
 
 def mqar_preset(num_pairs: int, width: int = 64, steps: int = 4000) -> Preset:
-  """MQAR at num_pairs over Zoology's vocabulary split: vocab 256 (512 from 64 pairs), rows of max(64, 4 x
-  num_pairs) tokens (as Zoology's sequence lengths grow with the pairs)."""
+  """MQAR at num_pairs over Zoology's vocabulary split: vocab 256 (512 from 64 pairs), rows of max(32, 4 x
+  num_pairs) tokens (from 8 pairs the queries fill the rest of the row in random order), one head.
+
+  Found while setting the gate (docs/RESULTS.md, "Recall: the settings"), `gpt_spec`, lr 1e-3, seed 0: at 4
+  pairs in rows of 64 tokens (48 random) it stayed on the floor after 3,000 steps (width 64 and 128, 2 heads;
+  also at lr 3e-3); in rows of 32, 2 heads of 16 (width 64) stayed on the floor and one head of 32 solved it
+  by step 1,750. At 8 pairs in rows of 32, width 64 stayed near the floor after 4,000 steps (0.18; also at
+  lr 3e-3) and width 128 reached 0.956 by step 2,500.
+  """
   spec = TaskSpec("mqar", vocab_size=256 if num_pairs < 64 else 512, num_pairs=num_pairs,
-                  num_queries=num_pairs, length=max(64, 4 * num_pairs))
-  return Preset(spec, steps=steps, width=width, lr=MQAR_LR)
+                  num_queries=num_pairs, length=max(32, 4 * num_pairs))
+  return Preset(spec, steps=steps, width=width, num_heads=1, lr=MQAR_LR)
 
 
 # The learning rate per variant, chosen by `tools/recall.py --tune` on the tuning stream at 8 pairs, width 64
@@ -416,5 +423,6 @@ def tune_lr(task: str, preset: Preset | str, variant: str, grid: tuple[float, ..
   runs = [train_and_score(task, preset, variant, seed, overrides=overrides, steps=steps, lr=lr, score_held_out=False,
                           progress=progress) for lr in grid]
   best = max(runs, key=lambda r: (round(r["tune_accuracy"], 3), -(r["steps_to_solved"] or math.inf), -r["lr"]))
-  return {"variant": variant, "task": task, "grid": list(grid), "chosen_lr": best["lr"],
+  return {"variant": variant, "task": task, "preset": best["preset"], "width": best["width"], "grid": list(grid),
+          "chosen_lr": best["lr"],
           "runs": [{k: r[k] for k in ("lr", "tune_accuracy", "steps", "steps_to_solved", "seconds")} for r in runs]}

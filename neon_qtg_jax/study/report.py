@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -503,11 +504,16 @@ def geometry_section(study_json: dict[str, Any]) -> list[str]:
     seeds = len(rule.get("seeds", (0, 1, 2)))
     summary = recall_sweep.readout(records, seeds)
     recall_word = recall_sweep.recall_reading(summary)
-    planned = len(recall_sweep.cells(seeds=tuple(range(seeds))))
-    sweep = {"dir": sweep_dir, "runs": len(records), "planned": planned, "solved": recall.SOLVED, "seeds": seeds,
+    every = recall_sweep.cells(seeds=tuple(range(seeds)))
+    done = {(r["variant"], r["num_pairs"], r["width"], r["seed"]) for r in records}
+    skipped = sum(1 for c in every if (c.arm, c.pairs, c.width, c.seed) not in done
+                  and recall_sweep.settled_below(records, c, seeds) is not None)
+    sweep = {"dir": sweep_dir, "runs": len(records), "planned": len(every), "solved": recall.SOLVED, "seeds": seeds,
              "figure": os.path.join(sweep_dir, "mqar_sweep.png")}
+    lines += recall_settings(study.get("recall_gate_dir"), study.get("recall_tune_dir"))
     lines += [f"**MQAR sweep** (`tools/recall.py --sweep`, results in `{sweep['dir']}`: {sweep['runs']} of "
-              f"{sweep['planned']} runs): held-out accuracy, mean over seeds, per number of key-value pairs; the "
+              f"{sweep['planned']} cells run, {skipped} not needed because the arm failed a smaller level at that "
+              "width): held-out accuracy, mean over seeds, per number of key-value pairs; the "
               f"last column is the largest level solved (>= {sweep['solved']}) on every seed with every smaller "
               "level solved too. The no-recall floor of every level is its chance level (values are distinct "
               "within a row). Gate: a level is read only where `gpt_spec` solves it on every seed.", ""]
@@ -524,6 +530,34 @@ def geometry_section(study_json: dict[str, Any]) -> list[str]:
     language_word = ("better" if all(v == "better" for v in language) else
                      "worse" if all(v == "worse" for v in language) else "no difference")
   lines += [f"**Verdict:** {geometry_verdict(recall_word, language_word, a, b)}", ""]
+  return lines
+
+
+def recall_settings(gate_dir: str | None, tune_dir: str | None) -> list[str]:
+  """The recall settings: the gate's runs (`gpt_spec` on MQAR small per seed) and the learning rate per arm
+  chosen on the tuning rows, from their JSON records."""
+  import glob  # pylint: disable=import-outside-toplevel
+  lines: list[str] = []
+  gate = [json.load(open(f, encoding="utf-8")) for f in sorted(glob.glob(os.path.join(gate_dir or "", "*.json")))]
+  if gate:
+    first = gate[0]
+    lines += [f"**Recall: the settings.** The gate (`python tools/recall.py --variant=gpt_spec --task=mqar "
+              f"--preset=small --seed=S`): {first['num_pairs']} pairs in rows of {first['seq_len'] - 1} tokens, "
+              f"vocabulary {first['task_spec']['vocab_size']}, width {first['width']} with "
+              f"{first['model']['num_heads']} head(s), lr {first['lr']}, batch {first['batch_size']}, at most "
+              f"{first['max_steps']} steps (early stop on the tuning rows); held-out accuracy per seed:", "",
+              "| seed | held-out accuracy | no-recall floor | steps | seconds |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['seed']} | {r['accuracy']:.4f} | {r['no_recall_floor']:.3f} | {r['steps']} | {r['seconds']:.0f} |"
+              for r in gate] + [""]
+  tuned = [json.load(open(f, encoding="utf-8")) for f in sorted(glob.glob(os.path.join(tune_dir or "", "*.json")))]
+  if tuned:
+    lines += ["Learning rate per arm (`tools/recall.py --tune`, tuning rows only, seed 0; the chosen rate has the "
+              "best tuning accuracy, ties broken by the fewest steps to 0.99):", "",
+              "| arm | preset | chosen lr | tuning accuracy per lr (steps to 0.99) |", "| --- | --- | --- | --- |"]
+    for t in tuned:
+      runs = ", ".join(f"{r['lr']:g}: {r['tune_accuracy']:.3f} ({r['steps_to_solved'] or '-'})" for r in t["runs"])
+      lines.append(f"| `{t['variant']}` | {t.get('preset', '')} | {t['chosen_lr']:g} | {runs} |")
+    lines.append("")
   return lines
 
 
