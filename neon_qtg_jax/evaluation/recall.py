@@ -257,9 +257,11 @@ def mqar_preset(num_pairs: int, width: int = 64, steps: int = 4000) -> Preset:
   return Preset(spec, steps=steps, width=width, num_heads=1, lr=MQAR_LR)
 
 
-# The learning rate per variant, chosen by `tools/recall.py --tune` on the tuning stream at 8 pairs, width 64
-# (docs/RESULTS.md, "Recall: the settings"); the held-out accuracy never takes part.
-MQAR_LR: tuple[tuple[str, float], ...] = ()
+# The learning rate per variant, chosen by `tools/recall.py --tune --grid=1e-3,3e-3` on the tuning stream of
+# MQAR small (4 pairs, width 64, seed 0; docs/results/recall_tune, docs/RESULTS.md "Recall: the settings");
+# the held-out accuracy never takes part.
+MQAR_LR: tuple[tuple[str, float], ...] = (("gpt_spec", 1e-3), ("qtg", 1e-3), ("qtg_cosine", 1e-3), ("qtg_dot", 3e-3),
+                                          ("qtg_seed", 3e-3))
 MQAR_PAIRS = (4, 8, 16, 32, 64)
 SWEEP_WIDTHS = (64, 128)
 PRESETS: dict[str, dict[str, Preset]] = {
