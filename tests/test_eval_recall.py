@@ -209,6 +209,9 @@ def test_the_sweep_skips_cells_above_a_level_the_arm_failed_and_runs_them_on_req
   summary = recall_sweep.readout(recall_sweep.read(str(tmp_path)), seeds=3)
   assert summary[("qtg", 64)]["largest_solved"] == 4  # final: the cells above 8 pairs cannot change it
   assert summary[("gpt_spec", 64)]["largest_solved"] is None  # 32 and 64 pairs not run: not complete
+  assert summary[("gpt_spec", 64)]["solved_at_least"] == 16
+  assert "| `gpt_spec` | 64 | 1.000 | 1.000 | 1.000 | not run | not run | at least 16 (not complete) |" in \
+      recall_sweep.markdown(summary, seeds=3)
   ran.clear()
   list(recall_sweep.run(str(tmp_path), todo, seeds=3, every_cell=True, progress=lambda line: None))
   assert ran == [("qtg", 16, s) for s in (0, 1, 2)]  # only the skipped cells, and the readout is unchanged

@@ -690,8 +690,8 @@ def test_the_geometry_verdict_follows_the_rule():
   from neon_qtg_jax.evaluation import recall_sweep
   from neon_qtg_jax.study.report import geometry_verdict
 
-  def row(largest):
-    return {"largest_solved": largest}
+  def row(largest, at_least=0):
+    return {"largest_solved": largest, "solved_at_least": at_least if largest is None else largest}
   summary = {(arm, w): row(level) for w in (64, 128)
              for arm, level in (("qtg", 16), ("qtg_cosine", 8), ("gpt_spec", 32))}
   assert recall_sweep.recall_reading(summary) == "better"
@@ -699,6 +699,17 @@ def test_the_geometry_verdict_follows_the_rule():
   assert recall_sweep.recall_reading(summary) == "no difference"
   summary[("qtg_cosine", 128)] = row(None)
   assert recall_sweep.recall_reading(summary) is None
+  # Incomplete readouts are lower bounds: qtg failed 4 pairs (final), its twin and the gate solved it and go on.
+  summary = {(arm, w): row(None, 4) for w in (64, 128) for arm in ("qtg_cosine", "gpt_spec")}
+  summary |= {("qtg", w): row(0) for w in (64, 128)}
+  assert recall_sweep.recall_reading(summary) == "worse"
+  summary[("qtg_cosine", 128)] = row(0)  # the twin fails 4 pairs at width 128 too: equal there
+  assert recall_sweep.recall_reading(summary) == "no difference"
+  summary[("qtg_cosine", 128)] = row(None, 0)  # not known yet at 128: open
+  assert recall_sweep.recall_reading(summary) is None
+  summary[("gpt_spec", 128)] = row(0)  # the gate fails 4 pairs at 128: nothing there counts, whatever runs next
+  summary[("qtg", 128)] = row(None, 0)
+  assert recall_sweep.recall_reading(summary) == "no difference"  # behind at 64 only: 1 of the 2 widths
   assert "adds value" in geometry_verdict("better", None, "qtg", "qtg_cosine")
   assert "costs value" in geometry_verdict("no difference", "worse", "qtg", "qtg_cosine")
   assert "not decided yet: the language runs" in geometry_verdict("no difference", None, "qtg", "qtg_cosine")

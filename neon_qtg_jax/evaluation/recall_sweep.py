@@ -117,6 +117,7 @@ def readout(records: list[dict[str, Any]], seeds: int = 3) -> dict[tuple[str, in
       for r in rows:
         levels.setdefault(r["num_pairs"], []).append(r)
       largest: int | None = 0
+      at_least = 0  # the largest level solved so far with every smaller one: a lower bound while incomplete
       for pairs in recall.MQAR_PAIRS:
         runs = levels.get(pairs, [])
         if len(runs) < seeds:
@@ -124,13 +125,14 @@ def readout(records: list[dict[str, Any]], seeds: int = 3) -> dict[tuple[str, in
           break
         if not all(r["solved"] for r in runs):
           break
-        largest = pairs
+        largest = at_least = pairs
       out[(arm, width)] = {
           "accuracy": {p: float(np.mean([r["accuracy"] for r in runs])) for p, runs in sorted(levels.items())},
           "seeds": {p: len(runs) for p, runs in sorted(levels.items())},
           "solved_every_seed": [p for p, runs in sorted(levels.items())
                                 if len(runs) >= seeds and all(r["solved"] for r in runs)],
           "largest_solved": largest,
+          "solved_at_least": at_least,
           "floor": {p: float(np.mean([r["no_recall_floor"] for r in runs])) for p, runs in sorted(levels.items())},
       }
   return out
@@ -149,7 +151,8 @@ def markdown(summary: dict[tuple[str, int], dict[str, Any]], seeds: int = 3) -> 
         cells_text.append(f"{row['accuracy'][p]:.3f}{mark}")
       else:
         cells_text.append("not run")  # above a level the arm failed (run() skips it), or not yet
-    largest = "not complete" if row["largest_solved"] is None else (row["largest_solved"] or "none")
+    largest = (f"at least {row['solved_at_least'] or 'none'} (not complete)" if row["largest_solved"] is None
+               else (row["largest_solved"] or "none"))
     lines.append(f"| `{arm}` | {width} | " + " | ".join(cells_text) + f" | {largest} |")
   return lines
 
@@ -202,21 +205,32 @@ def recall_reading(summary: dict[tuple[str, int], dict[str, Any]], arm: str = "q
                    gate: str = "gpt_spec", widths_needed: int = 2) -> str | None:
   """The recall half of the decision rule: "better", "worse" or "no difference" when `arm` solves at least one
   more (fewer) pairs level than `twin` on every seed in at least `widths_needed` widths, counting only levels the
-  `gate` arm solves on every seed; None while a width's readout is not complete."""
+  `gate` arm solves on every seed; None while the cells run so far leave that open.
+
+  A readout not complete yet is a lower bound (`solved_at_least`): `arm` is behind at a width once its own
+  readout is final and both `twin` and `gate` have solved a larger level, whatever their remaining cells show.
+  """
   widths = sorted({w for _, w in summary})
-  ahead = behind = 0
+  ahead = behind = equal = 0
   for width in widths:
     rows = [summary.get((name, width)) for name in (arm, twin, gate)]
-    if any(row is None or row["largest_solved"] is None for row in rows):
-      return None
-    cap = rows[2]["largest_solved"]
-    mine, theirs = min(rows[0]["largest_solved"], cap), min(rows[1]["largest_solved"], cap)
-    ahead += mine > theirs
-    behind += mine < theirs
-  if len(widths) < widths_needed:
-    return None
+    if any(row is None for row in rows):
+      continue
+    (mine, mine_final), (theirs, theirs_final), (cap, cap_final) = [
+        (row["solved_at_least"] if row["largest_solved"] is None else row["largest_solved"],
+         row["largest_solved"] is not None) for row in rows]
+    if mine_final and theirs > mine and cap > mine:
+      behind += 1
+    elif theirs_final and mine > theirs and cap > theirs:
+      ahead += 1
+    elif ((mine_final and theirs_final and min(mine, cap) == min(theirs, cap)
+           and (cap_final or cap >= max(mine, theirs)))
+          or (cap_final and mine >= cap and theirs >= cap)):  # both past the levels the gate lets count
+      equal += 1
   if ahead >= widths_needed:
     return "better"
   if behind >= widths_needed:
     return "worse"
-  return "no difference"
+  if len(widths) >= widths_needed and ahead + behind + equal == len(widths):
+    return "no difference"
+  return None
