@@ -151,7 +151,8 @@ def markdown(summary: dict[tuple[str, int], dict[str, Any]], seeds: int = 3) -> 
         cells_text.append(f"{row['accuracy'][p]:.3f}{mark}")
       else:
         cells_text.append("not run")  # above a level the arm failed (run() skips it), or not yet
-    largest = (f"at least {row['solved_at_least'] or 'none'} (not complete)" if row["largest_solved"] is None
+    largest = ((f"at least {row['solved_at_least']}" if row["solved_at_least"] else "none so far") + " (not complete)"
+               if row["largest_solved"] is None
                else (row["largest_solved"] or "none"))
     lines.append(f"| `{arm}` | {width} | " + " | ".join(cells_text) + f" | {largest} |")
   return lines
@@ -171,18 +172,26 @@ def figure(summary: dict[tuple[str, int], dict[str, Any]], path: str) -> str:
       if w != width:
         continue
       pairs = sorted(row["accuracy"])
-      ax.plot(pairs, [row["accuracy"][p] for p in pairs], marker="o", label=arm)
+      index = ARMS.index(arm) if arm in ARMS else len(ARMS)
+      # One colour and marker per arm in every panel; arms are set slightly apart along x so equal values show.
+      ax.plot([p * 2 ** (0.06 * (index - 2)) for p in pairs], [row["accuracy"][p] for p in pairs],
+              marker="osD^v*"[index % 6], color=f"C{index}", label=arm)
       floor |= row["floor"]
     if floor:
-      ax.plot(sorted(floor), [floor[p] for p in sorted(floor)], "k--", linewidth=1, label="no-recall floor")
+      ax.plot(sorted(floor), [floor[p] for p in sorted(floor)], "k--", marker="_", markersize=14, linewidth=1,
+              label="no-recall floor")
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(recall.MQAR_PAIRS), [str(p) for p in recall.MQAR_PAIRS])
+    ax.set_xlim(recall.MQAR_PAIRS[0] / 1.4, recall.MQAR_PAIRS[-1] * 1.4)
     ax.set_title(f"MQAR, width {width}")
     ax.set_xlabel("key-value pairs")
     ax.set_ylim(0, 1.02)
     ax.axhline(recall.SOLVED, color="grey", linewidth=0.5)
   axes[0][0].set_ylabel("held-out accuracy (mean over seeds)")
-  axes[0][-1].legend(fontsize=8, loc="lower left")
+  handles = {}  # every arm of every panel, once
+  for ax in axes[0]:
+    handles |= dict(zip(*reversed(ax.get_legend_handles_labels())))
+  axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="center right")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

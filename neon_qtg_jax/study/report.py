@@ -520,6 +520,8 @@ def geometry_section(study_json: dict[str, Any]) -> list[str]:
     lines += (recall_sweep.markdown(summary, seeds) if summary else ["No sweep results yet."]) + [""]
     if os.path.exists(sweep["figure"]):
       lines += [f"![MQAR sweep]({os.path.relpath(sweep['figure'], 'docs')})", ""]
+    lines += [f"**The rule's recall half** (part a, from the cells run so far): "
+              f"{recall_word or 'open: the cells run so far do not decide it'}.", ""]
   a, b = rule["arms"]
   lines += [f"**Language**: `{a}` against `{b}` in every group that has both (final validation bits per byte, mean "
             "± std over seeds; lower is better).", ""] + comparison_table(study_json, a, b) + [""]
