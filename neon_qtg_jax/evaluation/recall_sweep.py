@@ -202,6 +202,8 @@ def write_tensorboard(summary: dict[tuple[str, int], dict[str, Any]], logdir: st
   """recall_sweep/{arm}/width{W}: mean accuracy with the number of pairs as the step (the project's CLU
   TensorBoard writer, which needs no TensorFlow)."""
   from neon_qtg_jax.training.metric_writers import TensorBoardWriter  # pylint: disable=import-outside-toplevel
+  for old in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):  # a report replaces the last one's curves
+    os.remove(old)
   writer = TensorBoardWriter(logdir)
   for (arm, width), row in summary.items():
     for pairs, acc in row["accuracy"].items():
