@@ -13,6 +13,7 @@ import collections
 import datetime
 import json
 import os
+import pathlib
 import platform
 import shutil
 import textwrap
@@ -535,12 +536,19 @@ def geometry_section(study_json: dict[str, Any]) -> list[str]:
   return lines
 
 
+def _records(directory: str | None) -> list[dict[str, Any]]:
+  """The JSON records in a directory, by file name; none when it is unset or absent."""
+  if not directory or not os.path.isdir(directory):
+    return []
+  return [json.loads(pathlib.Path(directory, name).read_text(encoding="utf-8"))
+          for name in sorted(os.listdir(directory)) if name.endswith(".json")]
+
+
 def recall_settings(gate_dir: str | None, tune_dir: str | None) -> list[str]:
   """The recall settings: the gate's runs (`gpt_spec` on MQAR small per seed) and the learning rate per arm
   chosen on the tuning rows, from their JSON records."""
-  import glob  # pylint: disable=import-outside-toplevel
   lines: list[str] = []
-  gate = [json.load(open(f, encoding="utf-8")) for f in sorted(glob.glob(os.path.join(gate_dir or "", "*.json")))]
+  gate = _records(gate_dir)
   if gate:
     first = gate[0]
     lines += [f"**Recall: the settings.** The gate (`python tools/recall.py --variant=gpt_spec --task=mqar "
@@ -551,7 +559,7 @@ def recall_settings(gate_dir: str | None, tune_dir: str | None) -> list[str]:
               "| seed | held-out accuracy | no-recall floor | steps | seconds |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['seed']} | {r['accuracy']:.4f} | {r['no_recall_floor']:.3f} | {r['steps']} | {r['seconds']:.0f} |"
               for r in gate] + [""]
-  tuned = [json.load(open(f, encoding="utf-8")) for f in sorted(glob.glob(os.path.join(tune_dir or "", "*.json")))]
+  tuned = _records(tune_dir)
   if tuned:
     lines += ["Learning rate per arm (`tools/recall.py --tune`, tuning rows only, seed 0; the chosen rate has the "
               "best tuning accuracy, ties broken by the fewest steps to 0.99):", "",
