@@ -74,8 +74,10 @@ DECISION_RULE = {
 def fortune_files() -> str:
   """The prose files of the fortunes package, comma-separated; the directory itself when absent,
   so that preparation fails naming it."""
+  # Plain files only: other fortune packages install directories here (fortunes-ru adds ru/), and the
+  # study's corpus must not depend on which of them a machine has.
   files = [path for path in sorted(glob.glob(os.path.join(FORTUNE_DIR, "*")))
-           if not path.endswith((".dat", ".u8")) and not os.path.islink(path)
+           if os.path.isfile(path) and not path.endswith((".dat", ".u8")) and not os.path.islink(path)
            and os.path.basename(path) not in NOT_PROSE]
   return ",".join(files) or FORTUNE_DIR
 
