@@ -382,17 +382,16 @@ def test_a_stop_signal_inside_a_flag_reaches_the_enclosing_one_never_the_default
 def test_a_signal_during_a_study_stops_it_and_the_run_resumes_unscored(tuned_study, tmp_path, monkeypatch):
   """A wall-time run stopped by SIGTERM is not scored as if the clock had stopped it; no run starts after."""
   import signal
-  from neon_qtg_jax.training import preemption, trainer
+  from neon_qtg_jax.training import watchdog
   _, _, study_path, _, _ = tuned_study
   runs = spec.expand(spec.load_study(str(study_path)))
-  real_run = trainer.run
+  real_observe = watchdog.Beat.observe
 
-  def signalled_run(config, args):
-    with preemption.PreemptionFlag():  # the trainer's own flag receives it, as during a step
-      signal.raise_signal(signal.SIGTERM)
-    return real_run(config, args)
+  def signalled_observe(self, ctx):  # during the first step: the loop's flag receives it, inside the watchdog
+    real_observe(self, ctx)
+    signal.raise_signal(signal.SIGTERM)
 
-  monkeypatch.setattr(trainer, "run", signalled_run)
+  monkeypatch.setattr(watchdog.Beat, "observe", signalled_observe)
   out = tmp_path / "out"
   printed = []
   with restored_package_logger():
@@ -403,7 +402,7 @@ def test_a_signal_during_a_study_stops_it_and_the_run_resumes_unscored(tuned_stu
   assert "w/gpt/tune_lr0.03: not run: the study was stopped by SIGTERM" in outcome.pending[1]
   assert not (first / runner.RESULT_FILE).exists() and not (first / "eval").exists()
   assert not Path(runner.run_workdir(str(out), runs[1])).exists() and (first / "checkpoints" / "1").is_dir()
-  monkeypatch.setattr(trainer, "run", real_run)
+  monkeypatch.setattr(watchdog.Beat, "observe", real_observe)
   with restored_package_logger():
     outcome = runner.run_all(runs[:1], str(out), print_fn=printed.append)
   assert len(outcome.tuning) == 1 and not outcome.pending and not outcome.failures
@@ -734,3 +733,16 @@ def test_the_recall_settings_list_every_gate_seed_and_each_arms_chosen_rate(tmp_
   assert "| 0 | 1.0000 | 0.250 | 2000 | 50 |" in text and "| 1 | 0.9876 |" in text  # a failing seed is shown too
   assert "| `qtg` | small | 0.003 | 0.001: 0.500 (-), 0.003: 1.000 (1500) |" in text
   assert recall_settings(None, None) == []
+
+
+def test_the_prose_corpus_is_the_fortunes_packages_plain_files_whatever_else_is_installed(tmp_path, monkeypatch):
+  """Other fortune packages add directories (fortunes-ru: ru/) and symlinks; the study's corpus takes neither,
+  so its runs read the same documents on every machine."""
+  qtg_vs_gpt = spec.load_module(str(Path(__file__).resolve().parents[1] / "studies" / "qtg_vs_gpt.py"))
+  for name in ("art", "art.dat", "art.u8", "computers", "wisdom"):
+    (tmp_path / name).write_text("%\n")
+  (tmp_path / "ru").mkdir()
+  (tmp_path / "ru" / "anekdoty").write_text("%\n")
+  (tmp_path / "off").symlink_to(tmp_path / "wisdom")
+  monkeypatch.setattr(qtg_vs_gpt, "FORTUNE_DIR", str(tmp_path))
+  assert qtg_vs_gpt.fortune_files() == f"{tmp_path}/art,{tmp_path}/wisdom"

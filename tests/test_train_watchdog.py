@@ -128,3 +128,24 @@ def test_two_processes_one_stopped_before_a_collective_the_other_exits_naming_th
   assert reached - 1 <= step <= reached + 2, (step, reached)
   assert 60 * timeout_minutes <= waited < 60 * timeout_minutes + 60, waited
   assert procs[1].returncode != 0, out1 + err1
+
+
+def test_a_stop_the_loop_receives_reaches_the_enclosing_study_through_the_watchdog():
+  """The nesting of a study's training: the study's flag, the watchdog, the loop's flag. The loop's hooks close
+  first (Beat stops the watchdog's thread, then the loop's flag gives its handler back); the watchdog gives
+  back the study's handler last, and the study learns of the stop."""
+  from neon_qtg_jax.training.preemption import PreemptionFlag
+  from neon_qtg_jax.training.watchdog import Watchdog
+  before = signal.getsignal(signal.SIGTERM)
+  with PreemptionFlag() as study:
+    with Watchdog(timeout_minutes=30, stop_grace_seconds=60, who="process 0 of 1", exit=pytest.fail) as dog:
+      dog.started(0)
+      loop = PreemptionFlag().__enter__()
+      signal.raise_signal(signal.SIGTERM)
+      dog.beat(1)
+      dog.stop_watching()                 # Beat.close
+      loop.__exit__(None, None, None)     # StopSignals.close
+      assert loop.requested and study.requested and study.signal_name == "SIGTERM"
+      assert not dog.stop_requested  # not taken for a signal before the first step
+    assert signal.getsignal(signal.SIGTERM) == study._handle  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGTERM) == before

@@ -42,9 +42,22 @@ class PreemptionFlag:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
+  def receive_stop(self, signum: int) -> None:
+    """A stop signal that a handler nested inside this one received (see `relay`)."""
+    self._handle(signum, None)
+
   def __exit__(self, *exc) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-    previous = self._previous.get(self._signum)
-    if self.requested and isinstance(getattr(previous, "__self__", None), PreemptionFlag):
-      previous(self._signum, None)
+    if self.requested:
+      relay(self._previous.get(self._signum), self._signum)
+
+
+def relay(handler: object, signum: int) -> None:
+  """Passes a stop signal on to `handler`, the one installed before a nested handler, when it belongs to
+  an object with `receive_stop` (an enclosing PreemptionFlag, or the training watchdog, which passes it
+  on again); never to Python's or the default handlers."""
+  receive = getattr(getattr(handler, "__self__", None), "receive_stop", None)
+  if receive is not None:
+    receive(signum)
+

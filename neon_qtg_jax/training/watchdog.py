@@ -43,7 +43,7 @@ from types import FrameType
 from typing import Callable, Iterator
 
 from neon_qtg_jax.training.loop import Hook, StepContext
-from neon_qtg_jax.training.preemption import PreemptionFlag
+from neon_qtg_jax.training import preemption
 
 log = logging.getLogger("neon_qtg_jax")
 
@@ -106,11 +106,15 @@ class Watchdog:
     self._thread = threading.Thread(target=self._watch, name="neon-qtg-watchdog", daemon=True)
     self._thread.start()
 
-  def close(self) -> None:
-    """Stops watching (the run's last saves and uploads are not timed) and gives back the signal handlers."""
+  def stop_watching(self) -> None:
+    """Ends the thread (the run's last saves and uploads are not timed); the handlers stay until `close`."""
     self._closed.set()
     if self._thread is not None:
       self._thread.join(timeout=5 * POLL_SECONDS)
+
+  def close(self) -> None:
+    """Stops watching and gives back the signal handlers (after the loop's own flag gave back this one's)."""
+    self.stop_watching()
     if self._wakeup is not None:
       signal.set_wakeup_fd(self._previous_fd)
       for sig, handler in self._previous_handlers.items():
@@ -128,9 +132,12 @@ class Watchdog:
     """The Python handler until the loop installs its own (the thread learns of signals through the wakeup fd)."""
     self._recorded = signal.Signals(signum).name
     log.warning("%s received before the first step: stopping once the train state is ready", self._recorded)
-    previous = self._previous_handlers.get(signum)
-    if isinstance(getattr(previous, "__self__", None), PreemptionFlag):
-      previous(signum, frame)  # an enclosing run (a study) learns that it was asked to stop
+    self.receive_stop(signum)
+
+  def receive_stop(self, signum: int) -> None:
+    """Passes a stop signal on to the handler before this one: an enclosing run (a study) learns that it
+    was asked to stop, also when the training loop's flag received it."""
+    preemption.relay(self._previous_handlers.get(signum), signum)
 
   def started(self, step: int) -> None:
     """The train state is ready at `step` (0, or the checkpoint's): the loop's first step comes next."""
@@ -236,10 +243,10 @@ class Beat(Hook):
     self.dog.beat(ctx.step)
 
   def close(self, loop) -> None:
-    self.dog.close()
+    self.dog.stop_watching()
 
   def abort(self) -> None:
-    self.dog.close()
+    self.dog.stop_watching()
 
 
 def awaited_by_stop(hook: Hook, dog: Watchdog, name: str) -> Hook:
