@@ -746,3 +746,36 @@ def test_the_prose_corpus_is_the_fortunes_packages_plain_files_whatever_else_is_
   (tmp_path / "off").symlink_to(tmp_path / "wisdom")
   monkeypatch.setattr(qtg_vs_gpt, "FORTUNE_DIR", str(tmp_path))
   assert qtg_vs_gpt.fortune_files() == f"{tmp_path}/art,{tmp_path}/wisdom"
+
+
+def test_a_study_continues_from_its_published_record_without_its_run_directories(tuned_study, tmp_path, capsys):
+  """--reuse_published: a run without a workdir takes its published record when the config is the run's (a field
+  the record lacks counts as equal at its default); a record made with another config is run again."""
+  import study as study_tool  # tools/study.py
+  _, _, study_path, out, _ = tuned_study
+  results = [json.loads(p.read_text()) for p in sorted(out.rglob(runner.RESULT_FILE))]
+  published = {"runs": [r for r in results if r["phase"] == "final"],
+               "tuning_runs": [r for r in results if r["phase"] == "tune"]}
+  assert len(published["tuning_runs"]) == 2 and len(published["runs"]) == 1
+  del published["tuning_runs"][0]["config"]["model"]["topo_apply"]     # added since, at its default: reused
+  published["tuning_runs"][1]["config"]["model"]["topo_apply"] = "scores"  # another config: not reused
+  path = tmp_path / "published.json"
+  path.write_text(json.dumps(published))
+  study = spec.load_study(str(study_path))
+  runs = spec.expand(study)
+  outcome = runner.run_all(runs, str(tmp_path / "fresh"), execute=False,
+                           published=runner.Published.load(str(path), spec.base_config(study)))
+  assert [r["key"] for r in outcome.tuning] == [published["tuning_runs"][0]["key"]]
+  assert outcome.tuning[0]["published_in"] == str(path) and outcome.ran == 0
+  second = published["tuning_runs"][1]["key"]
+  assert "not run yet" in next(p for p in outcome.pending if p.startswith(second))
+  assert "model.topo_apply: 'scores' -> 'inputs'" in capsys.readouterr().out
+  whole = tmp_path / "whole.json"
+  results = [json.loads(p.read_text()) for p in sorted(out.rglob(runner.RESULT_FILE))]  # unedited
+  whole.write_text(json.dumps({"runs": [r for r in results if r["phase"] == "final"],
+                               "tuning_runs": [r for r in results if r["phase"] == "tune"]}))
+  with restored_package_logger():  # the whole published record: nothing runs, the report is written again
+    code = study_tool.main([f"--study={study_path}", f"--out={tmp_path / 'again'}", f"--reuse_published={whole}"])
+  again = json.loads((tmp_path / "again" / "study.json").read_text())
+  assert code == 0 and again["runs_finished"] == 3 and not list((tmp_path / "again").rglob(runner.SPEC_FILE))
+  assert [r["final"] for r in again["runs"]] == [r["final"] for r in published["runs"]]

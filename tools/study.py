@@ -97,6 +97,10 @@ def main(argv=None) -> int:
   p.add_argument("--republish_from", default="",
                  help="a published study.json (docs/results/study.json): write --publish from it again with this "
                       "study file's study-wide fields (decision rule, notes, sweep), without the run directories")
+  p.add_argument("--reuse_published", default="",
+                 help="a published study.json (docs/results/study.json): a run without a workdir in --out takes its "
+                      "record from there when that record's config equals the run's (fields added to the config since, "
+                      "at their defaults, count as equal); the others run")
   p.add_argument("--list", action="store_true",
                  help="print the runs in order with steps, FLOPs and CPU time estimated from --out's finished runs")
   p.add_argument("--calibrate_from", default="",
@@ -162,6 +166,7 @@ def main(argv=None) -> int:
     except ValueError as err:
       print(f"error: {err}", file=sys.stderr)
       return 2
+  published = runner.Published.load(args.reuse_published, spec.base_config(study)) if args.reuse_published else None
   os.makedirs(args.out, exist_ok=True)
   deadline = time.monotonic() + 3600 * args.max_hours if args.max_hours else 0.0
   waiting = False
@@ -169,7 +174,8 @@ def main(argv=None) -> int:
     outcome = runner.run_all(runs, args.out, execute=not args.report_only, rerun_stale=args.rerun_stale,
                              require_same_code=args.require_same_code,
                              stop_after_seconds=max(deadline - time.monotonic(), 1e-9) if deadline else 0.0,
-                             read_only=frozenset(r.key for r in read), print_fn=print if passes == 1 else _quiet)
+                             read_only=frozenset(r.key for r in read), published=published,
+                             print_fn=print if passes == 1 else _quiet)
     if (not args.wait or args.report_only or not outcome.pending or outcome.failures or outcome.stale
         or outcome.stopped_by or outcome.out_of_time):
       break
@@ -192,6 +198,8 @@ def main(argv=None) -> int:
     command += f" --publish={args.publish}"
   if recall_dir:
     command += f" --recall_dir={recall_dir}"
+  if args.reuse_published:
+    command += f" --reuse_published={args.reuse_published}"
   if args.analyze:
     command += " --analyze"
   result = report.write_report(study, outcome, len(runs), args.out, command, args.publish, recall_dir)

@@ -259,10 +259,13 @@ def copy_analysis_pictures(study: dict[str, Any], records: list[dict[str, Any]],
     mine = sorted((r for r in records if r["group"] == group and r["variant"] == variant), key=lambda r: r["seed"])
     source = os.path.join(mine[0]["workdir"], "analysis") if mine else ""
     for picture in ("attention", "persistence"):
+      name = f"{group}__{variant}_{picture}.png"
       path = os.path.join(source, f"{picture}.png")
+      if mine and not os.path.exists(path) and "published_in" in mine[0]:  # the copy published beside its record
+        path = os.path.join(os.path.dirname(mine[0]["published_in"]), name)
       if mine and os.path.exists(path):
-        names.append(f"{group}__{variant}_{picture}.png")
-        shutil.copy(path, os.path.join(plot_dir, names[-1]))
+        names.append(name)
+        shutil.copy(path, os.path.join(plot_dir, name))
   return names
 
 

@@ -84,10 +84,17 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def config_difference(recorded: dict[str, Any], wanted: dict[str, Any], limit: int = 4) -> str:
-  """The fields where two run configs differ, as 'field: recorded -> wanted; ...' ('' when equal)."""
+def config_difference(recorded: dict[str, Any], wanted: dict[str, Any], limit: int = 4,
+                      defaults: dict[str, Any] | None = None) -> str:
+  """The fields where two run configs differ, as 'field: recorded -> wanted; ...' ('' when equal).
+
+  defaults (flat, e.g. the study's base config): a field the recorded config lacks counts as equal when
+  the wanted value is its default (a field added to the config since, at the value that keeps the old behaviour).
+  """
   a, b = _flat(recorded), _flat(wanted)
-  fields = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+  absent = object()
+  added = {k for k in b.keys() - a.keys() if defaults is not None and defaults.get(k, absent) == b[k]}
+  fields = [k for k in sorted((a.keys() | b.keys()) - added) if a.get(k, "(absent)") != b.get(k, "(absent)")]
   text = "; ".join(f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in fields[:limit])
   return text + (f"; and {len(fields) - limit} more" if len(fields) > limit else "")
 
@@ -116,6 +123,32 @@ def stale_reason(workdir: str, run: Run, code: dict[str, str] | None = None, req
     if other:
       return f"made by code {', '.join(other)}, this checkout is {provenance.version_label(code)} (--require_same_code)"
   return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+  """The finished runs of a published study.json (docs/results/study.json), reused where a study directory
+  has no workdir for them: a study continues from its published record after its run directories are gone.
+  A record is reused only when its config equals the run's now, `defaults` (the study's base config, flat)
+  standing in for the fields added to the config since it was made."""
+  path: str
+  records: dict[str, dict[str, Any]]
+  defaults: dict[str, Any]
+
+  @classmethod
+  def load(cls, path: str, base: ml_collections.ConfigDict) -> "Published":
+    study_json = _read_json(path)
+    return cls(path, {r["key"]: r for r in study_json["runs"] + study_json["tuning_runs"]}, _flat(config_json(base)))
+
+  def record(self, run: Run) -> tuple[dict[str, Any] | None, str]:
+    """(the published record of `run` marked with `published_in`, "") or (None, why it cannot be reused)."""
+    record = self.records.get(run.key)
+    if record is None:
+      return None, ""
+    difference = config_difference(record["config"], config_json(run.config), defaults=self.defaults)
+    if difference:
+      return None, f"the record in {self.path} was made with another config ({difference})"
+    return record | {"published_in": self.path}, ""
 
 
 def move_aside(workdir: str) -> str:
@@ -321,8 +354,11 @@ def _resolve(run: Run, outcome: Outcome, blocked: set[str]) -> tuple[Run | None,
 
 def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stale: bool = False,
             require_same_code: bool = False, stop_after_seconds: float = 0.0, code: dict[str, str] | None = None,
-            read_only: frozenset[str] = frozenset(), print_fn: Callable[[str], None] = print) -> Outcome:
+            read_only: frozenset[str] = frozenset(), published: Published | None = None,
+            print_fn: Callable[[str], None] = print) -> Outcome:
   """Runs every missing run in order (execute=False: none) and collects what the study directory holds.
+
+  published: a run without a workdir takes its record from there when that record's config is the run's.
 
   Runs whose key is in read_only are collected when finished, never run or moved aside here: the
   tuning runs another process runs, read so that this one's runs can take their learning rates.
@@ -337,11 +373,16 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
   outcome = Outcome()
   blocked: set[str] = set()   # group/variant whose tuning cannot complete in this call
   mine = [r for r in runs if r.key not in read_only]
-  has_result = [os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE)) for r in mine]
+
+  def has_result(r: Run) -> bool:  # a published record counts (its config is checked when the run comes up)
+    return (os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE))
+            or (published is not None and r.key in published.records))
+
+  finished = sum(map(has_result, mine))
   tuning_runs = sum(r.phase == "tune" for r in mine)
   if execute:
-    print_fn(f"study: {len(mine)} runs ({tuning_runs} lr tuning runs), {sum(has_result)} with a result, "
-             f"{len(mine) - sum(has_result)} to run; code {code['describe']}"
+    print_fn(f"study: {len(mine)} runs ({tuning_runs} lr tuning runs), {finished} with a result, "
+             f"{len(mine) - finished} to run; code {code['describe']}"
              + (f"; {len(read_only)} tuning runs of other groups or variants read, not run" if read_only else ""))
   done_flops = done_seconds = 0.0
   started = time.perf_counter()
@@ -382,6 +423,13 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
         if os.path.exists(result_path):
           (outcome.tuning if run.phase == "tune" else outcome.records).append(_read_json(result_path))
           continue
+        if published is not None and not os.path.isdir(workdir):
+          record, why = published.record(run)
+          if record is not None:
+            (outcome.tuning if run.phase == "tune" else outcome.records).append(record)
+            continue
+          if why:
+            print_fn(f"[{run.key}] not reused: {why}")
         if run.key in read_only:
           outcome.pending.append(f"{run.key}: not run yet (not one of the runs this call selects)")
           continue
@@ -410,8 +458,7 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
       if run.budget["kind"] != "wall_time":  # a wall-time run's seconds are its minutes, not its FLOPs
         done_flops += record["train_flops"]
         done_seconds += elapsed
-      remaining = [r for r in runs[position + 1:] if r.key not in read_only
-                   and not os.path.exists(os.path.join(run_workdir(study_dir, r), RESULT_FILE))]
+      remaining = [r for r in runs[position + 1:] if r.key not in read_only and not has_result(r)]
       measured = done_flops > 0 or all(r.budget["kind"] == "wall_time" for r in remaining)
       eta = (f"ETA {_duration(sum(expected_seconds(r, done_seconds / max(done_flops, 1.0)) for r in remaining))}"
              if measured else "ETA not known yet")
