@@ -536,6 +536,8 @@ def geometry_section(study_json: dict[str, Any]) -> list[str]:
     language_word = ("better" if all(v == "better" for v in language) else
                      "worse" if all(v == "worse" for v in language) else "no difference")
   lines += [f"**Verdict:** {geometry_verdict(recall_word, language_word, a, b)}", ""]
+  if study.get("verdict_note"):  # what was measured after the rule was applied (it leaves the rule as written)
+    lines += [study["verdict_note"], ""]
   return lines
 
 
