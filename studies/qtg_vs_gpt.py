@@ -189,6 +189,10 @@ def get_study():
           "than the few percent by which their step times differ at the tiny shape. Between them that group is "
           "in effect an equal-steps comparison. The last run (`qtg_seed` seed 2) had the machine to itself for "
           "part of its 8 minutes and reached 1001 steps.",
+          "`gpt_spec`'s equal-wall-time runs were made on 2026-12-06, the group's other runs on 2026-11-30: "
+          "different days, code and machine load. `gpt_spec` reached 1121-1201 steps in its 8 minutes (each run "
+          "beside one other training process), the others 851-1001; read that row as a different measurement, "
+          "not as a wall-time ranking.",
           "Seeds change the initialisation and the data order together; 3 seeds give wide intervals, and an "
           "interval that excludes 0 at 3 seeds is still a weak result.",
           "The learning rate is chosen per variant from the same grid on the standard library's tuning split (one "
