@@ -779,3 +779,13 @@ def test_a_study_continues_from_its_published_record_without_its_run_directories
   again = json.loads((tmp_path / "again" / "study.json").read_text())
   assert code == 0 and again["runs_finished"] == 3 and not list((tmp_path / "again").rglob(runner.SPEC_FILE))
   assert [r["final"] for r in again["runs"]] == [r["final"] for r in published["runs"]]
+
+
+def test_an_unreadable_published_record_is_named_before_any_run(tmp_path, corpus, capsys):
+  import study as study_tool  # tools/study.py
+  study_path = _study_file(tmp_path, corpus)
+  (tmp_path / "bad.json").write_text('{"runs": []')
+  for path in (tmp_path / "absent.json", tmp_path / "bad.json"):
+    code = study_tool.main([f"--study={study_path}", f"--out={tmp_path / 'out'}", f"--reuse_published={path}"])
+    assert code == 2 and f"--reuse_published={path}: not a readable published study.json" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()

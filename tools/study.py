@@ -166,7 +166,12 @@ def main(argv=None) -> int:
     except ValueError as err:
       print(f"error: {err}", file=sys.stderr)
       return 2
-  published = runner.Published.load(args.reuse_published, spec.base_config(study)) if args.reuse_published else None
+  try:
+    published = runner.Published.load(args.reuse_published, spec.base_config(study)) if args.reuse_published else None
+  except (OSError, ValueError, KeyError, TypeError) as err:
+    print(f"error: --reuse_published={args.reuse_published}: not a readable published study.json "
+          f"({type(err).__name__}: {err})", file=sys.stderr)
+    return 2
   os.makedirs(args.out, exist_ok=True)
   deadline = time.monotonic() + 3600 * args.max_hours if args.max_hours else 0.0
   waiting = False

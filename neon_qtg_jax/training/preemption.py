@@ -60,4 +60,3 @@ def relay(handler: object, signum: int) -> None:
   receive = getattr(getattr(handler, "__self__", None), "receive_stop", None)
   if receive is not None:
     receive(signum)
-
