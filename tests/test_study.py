@@ -750,7 +750,8 @@ def test_the_prose_corpus_is_the_fortunes_packages_plain_files_whatever_else_is_
 
 def test_a_study_continues_from_its_published_record_without_its_run_directories(tuned_study, tmp_path, capsys):
   """--reuse_published: a run without a workdir takes its published record when the config is the run's (a field
-  the record lacks counts as equal at its default); a record made with another config is run again."""
+  the record lacks counts as equal at its default) and the record's data is the data prepared here; a record made
+  with another config or on other data is run again; one without a data fingerprint is reused and listed."""
   import study as study_tool  # tools/study.py
   _, _, study_path, out, _ = tuned_study
   results = [json.loads(p.read_text()) for p in sorted(out.rglob(runner.RESULT_FILE))]
@@ -769,16 +770,38 @@ def test_a_study_continues_from_its_published_record_without_its_run_directories
   assert outcome.tuning[0]["published_in"] == str(path) and outcome.ran == 0
   second = published["tuning_runs"][1]["key"]
   assert "not run yet" in next(p for p in outcome.pending if p.startswith(second))
-  assert "model.topo_apply: 'scores' -> 'inputs'" in capsys.readouterr().out
+  assert "model.topo_apply: 'scores' -> 'inputs'" in capsys.readouterr().out and not outcome.unchecked
+  results = [json.loads(p.read_text()) for p in sorted(out.rglob(runner.RESULT_FILE))]  # unedited
+  tuning = [r for r in results if r["phase"] == "tune"]
+  prepared = tuning[1]["data"]
+  assert prepared == runner.prepared_fingerprint(tuning[1]["config"]["data"]["data_dir"])
+  tuning[1]["data"] = prepared | {"tokens": prepared["tokens"] | {"val": prepared["tokens"]["val"] + 1}}
+  path.write_text(json.dumps({"runs": [], "tuning_runs": tuning}))  # the same config on other data: not reused
+  outcome = runner.run_all(runs, str(tmp_path / "fresh"), execute=False,
+                           published=runner.Published.load(str(path), spec.base_config(study)))
+  assert [r["key"] for r in outcome.tuning] == [tuning[0]["key"]]
+  printed = capsys.readouterr().out
+  assert f"[{tuning[1]['key']}] not reused: the record in {path} was trained on other data" in printed
+  assert f"tokens.val: {prepared['tokens']['val'] + 1} -> {prepared['tokens']['val']}" in printed
+  unprepared = runner.Published.load(str(path), spec.base_config(study))
+  unprepared.prepared[prepared_dir := tuning[0]["config"]["data"]["data_dir"]] = None  # a machine without it
+  record, why = unprepared.record(next(r for r in runs if r.key == tuning[0]["key"]))
+  assert why == "" and record["data_unchecked"].startswith(f"{prepared_dir} is not prepared here")
   whole = tmp_path / "whole.json"
   results = [json.loads(p.read_text()) for p in sorted(out.rglob(runner.RESULT_FILE))]  # unedited
-  whole.write_text(json.dumps({"runs": [r for r in results if r["phase"] == "final"],
-                               "tuning_runs": [r for r in results if r["phase"] == "tune"]}))
+  finals = [r for r in results if r["phase"] == "final"]
+  del finals[0]["data"]  # a record made before records had a data fingerprint: reused, listed as unchecked
+  whole.write_text(json.dumps({"runs": finals, "tuning_runs": [r for r in results if r["phase"] == "tune"]}))
   with restored_package_logger():  # the whole published record: nothing runs, the report is written again
     code = study_tool.main([f"--study={study_path}", f"--out={tmp_path / 'again'}", f"--reuse_published={whole}"])
   again = json.loads((tmp_path / "again" / "study.json").read_text())
   assert code == 0 and again["runs_finished"] == 3 and not list((tmp_path / "again").rglob(runner.SPEC_FILE))
   assert [r["final"] for r in again["runs"]] == [r["final"] for r in published["runs"]]
+  assert again["unchecked"] == [f"{finals[0]['key']}: the record has no data fingerprint (made before records had "
+                                "one): its data is not compared"]
+  report_text = (tmp_path / "again" / "report.md").read_text()
+  assert "## Published records reused without a data check (1)" in report_text
+  assert "1 published record(s) reused without comparing their data" in capsys.readouterr().err
 
 
 def test_an_unreadable_published_record_is_named_before_any_run(tmp_path, corpus, capsys):

@@ -213,6 +213,9 @@ def main(argv=None) -> int:
         + (f", {args.publish}" if args.publish else ""))
   for line in outcome.stale:
     print(f"stale: {line}", file=sys.stderr)
+  if outcome.unchecked:
+    print(f"study: {len(outcome.unchecked)} published record(s) reused without comparing their data with the data "
+          "prepared here (listed in the report)", file=sys.stderr)
   for line in outcome.failures:
     print(f"failed: {line}", file=sys.stderr)
   return 1 if outcome.failures or outcome.stale else 0

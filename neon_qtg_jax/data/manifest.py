@@ -79,6 +79,13 @@ class Manifest:
   timings: dict[str, float]        # seconds per phase of the run that finished the directory
   checksums: dict[str, Any] = dataclasses.field(default_factory=dict)  # file -> integrity.file_checksums
 
+  def fingerprint(self) -> dict[str, Any]:
+    """What identifies the data a run trained and was scored on: the tokenizer's sha256 and the documents,
+    tokens and UTF-8 bytes per split. Equal settings can prepare other data elsewhere (another Python's
+    standard library, another version of a package's text, another SentencePiece)."""
+    return {"tokenizer_sha256": self.tokenizer["sha256"], "documents": dict(self.documents),
+            "tokens": dict(self.tokens), "text_bytes": dict(self.text_bytes)}
+
   def split_path(self, split: str) -> str:
     if split not in self.tokens:
       raise ValueError(f"split {split!r}: {self.data_dir} holds {tuple(self.tokens)}"

@@ -660,6 +660,7 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
                          ("Failed runs", study_json["failures"]), ("Not run yet", study_json["pending"])):
     if entries:
       lines += [f"## {title}", ""] + [f"- {e}" for e in entries] + [""]
+  lines += unchecked_lines(study_json.get("unchecked", []))
   lines += ["## What this does and does not show", ""] + [f"- {n}" for n in study.get("notes", [])] + [""]
   lines += ["## Reproduce", "", "```", study_json["command"], "```", "",
             "Each run's workdir holds its checkpoints, logs, TensorBoard events, `run.json` (its whole config), "
@@ -669,6 +670,22 @@ def markdown(study_json: dict[str, Any], plot_dir_rel: str) -> str:
             "scalars, curve), the tuning runs and the lr choices. `tools/analyze.py --workdir=RUN` draws what a "
             "trained model does.", ""]
   return "\n".join(lines)
+
+
+def unchecked_lines(entries: list[str]) -> list[str]:
+  """The published records reused without comparing their data with this machine's, grouped by reason."""
+  if not entries:
+    return []
+  by_reason: dict[str, list[str]] = {}
+  for entry in entries:
+    key, reason = entry.split(": ", 1)
+    by_reason.setdefault(reason, []).append(f"`{key}`")
+  lines = [f"## Published records reused without a data check ({len(entries)})", "",
+           "Their config equals the run's, but whether they were trained on the data prepared here is not known; a "
+           "difference in the prepared data (another tokenizer, another corpus version) changes bits per byte.", ""]
+  for reason, keys in by_reason.items():
+    lines += [f"- {reason}: {', '.join(keys)}"]
+  return lines + [""]
 
 
 def write_report(study: dict[str, Any], outcome: Outcome, runs_planned: int, study_dir: str, command: str,
@@ -692,6 +709,7 @@ def write_report(study: dict[str, Any], outcome: Outcome, runs_planned: int, stu
       "study": {k: v for k, v in study.items() if k != "groups"}, "date": datetime.date.today().isoformat(),
       "machine": machine(), "command": command, "runs_planned": runs_planned,
       "runs_finished": len(records) + len(outcome.tuning), "failures": outcome.failures, "stale": outcome.stale,
+      "unchecked": outcome.unchecked,
       "pending": outcome.pending, "code_versions": code_versions(records + outcome.tuning), "recall": recall,
       "groups": groups, "plots": plots, "lr_choices": outcome.lr_choices, "runs": records,
       "tuning_runs": outcome.tuning,

@@ -125,15 +125,29 @@ def stale_reason(workdir: str, run: Run, code: dict[str, str] | None = None, req
   return ""
 
 
+def prepared_fingerprint(data_dir: str) -> dict[str, Any] | None:
+  """The fingerprint of the data prepared in data_dir (Manifest.fingerprint); None where none is prepared."""
+  from neon_qtg_jax.data.manifest import Manifest  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.data.sources import DataError  # pylint: disable=import-outside-toplevel
+  try:
+    return Manifest.load(data_dir).fingerprint()
+  except DataError:
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Published:
   """The finished runs of a published study.json (docs/results/study.json), reused where a study directory
   has no workdir for them: a study continues from its published record after its run directories are gone.
   A record is reused only when its config equals the run's now, `defaults` (the study's base config, flat)
-  standing in for the fields added to the config since it was made."""
+  standing in for the fields added to the config since it was made, and when the data it was trained on is
+  the data prepared here (its `data` fingerprint against data.data_dir's manifest). A record that cannot be
+  checked (made before records had a fingerprint, or its data not prepared here) is reused and marked
+  `data_unchecked` with the reason, which the report lists."""
   path: str
   records: dict[str, dict[str, Any]]
   defaults: dict[str, Any]
+  prepared: dict[str, dict[str, Any] | None] = dataclasses.field(default_factory=dict, compare=False)  # by data_dir
 
   @classmethod
   def load(cls, path: str, base: ml_collections.ConfigDict) -> "Published":
@@ -148,7 +162,20 @@ class Published:
     difference = config_difference(record["config"], config_json(run.config), defaults=self.defaults)
     if difference:
       return None, f"the record in {self.path} was made with another config ({difference})"
-    return record | {"published_in": self.path}, ""
+    data_dir = run.config.data.data_dir
+    if data_dir not in self.prepared:
+      self.prepared[data_dir] = prepared_fingerprint(data_dir)
+    unchecked = ""
+    if "data" not in record:
+      unchecked = "the record has no data fingerprint (made before records had one): its data is not compared"
+    elif self.prepared[data_dir] is None:
+      unchecked = (f"{data_dir} is not prepared here, so the record's data is not compared (launch.py "
+                   "--mode=prepare with the run's config prepares it)")
+    else:
+      difference = config_difference(record["data"], self.prepared[data_dir])
+      if difference:
+        return None, f"the record in {self.path} was trained on other data than {data_dir} holds ({difference})"
+    return record | {"published_in": self.path} | ({"data_unchecked": unchecked} if unchecked else {}), ""
 
 
 def move_aside(workdir: str) -> str:
@@ -289,6 +316,7 @@ def train_and_score(run: Run, workdir: str, code: dict[str, str],
       "stopped_by_clock": run.budget["kind"] == "wall_time" and steps < t.total_steps,
       "tokens": steps * tokens_per_step, "train_flops": steps * flops_per_step,
       "train_seconds": float(meta["train_seconds"]), "run_seconds": time.perf_counter() - started,
+      "data": prepared_fingerprint(config.data.data_dir),
       "eval_split": split, "eval_file": os.path.relpath(eval_path, workdir) if eval_path else None,
       "best_val_ce": best["val_ce"] if best else None, "best_val_step": best["step"] if best else None,
       "best_val_perplexity": math.exp(best["val_ce"]) if best else None,
@@ -324,6 +352,7 @@ class Outcome:
   lr_choices: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # "group/variant" ->
   failures: list[str] = dataclasses.field(default_factory=list)  # failed in this call, or cannot run
   stale: list[str] = dataclasses.field(default_factory=list)     # made under other settings: not reused
+  unchecked: list[str] = dataclasses.field(default_factory=list)  # published records reused, data not compared
   pending: list[str] = dataclasses.field(default_factory=list)   # not run yet (report only, time limit)
   ran: int = 0               # runs this call trained and scored
   out_of_time: bool = False  # stop_after_seconds left runs unstarted
@@ -427,6 +456,8 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
           record, why = published.record(run)
           if record is not None:
             (outcome.tuning if run.phase == "tune" else outcome.records).append(record)
+            if record.get("data_unchecked"):
+              outcome.unchecked.append(f"{run.key}: {record['data_unchecked']}")
             continue
           if why:
             print_fn(f"[{run.key}] not reused: {why}")
