@@ -12,9 +12,8 @@ import traceback
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 # --target compiles with XLA's compile-only GPU client; the CUDA plugin registers it only when it
 # does not probe for a driver, so keep JAX on the CPU (nothing runs on a compile target anyway).
-# Without an NVIDIA driver (no /proc/driver/nvidia) an installed CUDA plugin fails its probe with a
-# long traceback before JAX falls back to the CPU: go to the CPU directly.
-if any(arg.startswith("--target") for arg in sys.argv[1:]) or not os.path.exists("/proc/driver/nvidia"):
+# Without an NVIDIA driver, importing neon_qtg_jax (below, before jax) sets the CPU too.
+if any(arg.startswith("--target") for arg in sys.argv[1:]):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import ml_collections

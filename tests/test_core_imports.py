@@ -142,3 +142,51 @@ def test_launch_names_its_errors_without_loading_jax(module):
   imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
   imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
   assert not imported & {"jax", "orbax", "flax"}
+
+
+JAX_ROOTS = ("jax", "jaxlib", "flax", "optax", "orbax")
+
+
+def _first_module_level_import(path: str, roots: tuple[str, ...]) -> int | None:
+  """The line of the first module-level import of a package in roots (None when there is none)."""
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read(), path)
+  for node in tree.body:
+    names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+             else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+    if any(name.split(".")[0] in roots for name in names):
+      return node.lineno
+  return None
+
+
+@pytest.mark.skipif(os.path.exists("/proc/driver/nvidia"), reason="this machine has an NVIDIA driver")
+def test_without_a_gpu_driver_importing_the_package_keeps_jax_on_the_cpu_without_a_cuda_traceback():
+  """With the cuda12 extra installed and no driver, the CUDA plugin's probe prints a long traceback before JAX
+  falls back to the CPU; importing neon_qtg_jax first sets JAX_PLATFORMS=cpu (an explicit setting wins)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = "import os, neon_qtg_jax, jax; print(os.environ['JAX_PLATFORMS'], jax.devices()[0].platform)"
+  done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.split() == ["cpu", "cpu"] and "Traceback" not in done.stderr
+  explicit = subprocess.run([sys.executable, "-c", "import os, neon_qtg_jax; print(os.environ['JAX_PLATFORMS'])"],
+                            env=env | {"JAX_PLATFORMS": "cuda"}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert explicit.stdout.split() == ["cuda"], explicit.stderr
+
+
+def test_every_entry_point_imports_the_package_before_jax():
+  """launch.py and each tool import neon_qtg_jax before jax, so the import above takes effect (or set
+  JAX_PLATFORMS themselves, as the CPU-only benchmarks do)."""
+  files = [os.path.join(ROOT, "launch.py")] + sorted(
+      os.path.join(ROOT, "tools", n) for n in os.listdir(os.path.join(ROOT, "tools")) if n.endswith(".py"))
+  late = []
+  for path in files:
+    with open(path, encoding="utf-8") as f:
+      if 'os.environ.setdefault("JAX_PLATFORMS", "cpu")\n' in f.read():
+        continue
+    first_jax = _first_module_level_import(path, JAX_ROOTS)
+    first_package = _first_module_level_import(path, (PACKAGE,))
+    if first_jax is not None and (first_package is None or first_package > first_jax):
+      late.append(f"{os.path.relpath(path, ROOT)}:{first_jax}")
+  assert not late, f"jax imported before neon_qtg_jax: {late}"

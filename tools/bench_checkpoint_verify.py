@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import neon_qtg_jax  # noqa: E402,F401  first: without a GPU driver it keeps jax on the CPU
 import jax  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import neon_qtg_jax  # noqa: F401  first: without a GPU driver it keeps jax on the CPU
 import jax
 import jax.numpy as jnp
 

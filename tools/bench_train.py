@@ -17,9 +17,10 @@ import platform
 import sys
 from pathlib import Path
 
-import jax
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import neon_qtg_jax  # noqa: E402,F401  first: without a GPU driver it keeps jax on the CPU
+import jax  # noqa: E402
 
 from neon_qtg_jax.config import default_config, validate  # noqa: E402
 from neon_qtg_jax.training.benchmark import compare_with_gpt  # noqa: E402

@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import neon_qtg_jax  # noqa: E402,F401  first: without a GPU driver it keeps jax on the CPU
 import jax  # noqa: E402
 
 from neon_qtg_jax import parallel  # noqa: E402

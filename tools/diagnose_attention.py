@@ -16,15 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-if not os.path.exists("/proc/driver/nvidia"):  # no GPU driver: skip the CUDA plugin's failing probe
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import neon_qtg_jax  # noqa: E402,F401  first: without a GPU driver it keeps jax on the CPU
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402

@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import jax
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ and the package of this checkout
+
+import neon_qtg_jax  # noqa: E402,F401  first: without a GPU driver it keeps jax on the CPU
+import jax  # noqa: E402
 
 from neon_qtg_jax import info
 from neon_qtg_jax.parallel import targets

@@ -25,8 +25,6 @@ import os
 import sys
 from pathlib import Path
 
-if not os.path.exists("/proc/driver/nvidia"):  # no GPU driver: skip the CUDA plugin's failing probe
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neon_qtg_jax.config import ConfigError  # noqa: E402

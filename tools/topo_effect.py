@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neon_qtg_jax.config import TOPO_APPLY
-from neon_qtg_jax.model import QTGModel
+import neon_qtg_jax  # noqa: E402,F401  first: without a GPU driver it keeps jax on the CPU
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from neon_qtg_jax.config import TOPO_APPLY  # noqa: E402
+from neon_qtg_jax.model import QTGModel  # noqa: E402
 
 CHANGES = {"threshold 0.1 -> 0": {"persistence_threshold": 0.0}, "tau 1 -> 0.1": {"tau": 0.1},
            "no filter (w = 1)": {"topofilter": False}}
