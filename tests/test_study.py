@@ -787,6 +787,10 @@ def test_a_study_continues_from_its_published_record_without_its_run_directories
   unprepared.prepared[prepared_dir := tuning[0]["config"]["data"]["data_dir"]] = None  # a machine without it
   record, why = unprepared.record(next(r for r in runs if r.key == tuning[0]["key"]))
   assert why == "" and record["data_unchecked"].startswith(f"{prepared_dir} is not prepared here")
+  path.write_text(json.dumps({"runs": [], "tuning_runs": [record]}))  # published again, then checked where prepared
+  record, why = runner.Published.load(str(path), spec.base_config(study)).record(
+      next(r for r in runs if r.key == tuning[0]["key"]))
+  assert why == "" and "data_unchecked" not in record
   whole = tmp_path / "whole.json"
   results = [json.loads(p.read_text()) for p in sorted(out.rglob(runner.RESULT_FILE))]  # unedited
   finals = [r for r in results if r["phase"] == "final"]

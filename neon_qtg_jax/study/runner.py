@@ -175,6 +175,7 @@ class Published:
       difference = config_difference(record["data"], self.prepared[data_dir])
       if difference:
         return None, f"the record in {self.path} was trained on other data than {data_dir} holds ({difference})"
+    record = {k: v for k, v in record.items() if k != "data_unchecked"}  # as checked here, not where published
     return record | {"published_in": self.path} | ({"data_unchecked": unchecked} if unchecked else {}), ""
 
 
