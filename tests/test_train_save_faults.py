@@ -155,3 +155,18 @@ def test_a_step_moved_aside_is_kept_out_of_rotation(tmp_path):
   checkpointer.close()
   assert sorted(os.listdir(tmp_path)) == ["3.unreadable", "4", "5.unreadable"]
   assert os.path.isdir(tmp_path / "3.unreadable" / "params")
+
+
+@pytest.mark.parametrize("where", ["cut from a long first line", "on a later line"])
+def test_a_failed_save_names_the_operating_systems_reason_wherever_the_library_put_it(tmp_path, where):
+  """TensorStore's messages repeat the store's spec, so the shortened message can lose the OS reason; it is kept."""
+  spec = '{"driver": "zarr", "kvstore": ' + '"x" ' * 300 + "}"
+  text = (f'OUT_OF_RANGE: Error writing "a/.zarray" {spec}: [OS error 27: File too large] {spec}'
+          if where.startswith("cut") else f"Error writing {spec}\nOS error 27: File too large")
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / "ckpt"), keep=2)
+  with pytest.raises(save_faults.CheckpointSaveError) as raised:
+    checkpointer._save_failed(4, ValueError(text))  # pylint: disable=protected-access
+  message = str(raised.value)
+  assert "checkpoint 4 could not be written" in message and "File too large" in message
+  assert len(message) < 900
+  assert checkpointing.os_error_text("no reason here") == ""

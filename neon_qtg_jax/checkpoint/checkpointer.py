@@ -24,6 +24,7 @@ for NaN and infinity; either failure makes the step unreadable.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 from typing import Any
@@ -303,6 +304,12 @@ def config_differences(saved: ml_collections.ConfigDict, current: ml_collections
   return out
 
 
+def os_error_text(message: str) -> str:
+  """The first operating-system error text (an os.strerror, e.g. "File too large") in message; '' if none."""
+  found = [(message.find(text), text) for text in {os.strerror(code) for code in errno.errorcode} if text in message]
+  return min(found)[1] if found else ""
+
+
 class Checkpointer:
   """Saves and restores full training checkpoints in one directory (a run's checkpoints/)."""
 
@@ -318,8 +325,11 @@ class Checkpointer:
     """Raises (or with on_save_error="continue", logs) a clear error for a failed save of `step`."""
     intact = [s for s in self.steps() if s != step]
     reason = str(err).splitlines()[0] if str(err) else ""
-    if len(reason) > 400:  # TensorStore's messages put the OS reason ("File too large") last
+    if len(reason) > 400:  # TensorStore's messages repeat the store's whole spec
       reason = f"{reason[:150]} ... {reason[-250:]}"
+    cause = os_error_text(str(err))
+    if cause and cause not in reason:  # the OS reason ("File too large") can sit in what was cut, or on a later line
+      reason += f" [{cause}]"
     if isinstance(err, TimeoutError):
       reason += (" another process did not finish its part in time (training.save_timeout_minutes); its own error "
                  "names the cause")
