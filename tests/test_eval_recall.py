@@ -203,7 +203,7 @@ def test_the_sweep_skips_cells_above_a_level_the_arm_failed_and_runs_them_on_req
 
   monkeypatch.setattr(recall, "train_and_score", fake_run)
   todo = recall_sweep.cells(("qtg", "gpt_spec"), (4, 8, 16), (64,), (0, 1, 2))
-  list(recall_sweep.run(str(tmp_path), todo, seeds=3, progress=lambda line: None))
+  list(recall_sweep.run(str(tmp_path), todo, progress=lambda line: None))
   assert sorted(r for r in ran if r[0] == "qtg") == [("qtg", p, s) for p in (4, 8) for s in (0, 1, 2)]
   assert [r for r in ran if r[0] == "gpt_spec"] == [("gpt_spec", p, s) for p in (4, 8, 16) for s in (0, 1, 2)]
   summary = recall_sweep.readout(recall_sweep.read(str(tmp_path)), seeds=3)
@@ -213,6 +213,11 @@ def test_the_sweep_skips_cells_above_a_level_the_arm_failed_and_runs_them_on_req
   assert "| `gpt_spec` | 64 | 1.000 | 1.000 | 1.000 | not run | not run | at least 16 (not complete) |" in \
       recall_sweep.markdown(summary, seeds=3)
   ran.clear()
-  list(recall_sweep.run(str(tmp_path), todo, seeds=3, every_cell=True, progress=lambda line: None))
+  list(recall_sweep.run(str(tmp_path), todo, every_cell=True, progress=lambda line: None))
   assert ran == [("qtg", 16, s) for s in (0, 1, 2)]  # only the skipped cells, and the readout is unchanged
   assert recall_sweep.readout(recall_sweep.read(str(tmp_path)), seeds=3)[("qtg", 64)]["largest_solved"] == 4
+  # One failed seed settles a level while its other seeds still run elsewhere: nothing above it starts.
+  first = [r for r in recall_sweep.read(str(tmp_path)) if (r["variant"], r["num_pairs"], r["seed"]) == ("qtg", 8, 0)]
+  assert not first[0]["solved"]
+  assert recall_sweep.settled_below(first, recall_sweep.Cell("qtg", 16, 64, 1)) == 8
+  assert recall_sweep.settled_below(first, recall_sweep.Cell("qtg", 8, 64, 1)) is None

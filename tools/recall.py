@@ -100,7 +100,7 @@ def main(argv=None) -> int:
       print(f"error: --arms: unknown variant(s) {unknown}; known: {sorted(VARIANTS)}", file=sys.stderr)
       return 2
     todo = recall_sweep.cells(arms, args.pairs, args.widths, args.seeds)
-    for record in recall_sweep.run(args.out, todo, steps=args.steps, seeds=len(args.seeds),
+    for record in recall_sweep.run(args.out, todo, steps=args.steps,
                                     every_cell=args.every_cell, progress=lambda line: print(line, flush=True)):
       print(f"{record['variant']} pairs {record['num_pairs']} width {record['width']} seed {record['seed']}: "
             f"accuracy {record['accuracy']:.3f} (floor {record['no_recall_floor']:.3f}) in {record['seconds']:.0f} s",

@@ -54,29 +54,31 @@ def _claim(directory: str, cell: Cell) -> bool:
   return True
 
 
-def settled_below(records: list[dict[str, Any]], cell: Cell, seeds: int) -> int | None:
-  """A smaller pairs level at which the cell's arm and width already failed on a seed with all `seeds` seeds
-  run; None if there is none. The readout stops at that level, so this cell cannot change it."""
+def settled_below(records: list[dict[str, Any]], cell: Cell) -> int | None:
+  """A smaller pairs level at which the cell's arm and width already failed on a seed (whether or not its other
+  seeds have run); None if there is none. That level cannot be solved on every seed, so the readout stops there
+  and this cell cannot change it."""
   for pairs in recall.MQAR_PAIRS:
     if pairs >= cell.pairs:
       return None
     runs = [r for r in records if (r["variant"], r["width"], r["num_pairs"]) == (cell.arm, cell.width, pairs)]
-    if len(runs) >= seeds and not all(r["solved"] for r in runs):
+    if not all(r["solved"] for r in runs):
       return pairs
   return None
 
 
-def run(directory: str, todo: list[Cell], steps: int | None = None, seeds: int = 3, every_cell: bool = False,
+def run(directory: str, todo: list[Cell], steps: int | None = None, every_cell: bool = False,
         progress: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
   """Runs the cells no process has a result or a lock for; yields each record as it is written.
 
-  A cell above a level its arm already failed at that width (on a seed, all `seeds` seeds run) is not run
-  unless every_cell: the readout (the largest level solved with every smaller level solved) cannot use it.
+  A cell above a level its arm already failed at that width (on any seed, even while its other seeds run
+  elsewhere) is not run unless every_cell: the readout (the largest level solved with every smaller level
+  solved) cannot use it.
   A lock left by a killed process stays: remove `*.lock` files of cells without a `.json` to rerun them.
   """
   os.makedirs(directory, exist_ok=True)
   for index, cell in enumerate(todo):
-    failed_at = None if every_cell else settled_below(read(directory), cell, seeds)
+    failed_at = None if every_cell else settled_below(read(directory), cell)
     if failed_at is not None:
       progress(f"cell {index + 1}/{len(todo)}: {cell.name} not run: {cell.arm} at width {cell.width} failed "
                f"{failed_at} pairs")

@@ -511,7 +511,7 @@ def geometry_section(study_json: dict[str, Any]) -> list[str]:
     every = recall_sweep.cells(seeds=tuple(range(seeds)))
     done = {(r["variant"], r["num_pairs"], r["width"], r["seed"]) for r in records}
     skipped = sum(1 for c in every if (c.arm, c.pairs, c.width, c.seed) not in done
-                  and recall_sweep.settled_below(records, c, seeds) is not None)
+                  and recall_sweep.settled_below(records, c) is not None)
     sweep = {"dir": sweep_dir, "runs": len(records), "planned": len(every), "solved": recall.SOLVED, "seeds": seeds,
              "figure": os.path.join(sweep_dir, "mqar_sweep.png")}
     lines += recall_settings(study.get("recall_gate_dir"), study.get("recall_tune_dir"))
