@@ -816,3 +816,18 @@ def test_an_unreadable_published_record_is_named_before_any_run(tmp_path, corpus
     code = study_tool.main([f"--study={study_path}", f"--out={tmp_path / 'out'}", f"--reuse_published={path}"])
     assert code == 2 and f"--reuse_published={path}: not a readable published study.json" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
+
+
+def test_the_recall_half_says_whether_the_sweep_is_complete(tmp_path):
+  """The published sweep has every cell its readout can use: the section says so; without one needed cell it
+  reads "from the cells run so far"."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from neon_qtg_jax.study.report import geometry_section
+  study = spec.load_study(str(ROOT / "studies" / "qtg_vs_gpt.py"))
+  sweep = tmp_path / "sweep"
+  shutil.copytree(ROOT / "docs" / "results" / "recall_sweep", sweep, ignore=shutil.ignore_patterns("tensorboard"))
+  study_json = {"study": {"decision_rule": study["decision_rule"], "recall_sweep_dir": str(sweep)}, "groups": []}
+  assert "**The rule's recall half** (part a, the sweep complete): no difference." in geometry_section(study_json)
+  (sweep / "gpt_spec_pairs8_w128_seed2.json").unlink()
+  assert "**The rule's recall half** (part a, from the cells run so far): no difference." in \
+      geometry_section(study_json)

@@ -510,8 +510,9 @@ def geometry_section(study_json: dict[str, Any]) -> list[str]:
     recall_word = recall_sweep.recall_reading(summary)
     every = recall_sweep.cells(seeds=tuple(range(seeds)))
     done = {(r["variant"], r["num_pairs"], r["width"], r["seed"]) for r in records}
-    skipped = sum(1 for c in every if (c.arm, c.pairs, c.width, c.seed) not in done
-                  and recall_sweep.settled_below(records, c) is not None)
+    missing = [c for c in every if (c.arm, c.pairs, c.width, c.seed) not in done]
+    skipped = sum(1 for c in missing if recall_sweep.settled_below(records, c) is not None)
+    complete = skipped == len(missing)  # every cell the readout can use has run
     sweep = {"dir": sweep_dir, "runs": len(records), "planned": len(every), "solved": recall.SOLVED, "seeds": seeds,
              "figure": os.path.join(sweep_dir, "mqar_sweep.png")}
     lines += recall_settings(study.get("recall_gate_dir"), study.get("recall_tune_dir"))
@@ -524,7 +525,7 @@ def geometry_section(study_json: dict[str, Any]) -> list[str]:
     lines += (recall_sweep.markdown(summary, seeds) if summary else ["No sweep results yet."]) + [""]
     if os.path.exists(sweep["figure"]):
       lines += [f"![MQAR sweep]({os.path.relpath(sweep['figure'], 'docs')})", ""]
-    lines += [f"**The rule's recall half** (part a, from the cells run so far): "
+    lines += [f"**The rule's recall half** (part a, {'the sweep complete' if complete else 'from the cells run so far'}): "
               f"{recall_word or 'open: the cells run so far do not decide it'}.", ""]
   a, b = rule["arms"]
   lines += [f"**Language**: `{a}` against `{b}` in every group that has both (final validation bits per byte, mean "
