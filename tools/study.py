@@ -100,7 +100,8 @@ def main(argv=None) -> int:
   p.add_argument("--reuse_published", default="",
                  help="a published study.json (docs/results/study.json): a run without a workdir in --out takes its "
                       "record from there when that record's config equals the run's (fields added to the config since, "
-                      "at their defaults, count as equal); the others run")
+                      "at their defaults, count as equal) and its data fingerprint equals the data prepared here; the "
+                      "others run, and records whose data cannot be compared are reused and listed in the report")
   p.add_argument("--list", action="store_true",
                  help="print the runs in order with steps, FLOPs and CPU time estimated from --out's finished runs")
   p.add_argument("--calibrate_from", default="",

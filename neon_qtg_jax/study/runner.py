@@ -166,7 +166,7 @@ class Published:
     if data_dir not in self.prepared:
       self.prepared[data_dir] = prepared_fingerprint(data_dir)
     unchecked = ""
-    if "data" not in record:
+    if not record.get("data"):
       unchecked = "the record has no data fingerprint (made before records had one): its data is not compared"
     elif self.prepared[data_dir] is None:
       unchecked = (f"{data_dir} is not prepared here, so the record's data is not compared (launch.py "
@@ -388,7 +388,8 @@ def run_all(runs: list[Run], study_dir: str, *, execute: bool = True, rerun_stal
             print_fn: Callable[[str], None] = print) -> Outcome:
   """Runs every missing run in order (execute=False: none) and collects what the study directory holds.
 
-  published: a run without a workdir takes its record from there when that record's config is the run's.
+  published: a run without a workdir takes its record from there when that record's config is the run's and
+  its data is the data prepared here (Published.record).
 
   Runs whose key is in read_only are collected when finished, never run or moved aside here: the
   tuning runs another process runs, read so that this one's runs can take their learning rates.
